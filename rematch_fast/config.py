@@ -18,11 +18,14 @@ VIEWS = ("raw", "feat")
 
 # The Qwen2 chat frame both templates use. `{instruction}` and `{item}` are
 # filled per side for embedding; `{query}` and `{document}` for matching.
+# Each field follows a newline and is followed by a special token, and item
+# texts are stripped, so tokenizing the pieces apart gives the same ids as
+# tokenizing the whole prompt at once (no BPE merge across a field's edge).
 _SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 DEFAULT_EMBED_TEMPLATE = _SYSTEM + "<|im_start|>user\n{instruction}{item}<|im_end|>\n<|im_start|>assistant\n"
 DEFAULT_MATCH_TEMPLATE = (
-    _SYSTEM + "<|im_start|>user\nQuery: {query}\nDocument: {document}\n"
-    "Is the document relevant to the query? Answer only Yes or No.<|im_end|>\n<|im_start|>assistant\n"
+    _SYSTEM + "<|im_start|>user\nIs the document relevant to the query? Answer only Yes or No.\n"
+    "Query:\n{query}<|im_end|>\n<|im_start|>user\nDocument:\n{document}<|im_end|>\n<|im_start|>assistant\n"
 )
 
 
@@ -48,8 +51,8 @@ class ReMatchConfig:
     normalize: bool = True
     projector: ProjectorConfig | None = None  # defaults to hidden_size -> hidden_size
     embed_template: str = DEFAULT_EMBED_TEMPLATE
-    query_instruction: str = "Represent the query for retrieving relevant documents: "
-    document_instruction: str = "Represent the document for retrieval: "
+    query_instruction: str = "Represent the query for retrieving relevant documents.\n"
+    document_instruction: str = "Represent the document for retrieval.\n"
     match_template: str = DEFAULT_MATCH_TEMPLATE
     answer_yes: str = "Yes"
     answer_no: str = "No"

@@ -120,7 +120,9 @@ class Preprocessor:
 
     # -- items --------------------------------------------------------------
     def prepare(self, item: Item) -> PreparedItem:
-        ids = self.tok.encode_text(item.text) if item.text else []
+        # stripped: edge whitespace carries no meaning and would merge with the template's newlines
+        text = item.text.strip() if item.text else ""
+        ids = self.tok.encode_text(text)
         truncated = len(ids) > self.config.max_text_tokens
         if truncated:
             warnings.warn(

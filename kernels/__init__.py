@@ -1,0 +1,1 @@
+"""Triton kernels, one file per op (installed as rematch_fast.kernels). None has landed yet."""

@@ -1,0 +1,39 @@
+"""Shared fixtures: one tiny checkpoint and one loaded model per architecture, per session."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rematch_fast import ReMatch
+from rematch_fast.tiny import make_tiny_checkpoint
+
+ARCHES = ["qwen2-vl", "qwen2.5-vl"]
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {a: make_tiny_checkpoint(root / a, arch=a, seed=0) for a in ARCHES}
+
+
+@pytest.fixture(scope="session")
+def models(tiny_paths):
+    return {a: ReMatch.from_pretrained(p, backend="reference", device="cpu", dtype=torch.float32)
+            for a, p in tiny_paths.items()}
+
+
+@pytest.fixture(params=ARCHES)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def model(models, arch):
+    return models[arch]
+
+
+def random_image(w, h, seed, mode="RGB"):
+    """A noisy image (never flat), of any size."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    return Image.fromarray(a, "RGB") if mode == "RGB" else Image.fromarray(a, "RGB").convert(mode)
