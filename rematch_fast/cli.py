@@ -126,8 +126,10 @@ def cmd_rerank(args) -> int:
     from .jsonl import Reject, read_rows, write_jsonl
     from .store import EmbeddingStore
 
-    queries, rejects = read_rows(args.queries)
+    queries, query_rejects = read_rows(args.queries)
     query_by_id = {r.id: r for r in queries}
+    bad_query = {r.id: r.reason for r in query_rejects if r.id is not None}  # matters only if a hit row needs it
+    rejects = []
     docs_by_id, stored = {}, None
     if args.doc_view == "feat" and args.index:
         stored = EmbeddingStore.load(args.index)
@@ -147,6 +149,8 @@ def cmd_rerank(args) -> int:
     records = []
     for line, raw, h in tqdm(hits, desc="rerank", unit="query", disable=args.quiet):
         try:
+            if h["query_id"] in bad_query:
+                raise InputError(f"query {h['query_id']!r} is unusable: {bad_query[h['query_id']]}")
             if h["query_id"] not in query_by_id:
                 raise InputError(f"query id {h['query_id']!r} is not in {args.queries}")
             cand_ids = [c["id"] for c in h["hits"]]

@@ -86,6 +86,8 @@ class ImageProcessor:
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.factor = patch_size * merge_size
         self.merge_size = merge_size
+        # Beyond this ratio even a one-unit-high resize would break max_pixels (or Qwen2-VL's own limit).
+        self.max_aspect = max(1, min(MAX_ASPECT, max_pixels // self.factor**2))
 
     def __call__(self, im: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int]]:
         im = self._bound(im)
@@ -105,8 +107,8 @@ class ImageProcessor:
                 im = im.reduce(factor)
                 w, h = im.size
         # Extreme aspect ratios: pad the short side with white instead of refusing the image.
-        if max(w, h) > MAX_ASPECT * min(w, h):
-            side = math.ceil(max(w, h) / (MAX_ASPECT - 1))
+        if max(w, h) > self.max_aspect * min(w, h):
+            side = math.ceil(max(w, h) / self.max_aspect)
             size = (w, max(h, side)) if w > h else (max(w, side), h)
             canvas = Image.new("RGB", size, (255, 255, 255))
             canvas.paste(im, (0, 0))
