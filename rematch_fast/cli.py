@@ -100,23 +100,22 @@ def cmd_embed(args) -> int:
 
 
 def cmd_search(args) -> int:
+    from .index import Index
     from .jsonl import read_rows, write_jsonl
-    from .search import search
-    from .store import EmbeddingStore
 
-    store = EmbeddingStore.load(args.index)
+    index = Index.from_store(args.index, device=args.device, dtype=args.index_dtype)
     rows, rejects = read_rows(args.queries)
     model = _load_model(args)
     qids, q, more = embed_rows(model, rows, "query", args.batch_size, not args.quiet)
     rejects += more
-    k = min(args.k, len(store.ids))
+    k = min(args.k, len(index))
     if k < args.k:
-        _log(f"the index holds {len(store.ids)} vectors: returning top {k}, not {args.k}")
+        _log(f"the index holds {len(index)} vectors: returning top {k}, not {args.k}")
     records = []
     if qids:
-        scores, idx = search(q.unit, store.embeddings.unit, k=k)
-        for qid, s, i in zip(qids, scores.tolist(), idx.tolist()):
-            records.append({"query_id": qid, "hits": [{"id": store.ids[j], "score": round(v, 6)} for v, j in zip(s, i)]})
+        scores, rows_ = index.search(q.unit, k)
+        for qid, s, ids in zip(qids, scores.tolist(), index.ids_of(rows_)):
+            records.append({"query_id": qid, "hits": [{"id": i, "score": round(v, 6)} for v, i in zip(s, ids)]})
     write_jsonl(args.out, records)
     print(f"searched {len(records)} queries, top {k}, into {args.out}")
     return _finish(sorted(rejects, key=lambda r: r.line), Path(args.rejects or str(args.out) + ".rejects.jsonl"), "queries")
@@ -239,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", required=True, help="embedding folder written by `embed`")
     p.add_argument("--out", required=True, help="hits JSONL to write")
     p.add_argument("-k", "--k", type=int, default=10)
+    p.add_argument("--index-dtype", default="float32", choices=["float32", "float16", "bfloat16", "int8"],
+                   help="how the index holds the corpus on --device (int8: per-row quantized; default float32)")
     p.add_argument("--rejects", help="where rejected queries go (default: OUT.rejects.jsonl)")
     _model_options(p)
     p.set_defaults(func=cmd_search)

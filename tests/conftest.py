@@ -1,11 +1,18 @@
 """Shared fixtures: one tiny checkpoint and one loaded model per architecture, per session."""
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+import os
 
-from rematch_fast import ReMatch
-from rematch_fast.tiny import make_tiny_checkpoint
+import torch
+
+# Without a GPU, Triton kernels run in its CPU interpreter; this must be set before any kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from rematch_fast import ReMatch  # noqa: E402
+from rematch_fast.tiny import make_tiny_checkpoint  # noqa: E402
 
 ARCHES = ["qwen2-vl", "qwen2.5-vl"]
 

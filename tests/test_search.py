@@ -1,3 +1,4 @@
+"""Index and search() on the CPU path (streamed torch reference); the kernels have their own tests."""
 import importlib
 
 import pytest
@@ -5,39 +6,75 @@ import torch
 import torch.nn.functional as F
 
 import rematch_fast
-from rematch_fast import Embeddings, InputError
+from rematch_fast import Embeddings, Index, InputError
+from rematch_fast.store import EmbeddingStore
+
+
+def _unit(n, d, seed):
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
 @pytest.mark.parametrize("Q, N, d, k", [(1, 1, 8, 1), (5, 97, 64, 7), (3, 1025, 96, 100)])
 def test_search_equals_brute_force(Q, N, d, k):
-    g = torch.Generator().manual_seed(Q * 1000 + N)
-    q = F.normalize(torch.randn(Q, d, generator=g), dim=-1)
-    c = F.normalize(torch.randn(N, d, generator=g), dim=-1)
+    q, c = _unit(Q, d, Q), _unit(N, d, N)
     scores, ids = rematch_fast.search(q, c, k=k)
-    assert scores.shape == ids.shape == (Q, k) and ids.dtype == torch.int64
-    full = q @ c.T
-    want = full.sort(dim=-1, descending=True).values[:, :k]
-    torch.testing.assert_close(scores, want)
-    torch.testing.assert_close(torch.gather(full, 1, ids), scores)  # each id carries its own score
-    assert (scores[:, :-1] >= scores[:, 1:]).all()
+    assert scores.shape == ids.shape == (Q, k) and ids.dtype == torch.int64 and scores.dtype == torch.float32
+    full = q.double() @ c.double().T
+    want = full.sort(dim=-1, descending=True)
+    torch.testing.assert_close(scores.double(), want.values[:, :k], atol=1e-6, rtol=0)
+    assert torch.equal(ids, want.indices[:, :k])  # random data: no ties
+    torch.testing.assert_close(torch.gather(full, 1, ids), scores.double(), atol=1e-6, rtol=0)
 
 
-def test_search_takes_embeddings_and_bounds_memory(monkeypatch):
-    s = importlib.import_module("rematch_fast.search")  # the module; rematch_fast.search is the function
+def test_ties_go_to_the_lower_row():
+    base = torch.randint(-4, 5, (4, 16), generator=torch.Generator().manual_seed(0)) / 4  # exact dot products
+    c = base[torch.tensor([2, 0, 1, 0, 3, 0, 2])]  # rows 1, 3, 5 equal; 0 and 6 equal
+    scores, ids = rematch_fast.search(base[0], c, k=3)
+    assert ids.tolist() == [[1, 3, 5]]
+    scores, ids = rematch_fast.search(base[2], c, k=2)
+    assert ids.tolist() == [[0, 6]]
 
-    monkeypatch.setattr(s, "_SCORE_BUDGET", 50)  # force several query blocks
-    g = torch.Generator().manual_seed(0)
-    e = Embeddings.from_fused(torch.randn(40, 16, generator=g))
-    q = F.normalize(torch.randn(9, 16, generator=g), dim=-1)
-    a = rematch_fast.search(q, e, k=5)
-    b = torch.topk(q @ e.unit.T, 5)
-    torch.testing.assert_close(a[0], b.values)
+
+def test_streaming_in_small_chunks_gives_the_same_result(monkeypatch):
+    q, c = _unit(9, 32, 1), _unit(5000, 32, 2)
+    want = Index(c).search(q, 10)
+    monkeypatch.setattr(importlib.import_module("rematch_fast.index"), "_CHUNK_FLOATS", 9 * 1024)
+    got = Index(c).search(q, 10)  # five chunks of 1024 rows
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_index(dtype):
+    q, c = _unit(6, 64, 3), _unit(800, 64, 4)
+    idx = Index(c, dtype=dtype)
+    assert idx.dtype == getattr(torch, dtype)
+    scores, rows = idx.search(q, 10)
+    qc, cc = q.to(idx.dtype).double(), idx.data.double()
+    torch.testing.assert_close(torch.gather(qc @ cc.T, 1, rows), scores.double(), atol=1e-5, rtol=0)
+
+
+def test_int8_index_recall():
+    q, c = _unit(50, 256, 5), _unit(4000, 256, 6)
+    _, exact = Index(c).search(q, 10)
+    idx8 = Index(c, dtype="int8")
+    assert idx8.data.dtype == torch.int8 and idx8.scale.shape == (4000,)
+    _, approx = idx8.search(q, 10)
+    recall = sum(len(set(a) & set(b)) for a, b in zip(exact.tolist(), approx.tolist())) / exact.numel()
+    assert recall >= 0.99
+
+
+def test_index_from_store_maps_ids(tmp_path):
+    e = Embeddings.from_fused(torch.randn(20, 16, generator=torch.Generator().manual_seed(7)))
+    ids = [f"doc{i}" for i in range(20)]
+    EmbeddingStore(ids, e, "document").save(tmp_path)
+    idx = Index.from_store(tmp_path)
+    scores, rows = idx.search(e.unit[3], 2)
+    assert idx.ids_of(rows)[0][0] == "doc3" and abs(float(scores[0, 0]) - 1) < 1e-5
 
 
 def test_search_errors():
-    c = F.normalize(torch.randn(10, 8), dim=-1)
-    q = F.normalize(torch.randn(2, 8), dim=-1)
-    for k in (0, 11, 2.5):
+    c, q = _unit(10, 8, 0), _unit(2, 8, 1)
+    for k in (0, 11, 2.5, True):
         with pytest.raises(InputError, match="k must"):
             rematch_fast.search(q, c, k=k)
     with pytest.raises(InputError, match="dimension"):
@@ -48,5 +85,13 @@ def test_search_errors():
     bad[3, 1] = float("nan")
     with pytest.raises(InputError, match="NaN"):
         rematch_fast.search(q, bad, k=1)
+    inf_q = q.clone()
+    inf_q[0, 0] = float("inf")
+    with pytest.raises(InputError, match="infinite"):
+        Index(c).search(inf_q, 1)
     with pytest.raises(InputError, match="floating"):
         rematch_fast.search(q, torch.ones(3, 8, dtype=torch.long), k=1)
+    with pytest.raises(InputError, match="dtype"):
+        Index(c, dtype="int4")
+    with pytest.raises(InputError, match="ids"):
+        Index(c, ids=["a"])

@@ -1,0 +1,41 @@
+"""Launch heuristics shared by the kernels, in one place."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (the CPU interpreter used by the tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few programs are enough to exercise the merge
+
+
+def similarity_blocks(Q: int, k: int, corpus_dtype: torch.dtype) -> dict:
+    """Tile sizes for the top-k similarity kernel.
+
+    BN is both the corpus tile and the running top-k buffer (>= k, a power of two);
+    BQ queries share each corpus tile, so large Q reads the corpus fewer times.
+    """
+    BN = max(64, next_pow2(k))
+    if BN >= 512:
+        BQ = 16
+    elif Q >= 256:
+        BQ = 64
+    elif Q >= 32:
+        BQ = 32
+    else:
+        BQ = 16
+    BD = 64 if BN <= 128 else 32
+    num_warps = 8 if BN * BQ >= 8192 else 4
+    return dict(BQ=BQ, BN=BN, BD=BD, num_warps=num_warps)

@@ -1,0 +1,95 @@
+"""The fused similarity + top-k kernel: under TRITON_INTERPRET=1 on the CPU, compiled on a GPU."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rematch_fast.ops import quantize_int8_rows, topk_similarity_torch
+
+sim = pytest.importorskip("rematch_fast.kernels.similarity", reason="Triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the Triton interpreter
+
+
+def _unit(n, d, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g), dim=-1).to(DEVICE, dtype)
+
+
+def _check(q, c, k, scores, rows, scale=None, atol=2e-5):
+    """Scores match an fp64 recomputation; ids exact except among scores tied within atol."""
+    qd = q.to(c.dtype if c.dtype != torch.int8 else torch.float16).double()
+    full = qd @ c.double().T
+    if scale is not None:
+        full = full * scale.double()[None]
+    want = full.sort(dim=1, descending=True, stable=True)
+    torch.testing.assert_close(scores.double(), want.values[:, :k], atol=atol, rtol=0)
+    torch.testing.assert_close(torch.gather(full, 1, rows), scores.double(), atol=atol, rtol=0)
+    for r in range(rows.shape[0]):
+        assert len(set(rows[r].tolist())) == k
+        differ = rows[r] != want.indices[r, :k]
+        if differ.any():  # only where the true scores tie (within tolerance)
+            kth = want.values[r, k - 1]
+            assert ((full[r, rows[r][differ]] - kth).abs() <= 2 * atol).all() or \
+                   ((full[r, rows[r][differ]] - full[r, want.indices[r, :k][differ]]).abs() <= 2 * atol).all()
+
+
+CASES = [  # (Q, N, d, k): the awkward sizes, each seen at least once
+    (1, 1, 64, 1), (3, 97, 96, 7), (2, 97, 1536, 1), (5, 1023, 64, 100),
+    (1, 1025, 96, 7), (4, 1025, 1536, 100), (33, 1023, 96, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("Q, N, d, k", CASES)
+def test_topk_matches_reference(Q, N, d, k, dtype):
+    q, c = _unit(Q, d, seed=N + d), _unit(N, d, seed=N * 7 + k, dtype=dtype)
+    scores, rows = sim.topk_similarity_triton(q, c, k)
+    assert scores.shape == rows.shape == (Q, k) and scores.dtype == torch.float32 and rows.dtype == torch.int64
+    _check(q, c, k, scores, rows)
+    ref_scores, ref_rows = topk_similarity_torch(q, c, k)  # the same packed-key reference the CPU index uses
+    assert torch.equal(rows, ref_rows)
+    torch.testing.assert_close(scores, ref_scores, atol=2e-5, rtol=0)
+
+
+def test_k_1024_and_many_splits():
+    q, c = _unit(3, 64, 1), _unit(5000, 64, 2)
+    scores, rows = sim.topk_similarity_triton(q, c, 1024, splits=3)
+    _check(q, c, 1024, scores, rows)
+
+
+def test_split_count_does_not_change_the_answer():
+    q, c = _unit(5, 96, 3), _unit(3000, 96, 4, torch.float16)
+    a = sim.topk_similarity_triton(q, c, 50, splits=1)
+    b = sim.topk_similarity_triton(q, c, 50, splits=7)
+    assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
+
+
+def test_ties_break_to_the_lower_row():
+    # quarter-integers: every dot product is exact in any summation order, so the ties are exact
+    base = (torch.randint(-4, 5, (8, 64), generator=torch.Generator().manual_seed(5)) / 4).to(DEVICE)
+    pick = torch.tensor([3, 1, 3, 3, 0, 1] * 50, device=DEVICE)  # 300 rows, heavy exact ties
+    c = base[pick]
+    scores, rows = sim.topk_similarity_triton(base[[1, 3]], c, 10, splits=4)
+    want = [sorted(torch.nonzero(pick == j).flatten().tolist())[:10] for j in (1, 3)]
+    assert rows.tolist() == want
+
+
+def test_int8_corpus_matches_reference_and_recall():
+    q, c = _unit(20, 96, 6), _unit(2000, 96, 7)
+    c8, scale = quantize_int8_rows(c)
+    scores, rows = sim.topk_similarity_triton(q, c8, 10, scale)
+    _check(q, c8, 10, scores, rows, scale=scale)
+    _, exact = sim.topk_similarity_triton(q, c, 10)
+    recall = sum(len(set(a) & set(b)) for a, b in zip(exact.tolist(), rows.tolist())) / exact.numel()
+    assert recall >= 0.99
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tl.dot is wrong in the interpreter; GPU only")
+def test_bf16_within_flash_tolerance_rule():
+    q, c32 = _unit(64, 1536, 8), _unit(20000, 1536, 9)
+    c = c32.bfloat16()
+    exact = (q.double() @ c32.double().T)
+    scores, rows = sim.topk_similarity_triton(q, c, 100)
+    torch_scores = torch.topk(q.bfloat16() @ c.T, 100).values.float()  # what torch bf16 gives
+    err_torch = (torch_scores.double() - exact.topk(100).values).abs().max()
+    err_ours = (scores.double() - torch.gather(exact, 1, rows)).abs().max()
+    assert err_ours <= 2 * err_torch + 1e-5
