@@ -1,0 +1,57 @@
+"""Pooling benchmark: K learnable rows per sequence -> mean -> L2 norm, on a packed batch.
+
+Providers: `torch` (the reference op: gather + mean + normalize) and `triton`
+(the fused kernel, CUDA only). Reports median ms, GB/s of hidden rows read,
+the fraction of this card's copy bandwidth, and peak extra memory.
+
+    python benchmarks/bench_pooling.py --gpu --out results/   # 4096 sequences, d=2048 bf16, K=16
+    python benchmarks/bench_pooling.py --out results/         # CPU-sized
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Results, ceilings, median_ms, peak_extra_mb  # noqa: E402
+
+from rematch_fast import ops  # noqa: E402
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda" if args.gpu else "cpu")
+    ceil = ceilings(dev)
+    res = Results(args.out, "pooling")
+    K = 16
+    shapes = [(4096, 2048, torch.bfloat16), (4096, 1536, torch.bfloat16)] if args.gpu else [(512, 512, torch.float32)]
+    g = torch.Generator().manual_seed(0)
+    for B, D, dt in shapes:
+        lengths = torch.randint(16 + K, 256 + K, (B,), generator=g)
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(dev)
+        hidden = torch.randn(int(lengths.sum()), D, device=dev, dtype=dt)
+        rows = ops.learnable_rows_packed(cu, K)
+        providers = {"torch": lambda: ops.pool_learnable_torch(hidden, rows)}  # noqa: E731
+        if dev.type == "cuda":
+            from rematch_fast.kernels.pooling import pool_learnable_triton
+
+            providers["triton"] = lambda: pool_learnable_triton(hidden, rows)  # noqa: E731
+        moved = B * K * D * hidden.element_size() + 2 * B * D * 4  # rows read + two fp32 outputs
+        for prov, fn in providers.items():
+            ms = median_ms(fn, dev, iters=50)
+            gbps = moved / ms / 1e6
+            res.add(provider=prov, sequences=B, d=D, K=K, dtype=str(dt).replace("torch.", ""), ms=ms, GBps=gbps,
+                    bandwidth_fraction=gbps / ceil["copy_GBps"], extra_MB=peak_extra_mb(fn, dev), device=ceil["device"])
+    table = res.markdown(["provider", "sequences", "d", "K", "dtype", "ms", "GBps", "bandwidth_fraction", "extra_MB"])
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()

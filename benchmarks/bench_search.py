@@ -1,0 +1,72 @@
+"""Search benchmark (W4 of WORKLOADS.md): top-k over a normalized corpus.
+
+Providers: `torch` (matmul + topk, what a user writes by hand) and
+rematch_fast.Index: `triton` on CUDA (the fused kernel), `streamed` on the
+CPU (the chunked torch reference, bounded memory). Reports median ms, corpus
+GB/s, TFLOP/s, the fraction of this card's roofline, and peak extra memory.
+
+    python benchmarks/bench_search.py --gpu --out results/    # W4: 1,000,000 x 1536 bf16, k=100
+    python benchmarks/bench_search.py --out results/          # CPU-sized: 100,000 x 256 fp32
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Results, ceilings, median_ms, peak_extra_mb  # noqa: E402
+
+from rematch_fast import Index  # noqa: E402
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpu", action="store_true", help="W4 on CUDA (default: the CPU-sized workload)")
+    ap.add_argument("--n", type=int)
+    ap.add_argument("--d", type=int)
+    ap.add_argument("--q", type=int, nargs="+")
+    ap.add_argument("-k", type=int, default=100)
+    ap.add_argument("--out", help="folder for search.jsonl and search.md")
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda" if args.gpu else "cpu")
+    N = args.n or (1_000_000 if args.gpu else 100_000)
+    D = args.d or (1536 if args.gpu else 256)
+    Qs = args.q or ([1, 64, 1024] if args.gpu else [1, 16, 128])
+    base_dtype = torch.bfloat16 if args.gpu else torch.float32
+    ceil = ceilings(dev)
+    print(f"# {ceil['device']}: copy {ceil['copy_GBps']:.0f} GB/s, {ceil['gemm_dtype']} GEMM {ceil['gemm_TFLOPs']:.0f} TFLOP/s")
+    res = Results(args.out, "search")
+    g = torch.Generator(device=dev).manual_seed(0)
+    corpus = F.normalize(torch.randn(N, D, device=dev, generator=g), dim=-1).to(base_dtype)
+    indexes = {str(base_dtype).replace("torch.", ""): Index(corpus), "int8": Index(corpus, dtype="int8")}
+    for name, index in indexes.items():
+        corpus_bytes = index.data.numel() * index.data.element_size() + (4 * N if index.scale is not None else 0)
+        for Q in Qs:
+            q = F.normalize(torch.randn(Q, D, device=dev, generator=g), dim=-1)
+            if index.scale is None:
+                qc = q.to(index.dtype)
+                torch_fn = lambda: torch.topk(qc @ index.data.T, args.k, dim=-1)  # noqa: E731
+            else:
+                qh = q.to(base_dtype)
+                torch_fn = lambda: torch.topk((qh @ index.data.T.to(base_dtype)) * index.scale, args.k, dim=-1)  # noqa: E731
+            # rematch_fast's own path: the fused kernel on CUDA, the streamed reference on the CPU
+            providers = {"torch": torch_fn, "triton" if dev.type == "cuda" else "streamed": lambda: index.search(q, args.k)}
+            for prov, fn in providers.items():
+                ms = median_ms(fn, dev)
+                gbps = corpus_bytes / ms / 1e6
+                tflops = 2 * Q * N * D / ms / 1e9
+                frac = max(gbps / ceil["copy_GBps"], tflops / ceil["gemm_TFLOPs"])
+                res.add(workload="W4" if args.gpu else "W4-cpu", provider=prov, corpus=f"{N}x{D} {name}", Q=Q,
+                        k=args.k, ms=ms, GBps=gbps, TFLOPs=tflops, roofline=frac,
+                        extra_MB=peak_extra_mb(fn, dev), device=ceil["device"])
+    table = res.markdown(["workload", "provider", "corpus", "Q", "k", "ms", "GBps", "TFLOPs", "roofline", "extra_MB"])
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Shared benchmark plumbing: median timing, the card's measured ceilings, peak extra
+memory, and results as JSONL plus a Markdown table."""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn, device: torch.device, iters: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def peak_extra_mb(fn, device: torch.device) -> float | None:
+    """Peak memory a call allocates beyond what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def ceilings(device: torch.device) -> dict:
+    """This card's copy bandwidth (GB/s) and dense GEMM rate (TFLOP/s), measured now."""
+    big = 1 << 30 if device.type == "cuda" else 1 << 26
+    a = torch.empty(big, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    copy_ms = median_ms(lambda: b.copy_(a), device, iters=10, warmup=2)
+    del a, b
+    n, dt = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    x = torch.randn(n, n, device=device, dtype=dt)
+    y = torch.randn(n, n, device=device, dtype=dt)
+    gemm_ms = median_ms(lambda: x @ y, device, iters=10, warmup=2)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {"device": name, "copy_GBps": 2 * big / copy_ms / 1e6, "gemm_TFLOPs": 2 * n**3 / gemm_ms / 1e9,
+            "gemm_dtype": str(dt).replace("torch.", "")}
+
+
+class Results:
+    def __init__(self, out: str | Path | None, name: str):
+        self.rows: list[dict] = []
+        self.path = Path(out) / f"{name}.jsonl" if out else None
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+
+    def add(self, **row) -> None:
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        if self.path:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def markdown(self, columns: list[str]) -> str:
+        def fmt(v):
+            if v is None:
+                return "–"
+            if isinstance(v, float):
+                return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+            return str(v)
+
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in self.rows]
+        table = "\n".join(lines)
+        if self.path:
+            self.path.with_suffix(".md").write_text(table + "\n")
+        return table
