@@ -4,7 +4,9 @@
 set -euo pipefail
 out=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR}
 mkdir -p "$out"
-export PYTHONPATH="${PYTHONPATH:-}:$(pwd)"
+# rematch_fast.kernels is the top-level kernels/ folder mapped by setup.py: the package must be installed
+# (pip install --no-deps --no-build-isolation -e .), a bare PYTHONPATH cannot map it.
+python3 -c "import rematch_fast.kernels" 2>/dev/null || { echo "install rematch_fast first: pip install --no-deps --no-build-isolation -e ."; exit 2; }
 nvidia-smi -L
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 status=0

@@ -4,7 +4,8 @@ import torch
 
 from rematch_fast import ops
 
-pool = pytest.importorskip("rematch_fast.kernels.pooling", reason="Triton is not installed")
+pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+from rematch_fast.kernels import pooling as pool  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the Triton interpreter
 
 

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 from rematch_fast.ops import quantize_int8_rows, topk_similarity_torch
 
-sim = pytest.importorskip("rematch_fast.kernels.similarity", reason="Triton is not installed")
+pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+from rematch_fast.kernels import similarity as sim  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the Triton interpreter
 
 
