@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ._launch import interpreting, num_sms, similarity_blocks
 
-_MIN_KEY = -(1 << 63)
+_MIN_KEY = tl.constexpr(-(1 << 63))  # a global must be constexpr to be seen inside a kernel
 
 
 @triton.jit
