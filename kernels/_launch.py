@@ -36,6 +36,13 @@ def similarity_blocks(Q: int, k: int, corpus_dtype: torch.dtype) -> dict:
         BQ = 32
     else:
         BQ = 16
-    BD = 64 if BN <= 128 else 32
+    # shared memory (232 KB on Hopper) holds the pipelined corpus tiles and the sort's
+    # layout conversions of the [BQ, BN] int64 keys: big tiles and fp32 get fewer stages
+    if BN >= 512:
+        BD, stages = 16, 1
+    elif corpus_dtype == torch.float32:
+        BD, stages = 32, 2
+    else:
+        BD, stages = 64, 3
     num_warps = 8 if BN * BQ >= 8192 else 4
-    return dict(BQ=BQ, BN=BN, BD=BD, num_warps=num_warps)
+    return dict(BQ=BQ, BN=BN, BD=BD, num_warps=num_warps, num_stages=stages)

@@ -95,10 +95,11 @@ def _topk_similarity_kernel(
 
 
 def topk_similarity_triton(queries: torch.Tensor, corpus: torch.Tensor, k: int, scale: torch.Tensor | None = None,
-                           splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           splits: int | None = None, blocks: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of queries [Q, d] @ corpus [N, d].T with corpus fp32/fp16/bf16, or int8 with `scale` [N].
 
     Returns (scores fp32 [Q, k], rows int64 [Q, k]), best first, ties to the lower row.
+    `splits` and `blocks` override the launch heuristics (for tuning; BN must be a power of two >= k).
     """
     from rematch_fast.ops import compute_dtype, unpack_keys
 
@@ -110,7 +111,9 @@ def topk_similarity_triton(queries: torch.Tensor, corpus: torch.Tensor, k: int, 
     if interpreting() and q.dtype == torch.bfloat16:
         q = q.float()  # the interpreter computes bf16 tl.dot wrongly
     q, corpus = q.contiguous(), corpus.contiguous()
-    cfg = similarity_blocks(Q, k, corpus.dtype)
+    cfg = {**similarity_blocks(Q, k, corpus.dtype), **(blocks or {})}
+    if cfg["BN"] < k or cfg["BN"] & (cfg["BN"] - 1):
+        raise ValueError(f"BN must be a power of two >= k, got {cfg['BN']}")
     BQ, BN = cfg["BQ"], cfg["BN"]
     q_blocks = triton.cdiv(Q, BQ)
     tiles = triton.cdiv(N, BN)
@@ -124,6 +127,7 @@ def topk_similarity_triton(queries: torch.Tensor, corpus: torch.Tensor, k: int, 
         q, corpus, scale_arg, out, Q, N, D, tiles_per_split, q.stride(0), corpus.stride(0),
         HAS_SCALE=scale is not None, IEEE=corpus.dtype == torch.float32,
         BQ=BQ, BN=BN, BD=cfg["BD"], LOG_BN=BN.bit_length() - 1, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     keys = out.permute(1, 0, 2).reshape(Q, splits * BN)
     return unpack_keys(torch.topk(keys, k, dim=1).values)
