@@ -28,14 +28,7 @@ def similarity_blocks(Q: int, k: int, corpus_dtype: torch.dtype) -> dict:
     BQ queries share each corpus tile, so large Q reads the corpus fewer times.
     """
     BN = max(64, next_pow2(k))
-    if BN >= 512:
-        BQ = 16
-    elif Q >= 256:
-        BQ = 64
-    elif Q >= 32:
-        BQ = 32
-    else:
-        BQ = 16
+    BQ = 64 if Q >= 32 and BN < 512 else 16  # measured on an H200 (benchmarks/tune_search.py)
     # shared memory (232 KB on Hopper) holds the pipelined corpus tiles and the sort's
     # layout conversions of the [BQ, BN] int64 keys: big tiles and fp32 get fewer stages
     if BN >= 512:
@@ -46,3 +39,8 @@ def similarity_blocks(Q: int, k: int, corpus_dtype: torch.dtype) -> dict:
         BD, stages = 64, 3
     num_warps = 8 if BN * BQ >= 8192 else 4
     return dict(BQ=BQ, BN=BN, BD=BD, num_warps=num_warps, num_stages=stages)
+
+
+def similarity_splits(tiles: int, q_blocks: int, device: torch.device) -> int:
+    """Corpus splits: about two programs per SM in all (more only adds merge work)."""
+    return max(1, min(tiles, 2 * num_sms(device) // q_blocks))

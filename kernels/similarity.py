@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import interpreting, num_sms, similarity_blocks
+from ._launch import interpreting, similarity_blocks, similarity_splits
 
 _MIN_KEY = tl.constexpr(-(1 << 63))  # a global must be constexpr to be seen inside a kernel
 
@@ -117,8 +117,8 @@ def topk_similarity_triton(queries: torch.Tensor, corpus: torch.Tensor, k: int, 
     BQ, BN = cfg["BQ"], cfg["BN"]
     q_blocks = triton.cdiv(Q, BQ)
     tiles = triton.cdiv(N, BN)
-    if splits is None:  # enough programs to fill the card about four times over
-        splits = max(1, min(tiles, 4 * num_sms(corpus.device) // q_blocks))
+    if splits is None:
+        splits = similarity_splits(tiles, q_blocks, corpus.device)
     tiles_per_split = triton.cdiv(tiles, splits)
     splits = triton.cdiv(tiles, tiles_per_split)
     out = torch.empty((splits, Q, BN), dtype=torch.int64, device=corpus.device)

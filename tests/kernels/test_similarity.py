@@ -46,8 +46,9 @@ def test_topk_matches_reference(Q, N, d, k, dtype):
     scores, rows = sim.topk_similarity_triton(q, c, k)
     assert scores.shape == rows.shape == (Q, k) and scores.dtype == torch.float32 and rows.dtype == torch.int64
     _check(q, c, k, scores, rows)
-    ref_scores, ref_rows = topk_similarity_torch(q, c, k)  # the same packed-key reference the CPU index uses
-    assert torch.equal(rows, ref_rows)
+    # the packed-key reference the CPU index uses: same scores; ids may swap only between near-ties,
+    # which _check above already allows (the two sum in different orders)
+    ref_scores, _ = topk_similarity_torch(q, c, k)
     torch.testing.assert_close(scores, ref_scores, atol=2e-5, rtol=0)
 
 
