@@ -20,18 +20,19 @@ def pool_learnable_torch(hidden: torch.Tensor, rows: torch.Tensor) -> tuple[torc
 
 
 @torch.library.custom_op("rematch_fast::pool_learnable", mutates_args=())
-def _pool_learnable_op(hidden: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pool_learnable_rows(hidden: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op: hidden [T, d], rows [B, K] -> (E*, unit), fp32 [B, d] each. Triton on CUDA, torch elsewhere."""
     return pool_learnable_torch(hidden, rows)
 
 
-@_pool_learnable_op.register_kernel("cuda")
+@pool_learnable_rows.register_kernel("cuda")
 def _pool_learnable_cuda(hidden, rows):
     from .kernels.pooling import pool_learnable_triton
 
     return pool_learnable_triton(hidden, rows)
 
 
-@_pool_learnable_op.register_fake
+@pool_learnable_rows.register_fake
 def _pool_learnable_fake(hidden, rows):
     shape = (rows.shape[0], hidden.shape[1])
     return hidden.new_empty(shape, dtype=torch.float32), hidden.new_empty(shape, dtype=torch.float32)
@@ -66,7 +67,7 @@ def pool_learnable(hidden: torch.Tensor, K: int, cu_seqlens: torch.Tensor | None
         hidden = hidden.reshape(-1, hidden.shape[-1])
     else:
         raise ValueError(f"hidden must be [T, d] or [B, S, d], got {tuple(hidden.shape)}")
-    return _pool_learnable_op(hidden.contiguous(), rows.contiguous())
+    return pool_learnable_rows(hidden.contiguous(), rows.contiguous())
 
 
 # -- similarity + top-k ------------------------------------------------------------

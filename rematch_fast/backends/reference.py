@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops
 from ..checkpoint import Checkpoint
 from ..sequence import Sequence
 
@@ -80,8 +81,12 @@ class ReferenceBackend:
         return [hidden[b, s.readout.to(self.device)] for b, s in enumerate(seqs)]
 
     def fused(self, seqs: list[Sequence]) -> torch.Tensor:
-        """E*: mean of the K learnable rows' hidden states, fp32 [B, d]."""
-        return torch.stack([h.float().mean(0) for h in self.readout(seqs)])
+        """E*: mean of the K learnable rows' hidden states, fp32 [B, d], through the pooling op."""
+        hidden, _ = self.last_hidden(seqs)
+        B, L, d = hidden.shape
+        rows = torch.stack([b * L + s.readout for b, s in enumerate(seqs)]).to(self.device)  # [B, K] into [B*L, d]
+        fused, _ = ops.pool_learnable_rows(hidden.reshape(B * L, d), rows)
+        return fused
 
     def answer_logits(self, seqs: list[Sequence], answer_ids: tuple[int, int]) -> torch.Tensor:
         """Logits of the two answer tokens at the last position, fp32 [B, 2]: two LM-head rows only."""
