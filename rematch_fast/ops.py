@@ -109,6 +109,23 @@ def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def _chunk_topk_keys(s: torch.Tensor, k: int, start: int) -> torch.Tensor:
+    """Packed keys of the top-k of each row of a score chunk [Q, n] (rows numbered from `start`).
+
+    A float top-k finds the candidates; only rows whose k-th score is shared by
+    entries left outside (a tie at the boundary) are re-ranked over all their keys.
+    """
+    kk = min(k, s.shape[1])
+    vals, idx = torch.topk(s, kk, dim=1)
+    keys = pack_keys(vals, idx + start)
+    tied = (s >= vals[:, -1:]).sum(dim=1) > kk
+    if tied.any():
+        r = tied.nonzero().flatten()
+        rows = torch.arange(start, start + s.shape[1], device=s.device).expand(len(r), -1)
+        keys[r] = torch.topk(pack_keys(s[r], rows), kk, dim=1).values
+    return keys
+
+
 def topk_similarity_torch(queries: torch.Tensor, corpus: torch.Tensor, k: int, scale: torch.Tensor | None = None,
                           chunk_rows: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference top-k of queries @ corpus.T, streaming the corpus in chunks.
@@ -122,7 +139,7 @@ def topk_similarity_torch(queries: torch.Tensor, corpus: torch.Tensor, k: int, s
         s = q @ c.T  # [Q, chunk]
         if scale is not None:
             s = s * scale[start: start + chunk_rows].float()[None, :]
-        keys = pack_keys(s, torch.arange(start, start + c.shape[0], device=c.device).expand_as(s))
+        keys = _chunk_topk_keys(s, k, start)
         cand = keys if best is None else torch.cat([best, keys], dim=1)
         best = torch.topk(cand, min(k, cand.shape[1]), dim=1).values
     return unpack_keys(best)

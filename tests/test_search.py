@@ -31,6 +31,10 @@ def test_ties_go_to_the_lower_row():
     c = base[torch.tensor([2, 0, 1, 0, 3, 0, 2])]  # rows 1, 3, 5 equal; 0 and 6 equal
     scores, ids = rematch_fast.search(base[0], c, k=3)
     assert ids.tolist() == [[1, 3, 5]]
+    scores, ids = rematch_fast.search(base[0], c, k=2)  # a tie across the k-th place
+    assert ids.tolist() == [[1, 3]]
+    scores, ids = rematch_fast.search(base[0][None].repeat(3, 1), c.flip(0), k=2)  # rows 1, 3, 5 of the flip
+    assert ids.tolist() == [[1, 3]] * 3
     scores, ids = rematch_fast.search(base[2], c, k=2)
     assert ids.tolist() == [[0, 6]]
 
