@@ -16,4 +16,8 @@ def backend_class(name: str):
         from .reference import ReferenceBackend
 
         return ReferenceBackend
-    raise InputError(f"unknown backend {name!r}; available: ['reference']")
+    if name == "fast":
+        from .fast import FastBackend
+
+        return FastBackend
+    raise InputError(f"unknown backend {name!r}; available: ['reference', 'fast']")

@@ -1,0 +1,65 @@
+"""The Qwen2 decoder over a packed batch: M-RoPE (t, h, w position sections), GQA, causal
+attention within each sequence, no padding anywhere."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import varlen_attention
+from .config import TextConfig
+from .layers import GatedMLP, RMSNorm, apply_rope
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd)
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
+        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.mlp = GatedMLP(d, cfg.intermediate_size, "silu", bias=False)
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+
+    def forward(self, x, cos, sin, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:  # x [T, d]
+        T = x.shape[0]
+        h = self.input_layernorm(x)
+        q = apply_rope(self.q_proj(h).view(T, self.heads, self.head_dim), cos, sin)  # [T, H, Dh]
+        k = apply_rope(self.k_proj(h).view(T, self.kv_heads, self.head_dim), cos, sin)  # [T, Hkv, Dh]
+        v = self.v_proj(h).view(T, self.kv_heads, self.head_dim)
+        x = x + self.o_proj(varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True).reshape(T, -1))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        hd = self.cfg.head_dim
+        self.inv_freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, hd, 2, device=self.inv_freq.device).float() / hd)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [3, T] -> cos, sin [T, Dh] (fp32): frequency section i follows position row i."""
+        freqs = positions[..., None].float() * self.inv_freq  # [3, T, Dh/2]
+        parts = freqs.split(list(self.cfg.mrope_section), dim=-1)
+        angles = torch.cat([p[i] for i, p in enumerate(parts)], dim=-1)  # [T, Dh/2]
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos(), angles.sin()
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor,
+                max_seqlen: int) -> torch.Tensor:
+        """embeds [T, d] (packed), positions [3, T] -> last-layer hidden states [T, d]."""
+        cos, sin = self.rope(positions)
+        x = embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, cu_seqlens, max_seqlen)
+        return self.norm(x)

@@ -1,0 +1,78 @@
+"""Build the lean model and fill it straight from the checkpoint's safetensors.
+
+Both key layouts are read: the original Qwen2-VL one (`model.layers...`, `visual...`)
+and transformers 5's (`model.language_model...`, `model.visual...`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..errors import CheckpointError
+from .config import ModelConfig
+from .decoder import Decoder
+from .vision import VisionTower
+
+
+class QwenVL(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTower(cfg.vision)
+        self.decoder = Decoder(cfg.text)
+        if not cfg.text.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+
+    def output_rows(self, ids) -> torch.Tensor:
+        """Rows of the LM head (the embedding matrix when tied): [len(ids), d]."""
+        w = self.decoder.embed_tokens.weight if self.cfg.text.tie_word_embeddings else self.lm_head.weight
+        return w[list(ids)]
+
+
+def _our_name(key: str) -> str | None:
+    key = key.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
+    if key.startswith("lm_head."):
+        return key
+    if key.startswith("model."):
+        return "decoder." + key[len("model."):].replace(".self_attn.", ".")
+    if key.startswith("visual."):
+        key = key.replace(".attn.", ".").replace("patch_embed.proj.", "patch_embed.")
+        return key.replace("merger.mlp.0.", "merger.fc1.").replace("merger.mlp.2.", "merger.fc2.")
+    return None
+
+
+def load_model(path: str | Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> QwenVL:
+    files = sorted(Path(path).glob("model*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} has no model*.safetensors weights")
+    with torch.device("meta"):
+        model = QwenVL(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    expected = model.state_dict()
+    seen = set()
+    with torch.no_grad():
+        for f in files:
+            with safe_open(str(f), framework="pt", device=str(device)) as sf:
+                for key in sf.keys():
+                    name = _our_name(key)
+                    if name is None or (name == "lm_head.weight" and cfg.text.tie_word_embeddings):
+                        continue
+                    if name not in expected:
+                        raise CheckpointError(f"{f.name}: weight {key!r} has no place in the {cfg.arch} model")
+                    t = sf.get_tensor(key)
+                    if name == "visual.patch_embed.weight":
+                        t = t.reshape(t.shape[0], -1)  # Conv3d kernel == stride: a plain matmul
+                    if t.shape != expected[name].shape:
+                        raise CheckpointError(f"{f.name}: {key} has shape {tuple(t.shape)}, "
+                                              f"the config needs {tuple(expected[name].shape)}")
+                    expected[name].copy_(t)
+                    seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise CheckpointError(f"{path}: weights missing from the safetensors files: {missing[:8]}")
+    model.visual.reset_buffers()
+    model.decoder.reset_buffers()
+    return model.eval()

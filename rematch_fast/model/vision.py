@@ -1,0 +1,143 @@
+"""The vision tower: patch embedding, ViT blocks with 2D rotary positions, 2x2 patch merger.
+
+Qwen2-VL: LayerNorm blocks, fc1/fc2 MLP, every block attends over the whole image.
+Qwen2.5-VL: RMSNorm blocks, gated MLP, window attention except in `fullatt_blocks`.
+Patches arrive in the image processor's order (2x2 merge groups contiguous).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import varlen_attention
+from .config import VisionConfig
+from .layers import GatedMLP, RMSNorm, activation, apply_rope
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        if cfg.arch == "qwen2-vl":
+            self.norm1, self.norm2 = nn.LayerNorm(cfg.dim, eps=1e-6), nn.LayerNorm(cfg.dim, eps=1e-6)
+            self.mlp = VisionMLP(cfg.dim, cfg.intermediate_size, cfg.hidden_act)
+        else:
+            self.norm1, self.norm2 = RMSNorm(cfg.dim, 1e-6), RMSNorm(cfg.dim, 1e-6)
+            self.mlp = GatedMLP(cfg.dim, cfg.intermediate_size, cfg.hidden_act, bias=True)
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.heads = cfg.num_heads
+
+    def forward(self, x, cos, sin, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:  # x [P, C]
+        P = x.shape[0]
+        q, k, v = self.qkv(self.norm1(x)).reshape(P, 3, self.heads, -1).unbind(1)  # [P, H, Dh] each
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        x = x + self.proj(varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False).reshape(P, -1))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.ln_q = nn.LayerNorm(cfg.dim, eps=1e-6) if cfg.arch == "qwen2-vl" else RMSNorm(cfg.dim, 1e-6)
+        wide = cfg.dim * cfg.merge_size**2
+        self.fc1 = nn.Linear(wide, wide)
+        self.fc2 = nn.Linear(wide, cfg.out_dim)
+        self.wide = wide
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [P, C] -> [P / m^2, d]
+        return self.fc2(F.gelu(self.fc1(self.ln_q(x).reshape(-1, self.wide))))
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        patch = 3 * cfg.temporal_patch_size * cfg.patch_size**2
+        self.patch_embed = nn.Linear(patch, cfg.dim, bias=False)  # the checkpoint's Conv3d, as a matmul
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+        self.merger = PatchMerger(cfg)
+        self.register_buffer("inv_freq", torch.empty(cfg.dim // cfg.num_heads // 4), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        # 2D rotary: a quarter of each head's dims per axis (h, w), each used twice (cos/sin halves)
+        spatial = self.cfg.dim // self.cfg.num_heads // 2
+        freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, spatial, 2, device=self.inv_freq.device).float() / spatial)
+        self.inv_freq = freq
+
+    def forward(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """pixels [P, 3*T*p*p], grid_thw [n, 3] -> merged features [P / m^2, d], image by image."""
+        cfg, m = self.cfg, self.cfg.merge_size
+        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))  # [P, C]
+        hw = _patch_positions(grid_thw.tolist(), m, x.device)  # [P, 2]
+        angles = (hw[:, :, None].float() * self.inv_freq).reshape(hw.shape[0], -1)  # [P, Dh/2]: h then w
+        angles = torch.cat([angles, angles], dim=-1)
+        cu_full, max_full = _image_seqlens(grid_thw.tolist(), x.device)
+        order = None
+        if cfg.arch == "qwen2.5-vl":
+            order, cu_win, max_win = _window_order(grid_thw.tolist(), m, cfg.window_size // (m * cfg.patch_size), x.device)
+            x = _regroup(x, order, m * m)
+            angles = _regroup(angles, order, m * m)
+        cos, sin = angles.cos(), angles.sin()
+        for i, blk in enumerate(self.blocks):
+            if order is None or i in cfg.fullatt_blocks:
+                x = blk(x, cos, sin, cu_full, max_full)
+            else:
+                x = blk(x, cos, sin, cu_win, max_win)
+        merged = self.merger(x)  # [P / m^2, d]
+        if order is not None:
+            merged = merged[torch.argsort(order)]  # back to the image's own row-major merge order
+        return merged
+
+
+def _patch_positions(grids, m: int, device) -> torch.Tensor:
+    """(h, w) of every patch, in the processor's order: merge groups of m x m contiguous."""
+    out = []
+    for t, h, w in grids:
+        hh = torch.arange(h, device=device)[:, None].expand(h, w)
+        ww = torch.arange(w, device=device)[None, :].expand(h, w)
+        hw = torch.stack([hh, ww], dim=-1).reshape(h // m, m, w // m, m, 2).transpose(1, 2).reshape(-1, 2)
+        out.append(hw.repeat(t, 1))
+    return torch.cat(out)
+
+
+def _image_seqlens(grids, device) -> tuple[torch.Tensor, int]:
+    lens = [h * w for t, h, w in grids for _ in range(t)]  # each frame attends within itself
+    return torch.tensor([0] + lens, device=device).cumsum(0), max(lens)
+
+
+def _window_order(grids, m: int, win: int, device):
+    """Qwen2.5-VL windows of win x win merge groups: the order of merge groups that makes every
+    window contiguous, and the windows' cu_seqlens (in patches)."""
+    order, lens, base = [], [], 0
+    for t, h, w in grids:
+        gh, gw = h // m, w // m
+        idx = torch.arange(t * gh * gw).reshape(t, gh, gw)
+        ph, pw = -gh % win, -gw % win
+        idx = F.pad(idx, (0, pw, 0, ph), value=-1)
+        nh, nw = (gh + ph) // win, (gw + pw) // win
+        idx = idx.reshape(t, nh, win, nw, win).permute(0, 1, 3, 2, 4).reshape(t * nh * nw, win * win)
+        for window in idx:
+            kept = window[window >= 0]
+            if len(kept):
+                order.append(kept + base)
+                lens.append(len(kept) * m * m)
+        base += t * gh * gw
+    return torch.cat(order).to(device), torch.tensor([0] + lens, device=device).cumsum(0), max(lens)
+
+
+def _regroup(x: torch.Tensor, order: torch.Tensor, group: int) -> torch.Tensor:
+    """Reorder rows of x [P, ...] by merge groups of `group` rows."""
+    return x.reshape(-1, group, *x.shape[1:])[order].reshape(x.shape)
