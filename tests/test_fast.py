@@ -1,0 +1,102 @@
+"""backend="fast" against backend="reference" (fp32, max abs <= 1e-4), on inputs it has never seen."""
+import shutil
+import zlib
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import random_image
+from rematch_fast import CheckpointError, Item, ReMatch
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def fast_models(tiny_paths):
+    return {a: ReMatch.from_pretrained(p, backend="fast") for a, p in tiny_paths.items()}
+
+
+@pytest.fixture
+def pair(models, fast_models, arch):
+    return models[arch], fast_models[arch]
+
+
+def _items(seed):
+    g = torch.Generator().manual_seed(seed)
+    words = ["alpha", "beta", "gamma", "delta", "photo", "river", "seven", "blue"]
+    text = lambda n: " ".join(words[int(i)] for i in torch.randint(0, len(words), (n,), generator=g))  # noqa: E731
+    return {
+        "text only": [text(3), text(40), text(11)],
+        "image only": [Item(image=random_image(97, 213, seed)), Item(image=random_image(28, 28, seed + 1)),
+                       Item(image=random_image(1000, 30, seed + 2))],
+        "text+image": [Item(text=text(5), image=random_image(213, 97, seed + 3)),
+                       Item(text=text(17), image=random_image(150, 150, seed + 4))],
+        "mixed": [text(2), Item(image=random_image(61, 333, seed + 5)), Item(text=text(9), image=random_image(300, 200, seed + 6)),
+                  text(60), Item(image=random_image(28, 56, seed + 7))],
+    }
+
+
+@pytest.mark.parametrize("kind", ["text only", "image only", "text+image", "mixed"])
+@pytest.mark.parametrize("side", ["query", "document"])
+def test_embeddings_match_reference(pair, kind, side):
+    ref, fast = pair
+    items = _items(seed=zlib.crc32(f"{kind}/{side}".encode()) % 1000)[kind]
+    a = ref.encode(items, side=side)
+    b = fast.encode(items, side=side, batch_size=len(items))
+    torch.testing.assert_close(b.unit, a.unit, atol=ATOL, rtol=0)
+    torch.testing.assert_close(b.fused, a.fused, atol=ATOL, rtol=0)
+
+
+def test_several_image_grids_in_one_packed_batch(pair):
+    ref, fast = pair
+    sizes = [(97, 213), (28, 28), (1000, 30), (224, 224), (57, 141), (400, 90)]
+    items = [Item(text=f"image {i}", image=random_image(w, h, 100 + i)) for i, (w, h) in enumerate(sizes)]
+    grids = {fast.prepare(x).grid_thw for x in items}
+    assert len(grids) == len(sizes)  # all different
+    torch.testing.assert_close(fast.embed(items, batch_size=len(items)), ref.embed(items), atol=ATOL, rtol=0)
+
+
+def test_texts_near_the_length_limit(pair):
+    ref, fast = pair
+    limit = ref.config.max_text_tokens
+    items = ["word" + " word" * (limit - 1), "short", "many words " * (limit // 2 - 1)]
+    assert len(fast.prepare(items[0]).text_ids) == limit
+    torch.testing.assert_close(fast.embed(items, batch_size=3), ref.embed(items), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("query_view, doc_view", [("raw", "raw"), ("feat", "feat"), ("raw", "feat"), ("feat", "raw")])
+def test_match_matches_reference(pair, query_view, doc_view):
+    ref, fast = pair
+    query = Item(text="a river photo", image=random_image(120, 77, 9))
+    docs = _items(seed=31)["mixed"]
+    torch.testing.assert_close(fast.match(query, docs, query_view, doc_view, batch_size=5),
+                               ref.match(query, docs, query_view, doc_view), atol=ATOL, rtol=0)
+
+
+def test_transformers5_key_layout_loads_the_same(tiny_paths, fast_models, tmp_path):
+    dst = tmp_path / "renamed"
+    shutil.copytree(tiny_paths["qwen2.5-vl"], dst)
+    state = load_file(str(dst / "model.safetensors"))
+    renamed = {k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else "model." + k: v
+               for k, v in state.items()}
+    save_file(renamed, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    m = ReMatch.from_pretrained(dst, backend="fast")
+    items = ["text", Item(image=random_image(64, 64, 1))]
+    torch.testing.assert_close(m.embed(items), fast_models["qwen2.5-vl"].embed(items), atol=0, rtol=0)
+    del renamed["model.language_model.norm.weight"]
+    save_file(renamed, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="missing"):
+        ReMatch.from_pretrained(dst, backend="fast")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is visible")
+def test_bf16_on_cuda_follows_the_flash_tolerance_rule(tiny_paths):
+    path = tiny_paths["qwen2.5-vl"]
+    items = [x for group in _items(seed=5).values() for x in group]
+    exact = ReMatch.from_pretrained(path, backend="reference", dtype=torch.float64).encode(items).fused
+    ref16 = ReMatch.from_pretrained(path, backend="reference", device="cuda", dtype=torch.bfloat16).encode(items).fused
+    fast16 = ReMatch.from_pretrained(path, backend="fast", device="cuda", dtype=torch.bfloat16).encode(items).fused
+    err_ref = (ref16.double() - exact).abs().max()
+    err_fast = (fast16.double() - exact).abs().max()
+    assert err_fast <= 2 * err_ref + 1e-5
