@@ -14,8 +14,12 @@ from .embeddings import Embeddings
 from .errors import InputError
 from .images import ImageProcessor
 from .items import ItemLike, as_item
+from .scheduler import plan_batches, prefetched
 from .sequence import PreparedItem, Preprocessor
 from .tokenizer import Tokenizers
+
+
+PREPARE_CHUNK = 256  # items loaded and tokenized ahead of the model
 
 
 class ReMatch:
@@ -59,9 +63,9 @@ class ReMatch:
         """Tokenize and load one item (raises a typed InputError on bad input)."""
         return self.preprocessor.prepare(as_item(item))
 
-    def _prepare_all(self, items: Iterable[ItemLike]) -> list[PreparedItem]:
+    def _prepare_all(self, items: Iterable[ItemLike], first: int = 0) -> list[PreparedItem]:
         out = []
-        for i, x in enumerate(items):
+        for i, x in enumerate(items, start=first):
             try:
                 out.append(self.prepare(x))
             except InputError as e:
@@ -70,33 +74,44 @@ class ReMatch:
 
     # -- embedding ------------------------------------------------------------
     @torch.inference_mode()
-    def encode_prepared(self, prepared: Seq[PreparedItem], side: str = "query", batch_size: int = 8,
-                        progress: bool = False) -> Embeddings:
+    def encode_prepared(self, prepared: Seq[PreparedItem], side: str = "query", batch_size: int = 64,
+                        batch_tokens: int = 8192, progress: bool = False) -> Embeddings:
+        """Embed prepared items in batches of at most `batch_size` items and `batch_tokens`
+        tokens (longest first); results come back in input order."""
         check_side(side)
-        if batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size < 1 or batch_tokens < 1:
+            raise InputError(f"batch_size and batch_tokens must be >= 1, got {batch_size}, {batch_tokens}")
         tokens = self.head.tokens(side)
-        parts = []
+        lengths = [self.preprocessor.embed_length(p, side) for p in prepared]
+        unit = torch.empty(len(prepared), self.dim)
+        norm = torch.empty(len(prepared))
         with tqdm(total=len(prepared), desc=f"embed {side}", unit="item", disable=not progress) as bar:
-            for start in range(0, len(prepared), batch_size):
-                chunk = prepared[start: start + batch_size]
-                seqs = [self.preprocessor.embed_sequence(p, side, tokens) for p in chunk]
-                parts.append(Embeddings.from_fused(self.backend.fused(seqs).cpu()))
-                bar.update(len(chunk))
+            for batch in plan_batches(lengths, batch_tokens, batch_size, self.backend.padded):
+                seqs = [self.preprocessor.embed_sequence(prepared[i], side, tokens) for i in batch]
+                e = Embeddings.from_fused(self.backend.fused(seqs).cpu())
+                unit[batch], norm[batch] = e.unit, e.norm
+                bar.update(len(batch))
+        return Embeddings(unit, norm)
+
+    def encode(self, items: Iterable[ItemLike], side: str = "query", batch_size: int = 64,
+               batch_tokens: int = 8192, progress: bool = False) -> Embeddings:
+        """Unit embeddings and ||E*|| for each item (what the `feat` view needs later).
+
+        Items are loaded and tokenized PREPARE_CHUNK at a time on a background thread while
+        the model embeds the previous chunk."""
+        check_side(side)
+        items = list(items)
+        starts = range(0, len(items), PREPARE_CHUNK)
+        chunks = prefetched(starts, lambda s: self._prepare_all(items[s: s + PREPARE_CHUNK], first=s))
+        parts = [self.encode_prepared(c, side, batch_size, batch_tokens, progress) for c in chunks]
         return Embeddings.cat(parts, self.dim)
 
-    def encode(self, items: Iterable[ItemLike], side: str = "query", batch_size: int = 8,
-               progress: bool = False) -> Embeddings:
-        """Unit embeddings and ||E*|| for each item (what the `feat` view needs later)."""
-        check_side(side)
-        return self.encode_prepared(self._prepare_all(items), side, batch_size, progress)
-
-    def embed(self, items: Iterable[ItemLike] | ItemLike, side: str = "query", batch_size: int = 8,
-              progress: bool = False) -> torch.Tensor:
+    def embed(self, items: Iterable[ItemLike] | ItemLike, side: str = "query", batch_size: int = 64,
+              batch_tokens: int = 8192, progress: bool = False) -> torch.Tensor:
         """float32 [n, dim] embeddings, unit norm (E* itself if the config sets normalize=false)."""
         if isinstance(items, (str, dict)) or not isinstance(items, Iterable):
             items = [items]
-        e = self.encode(items, side, batch_size, progress)
+        e = self.encode(items, side, batch_size, batch_tokens, progress)
         return e.unit if self.config.normalize else e.fused
 
     # -- matching -------------------------------------------------------------
@@ -116,8 +131,8 @@ class ReMatch:
         return self.head.projector(e.fused.to(p.device, p.dtype))
 
     @torch.inference_mode()
-    def match(self, query, candidates, query_view: str = "raw", doc_view: str = "raw", batch_size: int = 8,
-              progress: bool = False) -> torch.Tensor:
+    def match(self, query, candidates, query_view: str = "raw", doc_view: str = "raw", batch_size: int = 64,
+              batch_tokens: int = 8192, progress: bool = False) -> torch.Tensor:
         """p(yes) that each candidate matches the query: float32 [n] in (0, 1).
 
         `query` is an item (or, for query_view="feat", an Embeddings of one
@@ -136,16 +151,17 @@ class ReMatch:
                 raise InputError("candidates given as Embeddings need doc_view='feat'")
             docs = list(self._project(candidates))
         elif doc_view == "feat":
-            docs = list(self._project(self.encode_prepared(self._prepare_all(candidates), "document", batch_size)))
+            docs = list(self._project(self.encode_prepared(self._prepare_all(candidates), "document", batch_size,
+                                                           batch_tokens)))
         else:
             docs = self._prepare_all(candidates)
         if not docs:
             return torch.empty(0)
-        probs = []
-        with tqdm(total=len(docs), desc="match", unit="cand", disable=not progress) as bar:
-            for start in range(0, len(docs), batch_size):
-                seqs = [self.preprocessor.match_sequence(q, d) for d in docs[start: start + batch_size]]
-                logits = self.backend.answer_logits(seqs, self.preprocessor.answer_ids)
-                probs.append(torch.softmax(logits, dim=-1)[:, 0].cpu())
-                bar.update(len(seqs))
-        return torch.cat(probs)
+        seqs = [self.preprocessor.match_sequence(q, d) for d in docs]
+        probs = torch.empty(len(seqs))
+        with tqdm(total=len(seqs), desc="match", unit="cand", disable=not progress) as bar:
+            for batch in plan_batches([len(s) for s in seqs], batch_tokens, batch_size, self.backend.padded):
+                logits = self.backend.answer_logits([seqs[i] for i in batch], self.preprocessor.answer_ids)
+                probs[batch] = torch.softmax(logits, dim=-1)[:, 0].cpu()
+                bar.update(len(batch))
+        return probs

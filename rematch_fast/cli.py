@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .errors import InputError, ReMatchError, TruncationWarning
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REJECTS = 0, 1, 2, 3
-PREPARE_CHUNK = 64  # rows loaded and tokenized at a time: bounds the memory of a large corpus
+PREPARE_CHUNK = 256  # rows loaded and tokenized at a time: bounds the memory of a large corpus
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -31,29 +31,38 @@ def _load_model(args):
     return ReMatch.from_pretrained(args.checkpoint, backend=args.backend, device=args.device, dtype=DTYPES[args.dtype])
 
 
-def embed_rows(model, rows, side: str, batch_size: int, progress: bool):
-    """Embed JSONL rows chunk by chunk; a row that cannot be prepared becomes a Reject."""
-    from .embeddings import Embeddings
+def _prepare_rows(model, rows):
+    """Load and tokenize rows; a row that cannot be prepared becomes a Reject."""
     from .jsonl import Reject
 
+    good, prepared, rejects = [], [], []
+    for row in rows:
+        try:
+            p = model.prepare(row.item)
+        except InputError as e:
+            rejects.append(Reject(row.line, row.id, str(e), row.raw))
+            continue
+        if p.truncated:
+            _log(f"line {row.line} (id {row.id!r}): text cut to max_text_tokens={model.config.max_text_tokens}")
+        good.append(row)
+        prepared.append(p)
+    return good, prepared, rejects
+
+
+def embed_rows(model, rows, side: str, batch_size: int, progress: bool):
+    """Embed JSONL rows chunk by chunk (the next chunk is prepared on a worker thread meanwhile)."""
+    from .embeddings import Embeddings
+    from .scheduler import prefetched
+
     ids, parts, rejects = [], [], []
+    chunks = (rows[s: s + PREPARE_CHUNK] for s in range(0, len(rows), PREPARE_CHUNK))
     with tqdm(total=len(rows), desc=f"embed {side}", unit="row", disable=not progress) as bar:
-        for start in range(0, len(rows), PREPARE_CHUNK):
-            good, prepared = [], []
-            for row in rows[start: start + PREPARE_CHUNK]:
-                try:
-                    with warnings.catch_warnings(record=True) as caught:
-                        warnings.simplefilter("always", TruncationWarning)
-                        prepared.append(model.prepare(row.item))
-                    for w in caught:
-                        _log(f"line {row.line} (id {row.id!r}): {w.message}")
-                    good.append(row)
-                except InputError as e:
-                    rejects.append(Reject(row.line, row.id, str(e), row.raw))
+        for good, prepared, bad in prefetched(chunks, lambda c: _prepare_rows(model, c)):
+            rejects += bad
             if prepared:
                 parts.append(model.encode_prepared(prepared, side, batch_size))
                 ids += [r.id for r in good]
-            bar.update(min(PREPARE_CHUNK, len(rows) - start))
+            bar.update(len(good) + len(bad))
     return ids, Embeddings.cat(parts, model.dim), rejects
 
 
@@ -208,7 +217,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="reference", help="implementation to run (default: reference)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype (default: float32)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
+    p.add_argument("--batch-size", type=int, default=64, help="most sequences per forward pass (default: 64)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -271,6 +280,7 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # this process's own output: keep only our progress bars
+    warnings.simplefilter("ignore", TruncationWarning)  # reported per row instead, with its line
     if getattr(args, "batch_size", 1) < 1:
         _log("error: --batch-size must be >= 1")
         return EXIT_USAGE

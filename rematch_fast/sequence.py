@@ -138,6 +138,15 @@ class Preprocessor:
                 raise ImageError("image produced no patches")
         return PreparedItem(ids, pixels, grid, truncated)
 
+    def embed_length(self, p: PreparedItem, side: str) -> int:
+        """Tokens of the embedding sequence of `p` (without building it): what batching budgets."""
+        before, after = self._embed_parts[side]
+        image = 0
+        if p.grid_thw is not None:
+            t, h, w = p.grid_thw
+            image = 2 + t * h * w // self.images.merge_size**2
+        return len(before) + len(after) + len(p.text_ids) + image + self.config.num_learnable_tokens
+
     def _item(self, b: _Builder, p: PreparedItem) -> None:
         # image first, then text (Qwen2-VL's own order for a user turn)
         if p.pixel_values is not None:

@@ -39,6 +39,7 @@ class PackedBatch:
 
 class FastBackend:
     name = "fast"
+    padded = False  # packed: batches cost the sum of lengths
 
     def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype

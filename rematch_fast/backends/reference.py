@@ -26,6 +26,7 @@ def _model_class(arch: str):
 
 class ReferenceBackend:
     name = "reference"
+    padded = True  # batches cost count x longest
 
     def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
