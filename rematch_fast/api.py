@@ -86,12 +86,17 @@ class ReMatch:
         unit = torch.empty(len(prepared), self.dim)
         norm = torch.empty(len(prepared))
         with tqdm(total=len(prepared), desc=f"embed {side}", unit="item", disable=not progress) as bar:
-            for batch in plan_batches(lengths, batch_tokens, batch_size, self.backend.padded):
+            for batch in self._batches(lengths, batch_tokens, batch_size):
                 seqs = [self.preprocessor.embed_sequence(prepared[i], side, tokens) for i in batch]
                 e = Embeddings.from_fused(self.backend.fused(seqs).cpu())
                 unit[batch], norm[batch] = e.unit, e.norm
                 bar.update(len(batch))
         return Embeddings(unit, norm)
+
+    def _batches(self, lengths: list[int], batch_tokens: int, batch_size: int) -> list[list[int]]:
+        # the reference keeps arrival order (plain padded batches, the oracle); others sort by length
+        padded = self.backend.padded
+        return plan_batches(lengths, batch_tokens, batch_size, padded, longest_first=self.backend.name != "reference")
 
     def encode(self, items: Iterable[ItemLike], side: str = "query", batch_size: int = 64,
                batch_tokens: int = 8192, progress: bool = False) -> Embeddings:
@@ -101,6 +106,8 @@ class ReMatch:
         the model embeds the previous chunk."""
         check_side(side)
         items = list(items)
+        if len(items) <= PREPARE_CHUNK:  # one chunk: a worker thread would only add a hand-off
+            return self.encode_prepared(self._prepare_all(items), side, batch_size, batch_tokens, progress)
         starts = range(0, len(items), PREPARE_CHUNK)
         chunks = prefetched(starts, lambda s: self._prepare_all(items[s: s + PREPARE_CHUNK], first=s))
         parts = [self.encode_prepared(c, side, batch_size, batch_tokens, progress) for c in chunks]
@@ -160,7 +167,7 @@ class ReMatch:
         seqs = [self.preprocessor.match_sequence(q, d) for d in docs]
         probs = torch.empty(len(seqs))
         with tqdm(total=len(seqs), desc="match", unit="cand", disable=not progress) as bar:
-            for batch in plan_batches([len(s) for s in seqs], batch_tokens, batch_size, self.backend.padded):
+            for batch in self._batches([len(s) for s in seqs], batch_tokens, batch_size):
                 logits = self.backend.answer_logits([seqs[i] for i in batch], self.preprocessor.answer_ids)
                 probs[batch] = torch.softmax(logits, dim=-1)[:, 0].cpu()
                 bar.update(len(batch))

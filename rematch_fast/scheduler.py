@@ -9,15 +9,19 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def plan_batches(lengths: Sequence[int], max_tokens: int, max_items: int, padded: bool) -> list[list[int]]:
-    """Indices grouped into batches, longest first (so neighbours have similar lengths).
+def plan_batches(lengths: Sequence[int], max_tokens: int, max_items: int, padded: bool,
+                 longest_first: bool = True) -> list[list[int]]:
+    """Indices grouped into batches, longest first (so neighbours have similar lengths) or in
+    arrival order.
 
     A batch's cost is the sum of its lengths for a packed backend, or count x longest for a
     padded one; it stays within max_tokens unless a single sequence alone is longer.
     """
     if max_tokens < 1 or max_items < 1:
         raise ValueError("max_tokens and max_items must be >= 1")
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    order = list(range(len(lengths)))
+    if longest_first:
+        order.sort(key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     cur: list[int] = []
     longest = total = 0

@@ -30,6 +30,8 @@ TINY_SIZES = dict(
     vision_hidden_size=32,
     vision_num_heads=4,
     vision_intermediate_size=64,
+    vision_window_size=56,  # pixels; 2x2 merged patches per window (the real model: 112)
+    vision_fullatt_every=2,  # every n-th vision block attends over the whole image (the real model: 8)
     num_learnable_tokens=16,
     projector_hidden_size=64,
     min_pixels=56 * 56,
@@ -90,8 +92,8 @@ def _hf_config(arch: str, s: dict):
         num_heads=s["vision_num_heads"],
         out_hidden_size=s["hidden_size"],
         # like the real model: every few blocks attend over the full image, the rest within windows
-        fullatt_block_indexes=list(range(1, depth, 2)) or [depth - 1],
-        window_size=56,  # 2x2 merged patches per window (the real model: 112)
+        fullatt_block_indexes=[i for i in range(depth) if (i + 1) % s["vision_fullatt_every"] == 0] or [depth - 1],
+        window_size=s["vision_window_size"],
         patch_size=14,
         spatial_merge_size=2,
         temporal_patch_size=2,

@@ -1,7 +1,7 @@
 """Variable-length attention over a packed batch: q [T, H, D], k/v [T, Hkv, D], cu_seqlens [B+1].
 
 CUDA: torch's varlen_attn (torch >= 2.10) or flash_attn when installed; elsewhere, and for
-dtypes those kernels refuse, one SDPA call per sequence (exact, no padding).
+dtypes those kernels refuse, one masked SDPA call over the batch padded for attention only.
 """
 from __future__ import annotations
 
@@ -50,13 +50,32 @@ def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, causal:
                     rep = q.shape[1] // k.shape[1]
                     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
             return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kw)
-    return _per_sequence_sdpa(q, k, v, cu_seqlens.tolist(), causal)
+    return _padded_sdpa(q, k, v, cu_seqlens, max_seqlen, causal)
 
 
-def _per_sequence_sdpa(q, k, v, bounds: list[int], causal: bool) -> torch.Tensor:
-    gqa = q.shape[1] != k.shape[1]
-    out = torch.empty_like(q)
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        qs, ks, vs = (x[s:e].transpose(0, 1) for x in (q, k, v))  # [H, L, D]
-        out[s:e] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=gqa).transpose(0, 1)
-    return out
+def _padded_sdpa(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool) -> torch.Tensor:
+    """Exact varlen attention with one SDPA call: scatter into [B, L, H, D], mask, gather back.
+
+    Only attention sees the padding (linear layers stay packed), and batches arrive sorted
+    by length, so little is wasted.
+    """
+    lens = cu_seqlens.diff()
+    B, L, T = lens.shape[0], max_seqlen, q.shape[0]
+    if B == 1:
+        qs, ks, vs = (x.transpose(0, 1) for x in (q, k, v))  # [H, T, D]
+        return F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal,
+                                              enable_gqa=q.shape[1] != k.shape[1]).transpose(0, 1)
+    seq = torch.repeat_interleave(torch.arange(B, device=q.device), lens.to(q.device))  # [T]
+    pos = torch.arange(T, device=q.device) - cu_seqlens.to(q.device)[seq]  # [T]
+
+    def pad(x):  # [T, h, D] -> [B, h, L, D]
+        out = x.new_zeros(B, L, *x.shape[1:])
+        out[seq, pos] = x
+        return out.transpose(1, 2)
+
+    keep = torch.arange(L, device=q.device)[None, :] < lens.to(q.device)[:, None]  # [B, L] real keys
+    mask = keep[:, None, None, :]  # [B, 1, 1, L]
+    if causal:
+        mask = mask & torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2)[seq, pos]
