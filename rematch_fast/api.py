@@ -64,10 +64,19 @@ class ReMatch:
         return self.preprocessor.prepare(as_item(item))
 
     def _prepare_all(self, items: Iterable[ItemLike], first: int = 0) -> list[PreparedItem]:
-        out = []
+        """Prepare many items: texts tokenized in one batch; an error names the item's index."""
+        items = list(items)
+        checked = []
         for i, x in enumerate(items, start=first):
             try:
-                out.append(self.prepare(x))
+                checked.append(as_item(x))
+            except InputError as e:
+                raise type(e)(f"item {i}: {e}") from None
+        texts = self.preprocessor.tok.encode_texts([self.preprocessor.text_of(x) for x in checked])
+        out = []
+        for i, (x, ids) in enumerate(zip(checked, texts), start=first):
+            try:
+                out.append(self.preprocessor.prepare(x, ids))
             except InputError as e:
                 raise type(e)(f"item {i}: {e}") from None
         return out

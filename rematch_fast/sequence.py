@@ -119,10 +119,14 @@ class Preprocessor:
         return ids[0]
 
     # -- items --------------------------------------------------------------
-    def prepare(self, item: Item) -> PreparedItem:
+    @staticmethod
+    def text_of(item: Item) -> str:
         # stripped: edge whitespace carries no meaning and would merge with the template's newlines
-        text = item.text.strip() if item.text else ""
-        ids = self.tok.encode_text(text)
+        return item.text.strip() if item.text else ""
+
+    def prepare(self, item: Item, text_ids: list[int] | None = None) -> PreparedItem:
+        """Tokenize (unless `text_ids` are given, from a batched tokenization) and load the image."""
+        ids = self.tok.encode_text(self.text_of(item)) if text_ids is None else text_ids
         truncated = len(ids) > self.config.max_text_tokens
         if truncated:
             warnings.warn(

@@ -80,3 +80,7 @@ class Tokenizers:
 
     def encode_text(self, s: str) -> list[int]:
         return self.text.encode(s, add_special_tokens=False).ids if s else []
+
+    def encode_texts(self, texts: list[str]) -> list[list[int]]:
+        """Many texts at once (the tokenizer's own threads)."""
+        return [e.ids for e in self.text.encode_batch(texts, add_special_tokens=False)]

@@ -73,9 +73,10 @@ def _padded_sdpa(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, causal: boo
         out[seq, pos] = x
         return out.transpose(1, 2)
 
-    keep = torch.arange(L, device=q.device)[None, :] < lens.to(q.device)[:, None]  # [B, L] real keys
-    mask = keep[:, None, None, :]  # [B, 1, 1, L]
-    if causal:
-        mask = mask & torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    gqa = q.shape[1] != k.shape[1]
+    if causal:  # right padding: a real query only reaches earlier, real keys, so no mask is needed
+        out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), is_causal=True, enable_gqa=gqa)
+    else:
+        keep = torch.arange(L, device=q.device)[None, :] < lens.to(q.device)[:, None]  # [B, L] real keys
+        out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=keep[:, None, None, :], enable_gqa=gqa)
     return out.transpose(1, 2)[seq, pos]
