@@ -36,9 +36,11 @@ def _prepare_rows(model, rows):
     from .jsonl import Reject
 
     good, prepared, rejects = [], [], []
-    for row in rows:
+    pre = model.preprocessor
+    texts = pre.tok.encode_texts([pre.text_of(r.item) for r in rows])  # one batched tokenization
+    for row, ids in zip(rows, texts):
         try:
-            p = model.prepare(row.item)
+            p = pre.prepare(row.item, ids)
         except InputError as e:
             rejects.append(Reject(row.line, row.id, str(e), row.raw))
             continue
