@@ -4,6 +4,7 @@
              batches of raw token ids through model.model (no template, no learnable tokens)
   reference  rematch_fast backend="reference" (transformers modules, padded batches, full ReMatch input)
   fast       rematch_fast backend="fast" (own model, packed batches, token-budget scheduler)
+  fast-buckets  (W5 only) the same with latency_buckets: static shapes, captured as CUDA graphs on a GPU
 
 W1: ragged texts (16..256 tokens, arrival order), useful tokens/s. W1e: all 128 tokens.
 W2: images + a short text, images/s. W5: one 48-token query, latency ms.
@@ -99,9 +100,10 @@ def main(argv=None) -> str:
     for name in args.model or (["3b"] if args.gpu else ["tiny", "mid"]):
         arch, sizes = MODELS[name]
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = make_tiny_checkpoint(Path(tmp) / name, arch=arch, seed=0, **sizes)
-            providers = {p: ReMatch.from_pretrained(ckpt, backend=p if p != "hf" else "reference", device=dev, dtype=dtype)
-                         for p in ("reference", "fast")}
+            ckpt = make_tiny_checkpoint(Path(tmp) / name, arch=arch, seed=0, dtype=dtype, device=dev, **sizes)
+            providers = {p: ReMatch.from_pretrained(ckpt, backend=p, device=dev, dtype=dtype) for p in ("reference", "fast")}
+            # one query at a time with static-shape buckets (CUDA graphs on a GPU): W5 only
+            latency = ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, latency_buckets=(64, 128, 256))
         providers["hf"] = providers["reference"]  # same loaded transformers model, driven plainly
         tok = providers["fast"].preprocessor.tok.text
         rng = np.random.default_rng(0)
@@ -131,7 +133,7 @@ def main(argv=None) -> str:
         ids = padded_batches(query, tok, 1, dev)
         run = hf_runner(providers["hf"], dev)
         for prov, fn in [("hf", lambda: run(ids)), ("reference", lambda: providers["reference"].embed(query)),
-                         ("fast", lambda: providers["fast"].embed(query))]:
+                         ("fast", lambda: providers["fast"].embed(query)), ("fast-buckets", lambda: latency.embed(query))]:
             ms = median_ms(torch.inference_mode()(fn), dev, iters=10 * args.iters, warmup=3)
             res.add(model=name, workload="W5", provider=prov, items=1, value=ms, unit="ms", ms=ms)
     table = res.markdown(["model", "workload", "provider", "items", "value", "unit", "ms"])

@@ -34,10 +34,16 @@ class ReMatch:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, backend: str = "reference", device="cpu",
-                        dtype: torch.dtype = torch.float32) -> ReMatch:
+                        dtype: torch.dtype = torch.float32, **backend_options) -> ReMatch:
+        """backend_options go to the backend, e.g. latency_buckets=(64, 128, 256) for "fast"."""
         ckpt = open_checkpoint(path)
         device = torch.device(device)
-        impl = backend_class(backend)(ckpt, device, dtype)
+        try:
+            impl = backend_class(backend)(ckpt, device, dtype, **backend_options)
+        except TypeError as e:
+            if not backend_options:
+                raise
+            raise InputError(f"backend {backend!r} does not take {sorted(backend_options)}: {e}") from None
         head = ckpt.load_head(device, dtype)
         vision = ckpt.vision_config
         images = ImageProcessor(

@@ -103,11 +103,14 @@ def _hf_config(arch: str, s: dict):
     )
 
 
-def make_tiny_checkpoint(path: str | Path, arch: str = "qwen2.5-vl", seed: int = 0, **size_overrides) -> Path:
+def make_tiny_checkpoint(path: str | Path, arch: str = "qwen2.5-vl", seed: int = 0, dtype: torch.dtype = torch.float32,
+                         device="cpu", **size_overrides) -> Path:
     """Write a random-weight ReMatch checkpoint to `path` and return it.
 
     `size_overrides` may change any key of TINY_SIZES (e.g. hidden_size=128,
-    num_hidden_layers=4, max_pixels=...). The caller's torch RNG is untouched.
+    num_hidden_layers=4, max_pixels=...). `dtype` and `device` are for building
+    full-size models quickly (e.g. bf16 on a GPU for benchmarks); the bytes are
+    reproducible for one seed, dtype and device. The caller's torch RNG is untouched.
     """
     if arch not in ARCHES:
         raise InputError(f"arch must be one of {ARCHES}, got {arch!r}")
@@ -127,9 +130,10 @@ def make_tiny_checkpoint(path: str | Path, arch: str = "qwen2.5-vl", seed: int =
         max_pixels=sizes["max_pixels"],
         max_text_tokens=sizes["max_text_tokens"],
     )
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(seed)
-        model = model_cls._from_config(hf_config, dtype=torch.float32)
+        model = model_cls._from_config(hf_config, dtype=dtype)
     model.save_pretrained(path)
     head = ReMatchHead(rematch_config)
     head.reset_parameters(torch.Generator().manual_seed(seed + 1))

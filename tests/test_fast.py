@@ -100,3 +100,19 @@ def test_bf16_on_cuda_follows_the_flash_tolerance_rule(tiny_paths):
     err_ref = (ref16.double() - exact).abs().max()
     err_fast = (fast16.double() - exact).abs().max()
     assert err_fast <= 2 * err_ref + 1e-5
+
+
+def test_latency_buckets_give_the_same_embeddings(tiny_paths, fast_models):
+    m = ReMatch.from_pretrained(tiny_paths["qwen2-vl"], backend="fast", latency_buckets=(48, 64, 256))
+    queries = ["short query", "a somewhat longer query about rivers and photos " * 3, "x"]
+    for q in queries:  # one at a time: the bucketed static-shape path
+        seq_len = m.preprocessor.embed_length(m.prepare(q), "query")
+        assert m.backend.latency.bucket_for(m.preprocessor.embed_sequence(m.prepare(q), "query", m.head.query_tokens))
+        torch.testing.assert_close(m.embed([q]), fast_models["qwen2-vl"].embed([q]), atol=ATOL, rtol=0)
+        assert seq_len <= 256
+    assert set(m.backend.latency.static) <= {48, 64, 256} and len(m.backend.latency.static) >= 2
+    # images and batches take the packed path
+    item = Item(image=random_image(56, 56, 3))
+    torch.testing.assert_close(m.embed([item]), fast_models["qwen2-vl"].embed([item]), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="latency_buckets"):
+        ReMatch.from_pretrained(tiny_paths["qwen2-vl"], backend="reference", latency_buckets=(64,))

@@ -41,11 +41,19 @@ class FastBackend:
     name = "fast"
     padded = False  # packed: batches cost the sum of lengths
 
-    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype):
+    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, latency_buckets=()):
+        """latency_buckets: sequence lengths (e.g. (64, 128, 256)) for which one text query at a
+        time runs with static shapes, as a CUDA graph on CUDA (see latency.py)."""
         self.device, self.dtype = device, dtype
         self.cfg = model_config(ckpt.arch, ckpt.model_config)
         self.model = load_model(ckpt.path, self.cfg, device, dtype)
         self.image_token_id = ckpt.model_config.get("image_token_id", 151655)
+        self.latency = None
+        if latency_buckets:
+            from .latency import LatencyBuckets
+
+            pad_id = ckpt.model_config.get("text_config", ckpt.model_config).get("bos_token_id", 151643)
+            self.latency = LatencyBuckets(self.model, latency_buckets, pad_id, device)
 
     @torch.inference_mode()
     def last_hidden(self, batch: PackedBatch) -> torch.Tensor:
@@ -59,6 +67,8 @@ class FastBackend:
         return self.model.decoder(embeds, batch.positions, batch.cu_seqlens, batch.max_seqlen)
 
     def fused(self, seqs: list[Sequence]) -> torch.Tensor:
+        if self.latency is not None and len(seqs) == 1 and self.latency.bucket_for(seqs[0]) is not None:
+            return self.latency.fused(seqs[0])
         batch = PackedBatch(seqs, self.device, self.image_token_id)
         fused, _ = ops.pool_learnable_rows(self.last_hidden(batch), batch.readout)
         return fused
