@@ -1,6 +1,7 @@
 """The public model API. Every backend implements it unchanged."""
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Iterable, Sequence as Seq
 
@@ -38,12 +39,11 @@ class ReMatch:
         """backend_options go to the backend, e.g. latency_buckets=(64, 128, 256) for "fast"."""
         ckpt = open_checkpoint(path)
         device = torch.device(device)
-        try:
-            impl = backend_class(backend)(ckpt, device, dtype, **backend_options)
-        except TypeError as e:
-            if not backend_options:
-                raise
-            raise InputError(f"backend {backend!r} does not take {sorted(backend_options)}: {e}") from None
+        impl_class = backend_class(backend)
+        unknown = set(backend_options) - set(inspect.signature(impl_class).parameters)
+        if unknown:
+            raise InputError(f"backend {backend!r} takes no option {sorted(unknown)}")
+        impl = impl_class(ckpt, device, dtype, **backend_options)
         head = ckpt.load_head(device, dtype)
         vision = ckpt.vision_config
         images = ImageProcessor(
@@ -109,9 +109,7 @@ class ReMatch:
         return Embeddings(unit, norm)
 
     def _batches(self, lengths: list[int], batch_tokens: int, batch_size: int) -> list[list[int]]:
-        # the reference keeps arrival order (plain padded batches, the oracle); others sort by length
-        padded = self.backend.padded
-        return plan_batches(lengths, batch_tokens, batch_size, padded, longest_first=self.backend.name != "reference")
+        return plan_batches(lengths, batch_tokens, batch_size, self.backend.padded, self.backend.longest_first)
 
     def encode(self, items: Iterable[ItemLike], side: str = "query", batch_size: int = 64,
                batch_tokens: int = 8192, progress: bool = False) -> Embeddings:

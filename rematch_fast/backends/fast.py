@@ -40,6 +40,7 @@ class PackedBatch:
 class FastBackend:
     name = "fast"
     padded = False  # packed: batches cost the sum of lengths
+    longest_first = True  # neighbours of similar length: little attention padding
 
     def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, latency_buckets=()):
         """latency_buckets: sequence lengths (e.g. (64, 128, 256)) for which one text query at a

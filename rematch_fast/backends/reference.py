@@ -27,6 +27,7 @@ def _model_class(arch: str):
 class ReferenceBackend:
     name = "reference"
     padded = True  # batches cost count x longest
+    longest_first = False  # plain padded batches in arrival order: the oracle stays simple
 
     def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
