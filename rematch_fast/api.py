@@ -88,11 +88,15 @@ class ReMatch:
         return out
 
     # -- embedding ------------------------------------------------------------
-    @torch.inference_mode()
     def encode_prepared(self, prepared: Seq[PreparedItem], side: str = "query", batch_size: int = 64,
                         batch_tokens: int = 8192, progress: bool = False) -> Embeddings:
         """Embed prepared items in batches of at most `batch_size` items and `batch_tokens`
-        tokens (longest first); results come back in input order."""
+        tokens (ordered as the backend prefers); results come back in input order."""
+        with tqdm(total=len(prepared), desc=f"embed {side}", unit="item", disable=not progress) as bar:
+            return self._embed_prepared(prepared, side, batch_size, batch_tokens, bar)
+
+    @torch.inference_mode()
+    def _embed_prepared(self, prepared, side, batch_size, batch_tokens, bar) -> Embeddings:
         check_side(side)
         if batch_size < 1 or batch_tokens < 1:
             raise InputError(f"batch_size and batch_tokens must be >= 1, got {batch_size}, {batch_tokens}")
@@ -100,12 +104,11 @@ class ReMatch:
         lengths = [self.preprocessor.embed_length(p, side) for p in prepared]
         unit = torch.empty(len(prepared), self.dim)
         norm = torch.empty(len(prepared))
-        with tqdm(total=len(prepared), desc=f"embed {side}", unit="item", disable=not progress) as bar:
-            for batch in self._batches(lengths, batch_tokens, batch_size):
-                seqs = [self.preprocessor.embed_sequence(prepared[i], side, tokens) for i in batch]
-                e = Embeddings.from_fused(self.backend.fused(seqs).cpu())
-                unit[batch], norm[batch] = e.unit, e.norm
-                bar.update(len(batch))
+        for batch in self._batches(lengths, batch_tokens, batch_size):
+            seqs = [self.preprocessor.embed_sequence(prepared[i], side, tokens) for i in batch]
+            e = Embeddings.from_fused(self.backend.fused(seqs).cpu())
+            unit[batch], norm[batch] = e.unit, e.norm
+            bar.update(len(batch))
         return Embeddings(unit, norm)
 
     def _batches(self, lengths: list[int], batch_tokens: int, batch_size: int) -> list[list[int]]:
@@ -119,11 +122,12 @@ class ReMatch:
         the model embeds the previous chunk."""
         check_side(side)
         items = list(items)
-        if len(items) <= PREPARE_CHUNK:  # one chunk: a worker thread would only add a hand-off
-            return self.encode_prepared(self._prepare_all(items), side, batch_size, batch_tokens, progress)
-        starts = range(0, len(items), PREPARE_CHUNK)
-        chunks = prefetched(starts, lambda s: self._prepare_all(items[s: s + PREPARE_CHUNK], first=s))
-        parts = [self.encode_prepared(c, side, batch_size, batch_tokens, progress) for c in chunks]
+        with tqdm(total=len(items), desc=f"embed {side}", unit="item", disable=not progress) as bar:
+            if len(items) <= PREPARE_CHUNK:  # one chunk: a worker thread would only add a hand-off
+                return self._embed_prepared(self._prepare_all(items), side, batch_size, batch_tokens, bar)
+            starts = range(0, len(items), PREPARE_CHUNK)
+            chunks = prefetched(starts, lambda s: self._prepare_all(items[s: s + PREPARE_CHUNK], first=s))
+            parts = [self._embed_prepared(c, side, batch_size, batch_tokens, bar) for c in chunks]
         return Embeddings.cat(parts, self.dim)
 
     def embed(self, items: Iterable[ItemLike] | ItemLike, side: str = "query", batch_size: int = 64,

@@ -116,3 +116,17 @@ def test_latency_buckets_give_the_same_embeddings(tiny_paths, fast_models):
     torch.testing.assert_close(m.embed([item]), fast_models["qwen2-vl"].embed([item]), atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="takes no option.*latency_buckets"):
         ReMatch.from_pretrained(tiny_paths["qwen2-vl"], backend="reference", latency_buckets=(64,))
+
+
+def test_prefetched_chunks_keep_input_order(fast_models, monkeypatch):
+    import rematch_fast.api as api
+
+    m = fast_models["qwen2.5-vl"]
+    items = ["one", Item(image=random_image(40, 90, 8)), "three words here", "four", Item(text="five", image=random_image(90, 40, 9)),
+             "six", "seven " * 30]
+    whole = m.encode(items)
+    monkeypatch.setattr(api, "PREPARE_CHUNK", 2)  # four chunks, prepared on the worker thread
+    chunked = m.encode(items)
+    torch.testing.assert_close(chunked.unit, whole.unit, atol=1e-6, rtol=0)
+    with pytest.raises(Exception, match="item 5"):
+        m.encode(items[:5] + [Item(image="/nonexistent.png")])
