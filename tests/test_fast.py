@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import random_image
-from rematch_fast import CheckpointError, Item, ReMatch
+from rematch_fast import CheckpointError, ImageError, Item, ReMatch
 
 ATOL = 1e-4
 
@@ -128,5 +128,5 @@ def test_prefetched_chunks_keep_input_order(fast_models, monkeypatch):
     monkeypatch.setattr(api, "PREPARE_CHUNK", 2)  # four chunks, prepared on the worker thread
     chunked = m.encode(items)
     torch.testing.assert_close(chunked.unit, whole.unit, atol=1e-6, rtol=0)
-    with pytest.raises(Exception, match="item 5"):
+    with pytest.raises(ImageError, match="item 5"):
         m.encode(items[:5] + [Item(image="/nonexistent.png")])
