@@ -186,23 +186,19 @@ def cmd_rerank(args) -> int:
 
 
 def _read_hits(path):
-    from .jsonl import Reject
+    from .jsonl import Reject, json_lines
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"hits file not found: {path}")
     good, bad = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, line, h in json_lines(path, "hits file"):
         try:
-            h = json.loads(line)
+            if isinstance(h, json.JSONDecodeError):
+                raise InputError(str(h))
             if not isinstance(h, dict) or "query_id" not in h or not isinstance(h.get("hits"), list):
                 raise InputError("a hits row needs 'query_id' and a list 'hits'")
             if not all(isinstance(c, dict) and "id" in c for c in h["hits"]):
                 raise InputError("every hit needs an 'id'")
             good.append((n, line, h))
-        except (json.JSONDecodeError, InputError) as e:
+        except InputError as e:
             bad.append(Reject(n, None, f"bad hits row: {e}", line))
     return good, bad
 

@@ -83,11 +83,10 @@ class ImageProcessor:
         if image_mean is not None:
             kwargs.update(image_mean=list(image_mean), image_std=list(image_std))
         self.hf = Qwen2VLImageProcessorPil(**kwargs)
-        self.min_pixels, self.max_pixels = min_pixels, max_pixels
-        self.factor = patch_size * merge_size
+        self.max_pixels = max_pixels
         self.merge_size = merge_size
         # Beyond this ratio even a one-unit-high resize would break max_pixels (or Qwen2-VL's own limit).
-        self.max_aspect = max(1, min(MAX_ASPECT, max_pixels // self.factor**2))
+        self.max_aspect = max(1, min(MAX_ASPECT, max_pixels // (patch_size * merge_size) ** 2))
 
     def __call__(self, im: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int]]:
         im = self._bound(im)

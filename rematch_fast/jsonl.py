@@ -50,32 +50,40 @@ def _row(obj, base: Path) -> tuple[str | int, Item]:
     return rid, Item(text=text, image=image)
 
 
-def read_rows(path: str | Path) -> tuple[list[Row], list[Reject]]:
-    """Parse every line; good rows and rejects (malformed, empty, duplicate id) come back apart."""
+def json_lines(path: str | Path, what: str = "JSONL file"):
+    """Yield (line number, raw line, parsed object or the JSONDecodeError) for each non-blank line."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"JSONL file not found: {path}")
-    rows, rejects, seen = [], [], set()
+        raise InputError(f"{what} not found: {path}")
     with path.open(encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, start=1):
             raw = line.rstrip("\n")
             if not raw.strip():
                 continue
             try:
-                obj = json.loads(raw)
+                yield n, raw, json.loads(raw)
             except json.JSONDecodeError as e:
-                rejects.append(Reject(n, None, f"invalid JSON: {e}", raw))
-                continue
-            rid = obj.get("id") if isinstance(obj, dict) else None
-            try:
-                rid, item = _row(obj, path.parent)
-                if rid in seen:
-                    raise InputError(f"duplicate id {rid!r}")
-            except InputError as e:
-                rejects.append(Reject(n, rid if isinstance(rid, (str, int)) else None, str(e), raw))
-                continue
-            seen.add(rid)
-            rows.append(Row(n, rid, item, raw))
+                yield n, raw, e
+
+
+def read_rows(path: str | Path) -> tuple[list[Row], list[Reject]]:
+    """Parse every line; good rows and rejects (malformed, empty, duplicate id) come back apart."""
+    rows, rejects, seen = [], [], set()
+    base = Path(path).parent
+    for n, raw, obj in json_lines(path):
+        if isinstance(obj, json.JSONDecodeError):
+            rejects.append(Reject(n, None, f"invalid JSON: {obj}", raw))
+            continue
+        rid = obj.get("id") if isinstance(obj, dict) else None
+        try:
+            rid, item = _row(obj, base)
+            if rid in seen:
+                raise InputError(f"duplicate id {rid!r}")
+        except InputError as e:
+            rejects.append(Reject(n, rid if isinstance(rid, (str, int)) else None, str(e), raw))
+            continue
+        seen.add(rid)
+        rows.append(Row(n, rid, item, raw))
     return rows, rejects
 
 

@@ -51,8 +51,8 @@ class ReferenceBackend:
         return feats
 
     @torch.inference_mode()
-    def last_hidden(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded batch -> last-layer hidden states [B, L, d] and lengths [B]."""
+    def last_hidden(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Right-padded batch -> last-layer hidden states [B, L, d]."""
         B, L = len(seqs), max(len(s) for s in seqs)
         ids = torch.zeros(B, L, dtype=torch.long)
         positions = torch.zeros(3, B, L, dtype=torch.long)
@@ -75,16 +75,16 @@ class ReferenceBackend:
             if s.soft_embeds is not None:
                 embeds[b, s.soft_positions.to(self.device)] = s.soft_embeds.to(self.device, embeds.dtype)
         out = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
-        return out.last_hidden_state, torch.tensor([len(s) for s in seqs])
+        return out.last_hidden_state
 
     def readout(self, seqs: list[Sequence]) -> list[torch.Tensor]:
         """Hidden states at each sequence's readout positions: list of [R_i, d]."""
-        hidden, _ = self.last_hidden(seqs)
+        hidden = self.last_hidden(seqs)
         return [hidden[b, s.readout.to(self.device)] for b, s in enumerate(seqs)]
 
     def fused(self, seqs: list[Sequence]) -> torch.Tensor:
         """E*: mean of the K learnable rows' hidden states, fp32 [B, d], through the pooling op."""
-        hidden, _ = self.last_hidden(seqs)
+        hidden = self.last_hidden(seqs)
         B, L, d = hidden.shape
         rows = torch.stack([b * L + s.readout for b, s in enumerate(seqs)]).to(self.device)  # [B, K] into [B*L, d]
         fused, _ = ops.pool_learnable_rows(hidden.reshape(B * L, d), rows)
