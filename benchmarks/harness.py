@@ -29,6 +29,23 @@ def median_ms(fn, device: torch.device, iters: int = 20, warmup: int = 3) -> flo
     return statistics.median(times)
 
 
+def interleaved_median_ms(fns: dict, device: torch.device, iters: int, warmup: int = 1) -> dict[str, float]:
+    """Median ms of each function, timed round-robin (one call of each per round) so that a
+    shared machine's drift hits every provider alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def peak_extra_mb(fn, device: torch.device) -> float | None:
     """Peak memory a call allocates beyond what was allocated before it (CUDA only)."""
     if device.type != "cuda":

@@ -90,6 +90,25 @@ def test_transformers5_key_layout_loads_the_same(tiny_paths, fast_models, tmp_pa
         ReMatch.from_pretrained(dst, backend="fast")
 
 
+@pytest.mark.parametrize("change, error", [
+    ("drop k_proj", "missing.*layers.1.k_proj.weight"),
+    ("narrow up_proj", "mlp.up_proj.weight has shape"),
+])
+def test_fused_projections_check_every_part(tiny_paths, tmp_path, change, error):
+    """q/k/v and gate/up load into fused matrices: a missing or misshapen part is named."""
+    dst = tmp_path / "broken"
+    shutil.copytree(tiny_paths["qwen2-vl"], dst)
+    state = load_file(str(dst / "model.safetensors"))
+    if change == "drop k_proj":
+        del state["model.layers.1.self_attn.k_proj.weight"]
+    else:
+        key = "model.layers.0.mlp.up_proj.weight"
+        state[key] = state[key][:-1].clone()
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=error):
+        ReMatch.from_pretrained(dst, backend="fast")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is visible")
 def test_bf16_on_cuda_follows_the_flash_tolerance_rule(tiny_paths):
     path = tiny_paths["qwen2.5-vl"]

@@ -1,7 +1,8 @@
 """Variable-length attention over a packed batch: q [T, H, D], k/v [T, Hkv, D], cu_seqlens [B+1].
 
-CUDA: torch's varlen_attn (torch >= 2.10) or flash_attn when installed; elsewhere, and for
-dtypes those kernels refuse, one masked SDPA call over the batch padded for attention only.
+One sequence: plain SDPA (any device; safe inside a CUDA graph). Several on CUDA: torch's
+varlen_attn (torch >= 2.10) or flash_attn when installed; elsewhere, and for dtypes those
+kernels refuse, one SDPA call over the batch padded for attention only.
 """
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ def _flash_varlen():
 
 def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool) -> torch.Tensor:
     """Attention within each packed sequence. Returns [T, H, D]."""
+    if cu_seqlens.shape[0] == 2:  # a single sequence needs no packing
+        qs, ks, vs = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, H, T, D]
+        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+        return out[0].transpose(0, 1)
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         flash = _flash_varlen()
@@ -61,10 +66,6 @@ def _padded_sdpa(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, causal: boo
     """
     lens = cu_seqlens.diff()
     B, L, T = lens.shape[0], max_seqlen, q.shape[0]
-    if B == 1:
-        qs, ks, vs = (x.transpose(0, 1) for x in (q, k, v))  # [H, T, D]
-        return F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal,
-                                              enable_gqa=q.shape[1] != k.shape[1]).transpose(0, 1)
     seq = torch.repeat_interleave(torch.arange(B, device=q.device), lens.to(q.device))  # [T]
     pos = torch.arange(T, device=q.device) - cu_seqlens.to(q.device)[seq]  # [T]
 

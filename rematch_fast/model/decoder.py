@@ -7,7 +7,7 @@ from torch import nn
 
 from .attention import varlen_attention
 from .config import TextConfig
-from .layers import GatedMLP, RMSNorm, apply_rope
+from .layers import FusedLinear, GatedMLP, RMSNorm, apply_rope
 
 
 class DecoderLayer(nn.Module):
@@ -15,9 +15,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
         self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps)
-        self.q_proj = nn.Linear(d, cfg.num_heads * hd)
-        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd)
-        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd)
+        kv = cfg.num_kv_heads * hd
+        self.qkv_proj = FusedLinear(d, {"q_proj": cfg.num_heads * hd, "k_proj": kv, "v_proj": kv}, bias=True)
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
         self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps)
         self.mlp = GatedMLP(d, cfg.intermediate_size, "silu", bias=False)
@@ -26,9 +25,10 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:  # x [T, d]
         T = x.shape[0]
         h = self.input_layernorm(x)
-        q = apply_rope(self.q_proj(h).view(T, self.heads, self.head_dim), cos, sin)  # [T, H, Dh]
-        k = apply_rope(self.k_proj(h).view(T, self.kv_heads, self.head_dim), cos, sin)  # [T, Hkv, Dh]
-        v = self.v_proj(h).view(T, self.kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj.split(h)
+        q = apply_rope(q.reshape(T, self.heads, self.head_dim), cos, sin)  # [T, H, Dh]
+        k = apply_rope(k.reshape(T, self.kv_heads, self.head_dim), cos, sin)  # [T, Hkv, Dh]
+        v = v.reshape(T, self.kv_heads, self.head_dim).contiguous()  # varlen kernels want dense rows
         x = x + self.o_proj(varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True).reshape(T, -1))
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -28,18 +28,38 @@ def activation(name: str):
     raise ValueError(f"activation {name!r} is not supported")
 
 
+class FusedLinear(nn.Linear):
+    """Several projections of one input as a single matmul (fewer, larger GEMMs).
+
+    `parts` maps each checkpoint projection (e.g. "q_proj") to its number of output rows,
+    in order; the loader fills each part's rows from the checkpoint's separate weights.
+    """
+
+    def __init__(self, dim: int, parts: dict[str, int], bias: bool):
+        super().__init__(dim, sum(parts.values()), bias=bias)
+        self.parts = dict(parts)
+
+    def rows(self, part: str) -> slice:
+        names = list(self.parts)
+        start = sum(self.parts[n] for n in names[: names.index(part)])
+        return slice(start, start + self.parts[part])
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self(x).split(list(self.parts.values()), dim=-1)
+
+
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): the decoder's MLP, and Qwen2.5-VL's vision MLP (with bias)."""
 
     def __init__(self, dim: int, hidden: int, act: str, bias: bool):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.gate_up_proj = FusedLinear(dim, {"gate_proj": hidden, "up_proj": hidden}, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj.split(x)
+        return self.down_proj(self.act(gate) * up)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from torch import nn
 from ..errors import CheckpointError
 from .config import ModelConfig
 from .decoder import Decoder
+from .layers import FusedLinear
 from .vision import VisionTower
 
 
@@ -44,6 +45,19 @@ def _our_name(key: str) -> str | None:
     return None
 
 
+def _fused_parts(model: nn.Module) -> dict[str, tuple[str, slice]]:
+    """Checkpoint parameter names that fill rows of one of our fused projections:
+    e.g. "decoder.layers.0.q_proj.weight" -> ("decoder.layers.0.qkv_proj.weight", rows)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FusedLinear):
+            parent = name.rpartition(".")[0]
+            for part in module.parts:
+                for param, _ in module.named_parameters(recurse=False):
+                    out[f"{parent}.{part}.{param}"] = (f"{name}.{param}", module.rows(part))
+    return out
+
+
 def load_model(path: str | Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> QwenVL:
     files = sorted(Path(path).glob("model*.safetensors"))
     if not files:
@@ -51,7 +65,10 @@ def load_model(path: str | Path, cfg: ModelConfig, device: torch.device, dtype: 
     with torch.device("meta"):
         model = QwenVL(cfg)
     model = model.to_empty(device=device).to(dtype)
-    expected = model.state_dict()
+    params = model.state_dict()
+    fused = _fused_parts(model)
+    # every checkpoint tensor we need: our own names, with fused ones replaced by their parts
+    targets = {n: (n, slice(None)) for n in params if n not in {t for t, _ in fused.values()}} | fused
     seen = set()
     with torch.no_grad():
         for f in files:
@@ -60,17 +77,19 @@ def load_model(path: str | Path, cfg: ModelConfig, device: torch.device, dtype: 
                     name = _our_name(key)
                     if name is None or (name == "lm_head.weight" and cfg.text.tie_word_embeddings):
                         continue
-                    if name not in expected:
+                    if name not in targets:
                         raise CheckpointError(f"{f.name}: weight {key!r} has no place in the {cfg.arch} model")
                     t = sf.get_tensor(key)
                     if name == "visual.patch_embed.weight":
                         t = t.reshape(t.shape[0], -1)  # Conv3d kernel == stride: a plain matmul
-                    if t.shape != expected[name].shape:
+                    target, rows = targets[name]
+                    dest = params[target][rows]
+                    if t.shape != dest.shape:
                         raise CheckpointError(f"{f.name}: {key} has shape {tuple(t.shape)}, "
-                                              f"the config needs {tuple(expected[name].shape)}")
-                    expected[name].copy_(t)
+                                              f"the config needs {tuple(dest.shape)}")
+                    dest.copy_(t)
                     seen.add(name)
-    missing = sorted(set(expected) - seen)
+    missing = sorted(set(targets) - seen)
     if missing:
         raise CheckpointError(f"{path}: weights missing from the safetensors files: {missing[:8]}")
     model.visual.reset_buffers()
