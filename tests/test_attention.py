@@ -40,3 +40,15 @@ def test_varlen_attention_matches_per_sequence(device, dtype, tol, lens, causal,
     got = varlen_attention(q, k, v, cu, max(lens), causal)
     assert got.shape == q.shape and got.dtype == dtype
     torch.testing.assert_close(got.double(), naive(q, k, v, lens, causal), atol=tol, rtol=0)
+
+
+def test_length_groups_bound_padding_and_cover_every_sequence():
+    from rematch_fast.model.attention import _length_groups
+
+    assert _length_groups([128] * 50) == [(0, 50, 128)]  # equal lengths: one call
+    lens = [292, 280, 250, 231, 200, 170, 120, 90, 60, 52, 17, 3]
+    groups = _length_groups(lens)
+    assert [a for a, _, _ in groups] == [0] + [b for _, b, _ in groups[:-1]] and groups[-1][1] == len(lens)
+    for a, b, n in groups:
+        assert n == max(lens[a:b])
+        assert b - a == 1 or (b - a) * n**2 <= 1.25 * sum(x * x for x in lens[a:b])

@@ -58,11 +58,25 @@ def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, causal:
     return _padded_sdpa(q, k, v, cu_seqlens, max_seqlen, causal)
 
 
-def _padded_sdpa(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool) -> torch.Tensor:
-    """Exact varlen attention with one SDPA call: scatter into [B, L, H, D], mask, gather back.
+def _length_groups(lens: list[int], slack: float = 1.25) -> list[tuple[int, int, int]]:
+    """Consecutive sequences grouped so that padding a group to its longest member costs at
+    most `slack` x the attention work (~ length^2) of its own lengths: (first, end, longest)."""
+    groups, start, longest, work = [], 0, 0, 0
+    for i, n in enumerate(lens):
+        if i > start and (i + 1 - start) * max(longest, n) ** 2 > slack * (work + n * n):
+            groups.append((start, i, longest))
+            start, longest, work = i, 0, 0
+        longest, work = max(longest, n), work + n * n
+    groups.append((start, len(lens), longest))
+    return groups
 
-    Only attention sees the padding (linear layers stay packed), and batches arrive sorted
-    by length, so little is wasted.
+
+def _padded_sdpa(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool) -> torch.Tensor:
+    """Exact varlen attention through SDPA: scatter into [B, H, L, D], attend, gather back.
+
+    Only attention sees the padding (linear layers stay packed). Sequences of similar length
+    (neighbours, as the scheduler sorts them) share one SDPA call cut to their own longest
+    length, so short sequences are not padded to the batch's longest.
     """
     lens = cu_seqlens.diff()
     B, L, T = lens.shape[0], max_seqlen, q.shape[0]
@@ -74,10 +88,13 @@ def _padded_sdpa(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, causal: boo
         out[seq, pos] = x
         return out.transpose(1, 2)
 
+    qp, kp, vp = pad(q), pad(k), pad(v)
     gqa = q.shape[1] != k.shape[1]
-    if causal:  # right padding: a real query only reaches earlier, real keys, so no mask is needed
-        out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), is_causal=True, enable_gqa=gqa)
-    else:
-        keep = torch.arange(L, device=q.device)[None, :] < lens.to(q.device)[:, None]  # [B, L] real keys
-        out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=keep[:, None, None, :], enable_gqa=gqa)
+    keep = None if causal else torch.arange(L, device=q.device)[None, :] < lens.to(q.device)[:, None]  # [B, L] real keys
+    out = torch.empty_like(qp)  # rows past a sequence's end are never read back
+    for a, b, n in _length_groups(lens.tolist()):
+        # causal with right padding: a real query only reaches earlier, real keys, so no mask is needed
+        mask = None if causal else keep[a:b, None, None, :n]
+        out[a:b, :, :n] = F.scaled_dot_product_attention(qp[a:b, :, :n], kp[a:b, :, :n], vp[a:b, :, :n],
+                                                         attn_mask=mask, is_causal=causal, enable_gqa=gqa)
     return out.transpose(1, 2)[seq, pos]
