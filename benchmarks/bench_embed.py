@@ -58,7 +58,9 @@ WORDS = ("river photo seven blue market bread engine quiet signal garden winter 
          "orange window travel science history number").split()
 # GPU: one timed round of the 4096 texts keeps gpu_suite.sh under its 5 minutes (hf takes ~14 s a round)
 GPU_SCALE = dict(docs=4096, images=64, side=448, hf_text_batch=256, hf_image_batch=16, iters=1, warm_docs=256)
+# CPU: a shared machine drifts; the tiny model's rounds are short, so it gets many
 CPU_SCALE = dict(docs=128, images=8, side=224, hf_text_batch=64, hf_image_batch=8, iters=3, warm_docs=16)
+CPU_TINY_ITERS = 15
 
 
 def texts_of_lengths(model: ReMatch, lengths, seed: int) -> list[str]:
@@ -130,13 +132,14 @@ def main(argv=None) -> str:
     ap.add_argument("--out")
     ap.add_argument("--docs", type=int, help="texts in W1 / W1e (default: 4096 on a GPU, 128 on the CPU)")
     ap.add_argument("--images", type=int, help="images in W2 (default: 64 of 448x448 on a GPU, 8 of 224x224 on the CPU)")
-    ap.add_argument("--iters", type=int, help="timed rounds of W1 / W1e (default: 1 on a GPU, 3 on the CPU); "
+    ap.add_argument("--iters", type=int, help="timed rounds of W1 / W1e (default: 1 on a GPU; 15 for tiny, 3 for "
+                                              "larger models on the CPU); "
                                               "W2 takes at least 3, W5 30")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if args.gpu else "cpu")
     dtype = torch.bfloat16 if args.gpu else torch.float32
     scale = dict(GPU_SCALE if args.gpu else CPU_SCALE)
-    scale.update({k: v for k, v in (("docs", args.docs), ("images", args.images), ("iters", args.iters)) if v})
+    scale.update({k: v for k, v in (("docs", args.docs), ("images", args.images)) if v})
     ceil = ceilings(dev)
     print(f"# {ceil['device']}: copy {ceil['copy_GBps']:.0f} GB/s, {ceil['gemm_dtype']} GEMM {ceil['gemm_TFLOPs']:.3g} TFLOP/s")
     flops_per_s = ceil["gemm_TFLOPs"] * 1e12
@@ -149,6 +152,7 @@ def main(argv=None) -> str:
             fast = ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype)
             buckets = ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, latency_buckets=(64, 128, 256))
         lm_params, vision_params = parameter_counts(fast)
+        iters = args.iters or (CPU_TINY_ITERS if name == "tiny" and not args.gpu else scale["iters"])
         tok = fast.preprocessor.tok.text
 
         def record(workload, items, values: dict, unit, ceiling_value, ms: dict):
@@ -174,7 +178,7 @@ def main(argv=None) -> str:
                 "hf": hf_text_runner(ref, texts, scale["hf_text_batch"], dev),
                 "reference": lambda: ref.encode(texts, side="document"),
                 "fast": lambda: fast.encode(texts, side="document"),
-            }, dev, iters=scale["iters"], warmup=0)
+            }, dev, iters=iters, warmup=0)
             record(wl, len(texts), {p: useful / t * 1e3 for p, t in ms.items()}, "tokens/s",
                    flops_per_s / (2 * lm_params), ms)
 
@@ -186,7 +190,7 @@ def main(argv=None) -> str:
             "hf": hf_image_runner(ref, items, scale["hf_image_batch"], dev),
             "reference": lambda: ref.encode(items, side="document"),
             "fast": lambda: fast.encode(items, side="document"),
-        }, dev, iters=max(3, scale["iters"]), warmup=1)
+        }, dev, iters=max(3, iters), warmup=1)
         record("W2", len(items), {p: len(items) / t * 1e3 for p, t in ms.items()}, "images/s",
                flops_per_s / image_flops, ms)
 
