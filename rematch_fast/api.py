@@ -104,11 +104,21 @@ class ReMatch:
         lengths = [self.preprocessor.embed_length(p, side) for p in prepared]
         unit = torch.empty(len(prepared), self.dim)
         norm = torch.empty(len(prepared))
-        for batch in self._batches(lengths, batch_tokens, batch_size):
-            seqs = [self.preprocessor.embed_sequence(prepared[i], side, tokens) for i in batch]
-            e = Embeddings.from_fused(self.backend.fused(seqs).cpu())
+
+        def collect(batch, fused):  # waits for this batch's device work
+            e = Embeddings.from_fused(fused.cpu())
             unit[batch], norm[batch] = e.unit, e.norm
             bar.update(len(batch))
+
+        in_flight = None  # one batch queued on the device while the next one's inputs are built
+        for batch in self._batches(lengths, batch_tokens, batch_size):
+            seqs = [self.preprocessor.embed_sequence(prepared[i], side, tokens) for i in batch]
+            fused = self.backend.fused(seqs)
+            if in_flight is not None:
+                collect(*in_flight)
+            in_flight = (batch, fused)
+        if in_flight is not None:
+            collect(*in_flight)
         return Embeddings(unit, norm)
 
     def _batches(self, lengths: list[int], batch_tokens: int, batch_size: int) -> list[list[int]]:

@@ -57,6 +57,17 @@ def test_several_image_grids_in_one_packed_batch(pair):
     torch.testing.assert_close(fast.embed(items, batch_size=len(items)), ref.embed(items), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("limits", [dict(batch_size=2), dict(batch_tokens=150)])
+def test_many_batches_come_back_in_input_order(pair, limits):
+    """Longest-first batches, one in flight while the next is built: rows still land in input order."""
+    ref, fast = pair
+    items = _items(seed=77)["mixed"] + _items(seed=78)["text only"]
+    many = fast.encode(items, side="document", **limits)
+    assert len(fast._batches([fast.preprocessor.embed_length(fast.prepare(x), "document") for x in items],
+                             limits.get("batch_tokens", 8192), limits.get("batch_size", 64))) >= 3
+    torch.testing.assert_close(many.unit, ref.encode(items, side="document").unit, atol=ATOL, rtol=0)
+
+
 def test_texts_near_the_length_limit(pair):
     ref, fast = pair
     limit = ref.config.max_text_tokens
