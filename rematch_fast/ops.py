@@ -8,6 +8,7 @@ plugs in without touching them.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # -- learnable-token pooling ---------------------------------------------------
 
@@ -68,6 +69,59 @@ def pool_learnable(hidden: torch.Tensor, K: int, cu_seqlens: torch.Tensor | None
     else:
         raise ValueError(f"hidden must be [T, d] or [B, S, d], got {tuple(hidden.shape)}")
     return pool_learnable_rows(hidden.contiguous(), rows.contiguous())
+
+
+# -- the decoder's elementwise steps ----------------------------------------------
+# Each is several torch kernels and fp32 intermediates; on CUDA one Triton pass each.
+
+
+def _on_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2's RMSNorm over the last dimension: statistics in fp32, result in x's dtype."""
+    if _on_triton(x):
+        from .kernels.rms_norm import rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_torch(x, weight, eps)
+
+
+def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gate: [N, 2I] (gate columns, then up) -> silu(gate) * up [N, I]."""
+    if _on_triton(gate_up):
+        from .kernels.silu_mul import silu_mul_triton
+
+        return silu_mul_triton(gate_up)
+    return silu_mul_torch(gate_up)
+
+
+def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding: x [T, H, D], cos/sin [T, D] fp32; rotation in fp32, result in x's dtype."""
+    if _on_triton(x):
+        from .kernels.rope import rope_triton
+
+        return rope_triton(x, cos, sin)
+    return rope_torch(x, cos, sin)
 
 
 # -- similarity + top-k ------------------------------------------------------------

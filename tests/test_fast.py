@@ -68,6 +68,20 @@ def test_many_batches_come_back_in_input_order(pair, limits):
     torch.testing.assert_close(many.unit, ref.encode(items, side="document").unit, atol=ATOL, rtol=0)
 
 
+def test_fused_elementwise_kernels_in_the_whole_model(pair, monkeypatch):
+    """RMSNorm, SwiGLU and rotary embedding through their Triton kernels (the CPU interpreter
+    here, as on a GPU) inside the whole model: text and small images of odd sizes, packed together."""
+    pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+    from rematch_fast import ops
+
+    ref, fast = pair
+    items = ["a caption of some length", Item(text="a photo", image=random_image(61, 93, 61)),
+             Item(image=random_image(300, 30, 62))]
+    monkeypatch.setattr(ops, "_on_triton", lambda x: True)
+    got = fast.encode(items, side="document", batch_size=len(items))
+    torch.testing.assert_close(got.fused, ref.encode(items, side="document").fused, atol=ATOL, rtol=0)
+
+
 def test_texts_near_the_length_limit(pair):
     ref, fast = pair
     limit = ref.config.max_text_tokens

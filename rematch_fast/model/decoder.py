@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import ops
 from .attention import varlen_attention
 from .config import TextConfig
-from .layers import FusedLinear, GatedMLP, RMSNorm, apply_rope
+from .layers import FusedLinear, GatedMLP, RMSNorm
 
 
 class DecoderLayer(nn.Module):
@@ -26,8 +27,8 @@ class DecoderLayer(nn.Module):
         T = x.shape[0]
         h = self.input_layernorm(x)
         q, k, v = self.qkv_proj.split(h)
-        q = apply_rope(q.reshape(T, self.heads, self.head_dim), cos, sin)  # [T, H, Dh]
-        k = apply_rope(k.reshape(T, self.kv_heads, self.head_dim), cos, sin)  # [T, Hkv, Dh]
+        q = ops.rope(q.reshape(T, self.heads, self.head_dim), cos, sin)  # [T, H, Dh]
+        k = ops.rope(k.reshape(T, self.kv_heads, self.head_dim), cos, sin)  # [T, Hkv, Dh]
         v = v.reshape(T, self.kv_heads, self.head_dim).contiguous()  # varlen kernels want dense rows
         x = x + self.o_proj(varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True).reshape(T, -1))
         return x + self.mlp(self.post_attention_layernorm(x))

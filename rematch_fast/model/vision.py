@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from .attention import varlen_attention
 from .config import VisionConfig
-from .layers import GatedMLP, RMSNorm, activation, apply_rope
+from .layers import GatedMLP, RMSNorm, activation
 
 
 class VisionMLP(nn.Module):
@@ -42,7 +43,7 @@ class VisionBlock(nn.Module):
     def forward(self, x, cos, sin, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:  # x [P, C]
         P = x.shape[0]
         q, k, v = self.qkv(self.norm1(x)).reshape(P, 3, self.heads, -1).unbind(1)  # [P, H, Dh] each
-        q, k, v = apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.contiguous()  # varlen kernels want dense rows
+        q, k, v = ops.rope(q, cos, sin), ops.rope(k, cos, sin), v.contiguous()  # varlen kernels want dense rows
         x = x + self.proj(varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False).reshape(P, -1))
         return x + self.mlp(self.norm2(x))
 

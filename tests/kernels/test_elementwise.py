@@ -1,0 +1,54 @@
+"""The decoder's fused elementwise kernels (RMSNorm, SwiGLU gate, rotary embedding) against
+their torch references, on strided inputs and sizes that are not powers of two."""
+import pytest
+import torch
+
+from rematch_fast import ops
+
+pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+from rematch_fast.kernels.rms_norm import rms_norm_triton  # noqa: E402
+from rematch_fast.kernels.rope import rope_triton  # noqa: E402
+from rematch_fast.kernels.silu_mul import silu_mul_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the Triton interpreter
+DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 1.6e-2)]
+
+
+def _randn(*shape, seed, dtype, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("N, D", [(1, 64), (37, 80), (5, 1280), (3, 2048)])
+def test_rms_norm(N, D, dtype, tol):
+    x = _randn(N, D + 7, seed=N * D, dtype=dtype, scale=3.0)[:, 3:D + 3]  # rows with a gap between them
+    w = _randn(D, seed=D, dtype=dtype)
+    got = rms_norm_triton(x, w, 1e-6)
+    assert got.dtype == dtype and got.shape == x.shape
+    torch.testing.assert_close(got.float(), ops.rms_norm_torch(x, w, 1e-6).float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("N, I", [(1, 128), (19, 344), (4, 3000)])
+def test_silu_mul(N, I, dtype, tol):
+    gate_up = _randn(N, 2 * I, seed=N + I, dtype=dtype, scale=2.0)
+    got = silu_mul_triton(gate_up)
+    assert got.dtype == dtype and got.shape == (N, I)
+    torch.testing.assert_close(got.float(), ops.silu_mul_torch(gate_up).float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("T, H, D, layout", [(1, 4, 16, "dense"), (23, 12, 128, "qkv"), (9, 16, 80, "vision"), (6, 3, 40, "dense")])
+def test_rope(T, H, D, layout, dtype, tol):
+    if layout == "qkv":  # q as it leaves the fused q/k/v projection: [T, (H + 2*2) * D] viewed [T, H, D]
+        x = _randn(T, (H + 4) * D, seed=T * H, dtype=dtype)[:, : H * D].reshape(T, H, D)
+    elif layout == "vision":  # q as it leaves the vision qkv: [T, 3, H, D] unbound
+        x = _randn(T, 3, H, D, seed=T * H, dtype=dtype).unbind(1)[0]
+    else:
+        x = _randn(T, H, D, seed=T * H, dtype=dtype)
+    angles = torch.rand(T, D // 2, generator=torch.Generator().manual_seed(D)) * 50
+    angles = torch.cat([angles, angles], dim=-1).to(DEVICE)
+    got = rope_triton(x, angles.cos(), angles.sin())
+    assert got.dtype == dtype and got.shape == (T, H, D) and got.is_contiguous()
+    torch.testing.assert_close(got.float(), ops.rope_torch(x, angles.cos(), angles.sin()).float(), atol=tol, rtol=tol)
