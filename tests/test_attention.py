@@ -27,7 +27,7 @@ def naive(q, k, v, lens, causal):
 
 
 @pytest.mark.parametrize("device, dtype, tol", CASES)
-@pytest.mark.parametrize("lens", [[37], [1, 64, 5, 130], [200, 3, 3]])
+@pytest.mark.parametrize("lens", [[37], [48, 48, 48], [1, 64, 5, 130], [200, 3, 3]])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
 def test_varlen_attention_matches_per_sequence(device, dtype, tol, lens, causal, heads):

@@ -32,9 +32,11 @@ def test_latency_buckets_replay_cuda_graphs(tiny_paths, dtype, tol):
     path = tiny_paths["qwen2.5-vl"]
     plain = ReMatch.from_pretrained(path, backend="fast", device="cuda", dtype=dtype)
     graphs = ReMatch.from_pretrained(path, backend="fast", device="cuda", dtype=dtype, latency_buckets=(64, 128))
-    queries = ["short query", "a somewhat longer query about rivers " * 4, "x", "short query"]
+    queries = ["short query", "a somewhat longer query about rivers " * 4, "x", "short query", "blue " * 9]
     for _ in range(2):  # the second round replays graphs captured in the first, with other contents
         for q in queries:
             torch.testing.assert_close(graphs.embed([q]), plain.embed([q]), atol=tol, rtol=0)
+        for n in (2, 3, 5):
+            torch.testing.assert_close(graphs.embed(queries[:n]), plain.embed(queries[:n]), atol=tol, rtol=0)
     captured = graphs.backend.latency.static
-    assert captured and all("graph" in s for s in captured.values())
+    assert {B for B, _ in captured} == {1, 2, 4, 8} and all("graph" in s for s in captured.values())

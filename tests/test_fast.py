@@ -150,16 +150,24 @@ def test_bf16_on_cuda_follows_the_flash_tolerance_rule(tiny_paths):
 
 def test_latency_buckets_give_the_same_embeddings(tiny_paths, fast_models):
     m = ReMatch.from_pretrained(tiny_paths["qwen2-vl"], backend="fast", latency_buckets=(48, 64, 256))
-    queries = ["short query", "a somewhat longer query about rivers and photos " * 3, "x"]
-    for q in queries:  # one at a time: the bucketed static-shape path
-        seq_len = m.preprocessor.embed_length(m.prepare(q), "query")
-        assert m.backend.latency.bucket_for(m.preprocessor.embed_sequence(m.prepare(q), "query", m.head.query_tokens))
-        torch.testing.assert_close(m.embed([q]), fast_models["qwen2-vl"].embed([q]), atol=ATOL, rtol=0)
-        assert seq_len <= 256
-    assert set(m.backend.latency.static) <= {48, 64, 256} and len(m.backend.latency.static) >= 2
-    # images and batches take the packed path
+    plain = fast_models["qwen2-vl"]
+    queries = ["short query", "a somewhat longer query about rivers and photos " * 3, "x",
+               "a query of middling length, eleven words or so", "rivers " * 20]
+    seqs = [m.preprocessor.embed_sequence(m.prepare(q), "query", m.head.query_tokens) for q in queries]
+    assert m.backend.latency.bucket_for(seqs[:1])[0] == 1 and m.backend.latency.bucket_for(seqs)[0] == 8
+    for q in queries:  # one at a time
+        torch.testing.assert_close(m.embed([q]), plain.embed([q]), atol=ATOL, rtol=0)
+    for n in (2, 3, 5):  # small batches: rows padded to one length, spare rows to a power of two
+        torch.testing.assert_close(m.embed(queries[:n]), plain.embed(queries[:n]), atol=ATOL, rtol=0)
+    shapes = set(m.backend.latency.static)
+    assert {B for B, _ in shapes} == {1, 2, 4, 8} and {L for _, L in shapes} <= {48, 64, 256}
+    # images, batches over MAX_BATCH and sequences over the longest bucket take the packed path
     item = Item(image=random_image(56, 56, 3))
-    torch.testing.assert_close(m.embed([item]), fast_models["qwen2-vl"].embed([item]), atol=ATOL, rtol=0)
+    assert m.backend.latency.bucket_for([m.preprocessor.embed_sequence(m.prepare(item), "query", m.head.query_tokens)]) is None
+    torch.testing.assert_close(m.embed([item, "x"]), plain.embed([item, "x"]), atol=ATOL, rtol=0)
+    assert m.backend.latency.bucket_for(seqs * 2) is None
+    long = m.preprocessor.embed_sequence(m.prepare("word " * 250), "query", m.head.query_tokens)  # > 256 with the template
+    assert m.backend.latency.bucket_for([long]) is None
     with pytest.raises(ValueError, match="takes no option.*latency_buckets"):
         ReMatch.from_pretrained(tiny_paths["qwen2-vl"], backend="reference", latency_buckets=(64,))
 

@@ -43,8 +43,8 @@ class FastBackend:
     longest_first = True  # neighbours of similar length: little attention padding
 
     def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, latency_buckets=()):
-        """latency_buckets: sequence lengths (e.g. (64, 128, 256)) for which one text query at a
-        time runs with static shapes, as a CUDA graph on CUDA (see latency.py)."""
+        """latency_buckets: sequence lengths (e.g. (64, 128, 256)) for which a single text query, or
+        a small batch of them, runs with static shapes, as a CUDA graph on CUDA (see latency.py)."""
         self.device, self.dtype = device, dtype
         self.cfg = model_config(ckpt.arch, ckpt.model_config)
         self.model = load_model(ckpt.path, self.cfg, device, dtype)
@@ -68,8 +68,8 @@ class FastBackend:
         return self.model.decoder(embeds, batch.positions, batch.cu_seqlens, batch.max_seqlen)
 
     def fused(self, seqs: list[Sequence]) -> torch.Tensor:
-        if self.latency is not None and len(seqs) == 1 and self.latency.bucket_for(seqs[0]) is not None:
-            return self.latency.fused(seqs[0])
+        if self.latency is not None and self.latency.bucket_for(seqs) is not None:
+            return self.latency.fused(seqs)
         batch = PackedBatch(seqs, self.device, self.image_token_id)
         fused, _ = ops.pool_learnable_rows(self.last_hidden(batch), batch.readout)
         return fused

@@ -1,11 +1,14 @@
-"""Low latency for one text query at a time: static-shape buckets.
+"""Low latency for single text queries and small batches of them: static-shape buckets.
 
-A single text-only embedding sequence is padded at its end to the smallest
-bucket that holds it (causal attention: the padding never reaches the real
-tokens) and run with fixed shapes. On CUDA each bucket is captured once as a
-CUDA graph at its first use and then replayed, which removes the per-kernel
-launch cost that dominates a 48-token query; elsewhere the same padded
-forward runs eagerly.
+A batch of at most MAX_BATCH text-only embedding sequences is laid out as B
+rows of L tokens, B the next power of two that holds the batch and L the
+smallest length bucket that holds its longest sequence: each sequence is
+padded at its end (causal attention: the padding never reaches its real
+tokens) and spare rows repeat the first sequence. Equal row lengths make
+attention one dense SDPA call. On CUDA each (B, L) shape is captured once as
+a CUDA graph at its first use and then replayed, which removes the
+per-kernel launch cost that dominates a 48-token query; elsewhere the same
+padded forward runs eagerly.
 """
 from __future__ import annotations
 
@@ -14,62 +17,80 @@ import torch
 from .. import ops
 from ..sequence import Sequence
 
+MAX_BATCH = 8
+
 
 class LatencyBuckets:
-    def __init__(self, model, buckets, pad_id: int, device: torch.device):
+    def __init__(self, model, lengths, pad_id: int, device: torch.device):
         self.model = model
-        self.buckets = sorted(int(b) for b in buckets)
+        self.lengths = sorted(int(n) for n in lengths)
         self.pad_id = pad_id
         self.device = device
-        self.static: dict[int, dict] = {}
+        self.static: dict[tuple[int, int], dict] = {}  # (B, L) -> buffers (and its graph on CUDA)
 
-    def bucket_for(self, seq: Sequence) -> int | None:
-        if seq.pixel_values is not None or seq.soft_embeds is None:
+    def bucket_for(self, seqs: list[Sequence]) -> tuple[int, int] | None:
+        """(B, L) for a batch this path serves, None for any other (images, too many, too long)."""
+        if not seqs or len(seqs) > MAX_BATCH:
             return None
-        return next((b for b in self.buckets if b >= len(seq)), None)
+        if any(s.pixel_values is not None or s.soft_embeds is None for s in seqs):
+            return None
+        if len({s.soft_positions.shape[0] for s in seqs}) != 1:
+            return None
+        L = next((n for n in self.lengths if n >= max(len(s) for s in seqs)), None)
+        return None if L is None else (1 << (len(seqs) - 1).bit_length(), L)
 
     def _forward(self, s: dict) -> torch.Tensor:
-        embeds = self.model.decoder.embed_tokens(s["ids"])  # [L, d]
+        embeds = self.model.decoder.embed_tokens(s["ids"])  # [B*L, d]
         embeds = embeds.index_put((s["soft_rows"],), s["soft_embeds"].to(embeds.dtype))
-        hidden = self.model.decoder(embeds, s["positions"], s["cu_seqlens"], s["ids"].shape[0])
-        return ops.pool_learnable_rows(hidden, s["readout"])[0]  # [1, d] fp32
+        hidden = self.model.decoder(embeds, s["positions"], s["cu_seqlens"], s["L"])
+        return ops.pool_learnable_rows(hidden, s["readout"])[0]  # [B, d] fp32
 
-    def _buffers(self, L: int, seq: Sequence) -> dict:
-        if L not in self.static:
-            dev, d = self.device, seq.soft_embeds.shape[1]
-            K = seq.soft_positions.shape[0]
-            s = dict(
-                ids=torch.full((L,), self.pad_id, dtype=torch.long, device=dev),
-                positions=torch.zeros(3, L, dtype=torch.long, device=dev),
-                soft_rows=torch.zeros(K, dtype=torch.long, device=dev),
-                soft_embeds=torch.zeros(K, d, dtype=seq.soft_embeds.dtype, device=dev),
-                readout=torch.zeros(1, seq.readout.shape[0], dtype=torch.long, device=dev),
-                cu_seqlens=torch.tensor([0, L], device=dev),
+    def _buffers(self, B: int, L: int, first: Sequence) -> dict:
+        if (B, L) not in self.static:
+            dev, (K, d) = self.device, first.soft_embeds.shape
+            self.static[(B, L)] = dict(
+                L=L,
+                ids=torch.full((B * L,), self.pad_id, dtype=torch.long, device=dev),
+                positions=torch.zeros(3, B * L, dtype=torch.long, device=dev),
+                soft_rows=torch.zeros(B * K, dtype=torch.long, device=dev),
+                soft_embeds=torch.zeros(B * K, d, dtype=first.soft_embeds.dtype, device=dev),
+                readout=torch.zeros(B, first.readout.shape[0], dtype=torch.long, device=dev),
+                cu_seqlens=torch.arange(B + 1, device=dev) * L,
             )
-            self.static[L] = s
-        return self.static[L]
+        return self.static[(B, L)]
 
-    def _fill(self, s: dict, seq: Sequence) -> None:
-        n, L = len(seq), s["ids"].shape[0]
-        s["ids"][:n].copy_(seq.input_ids)
-        s["ids"][n:].fill_(self.pad_id)
-        s["positions"][:, :n].copy_(seq.positions)
-        # padding continues the last position, like text after the sequence would
-        s["positions"][:, n:].copy_(seq.positions[:, -1:] + torch.arange(1, L - n + 1))
-        s["soft_rows"].copy_(seq.soft_positions)
-        s["soft_embeds"].copy_(seq.soft_embeds)
-        s["readout"][0].copy_(seq.readout)
+    def _fill(self, s: dict, seqs: list[Sequence], B: int, L: int) -> None:
+        """Write the batch into the static buffers on the CPU, then copy them over in one go each."""
+        K = seqs[0].soft_positions.shape[0]
+        ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+        positions = torch.empty(3, B, L, dtype=torch.long)
+        soft_rows = torch.empty(B, K, dtype=torch.long)
+        readout = torch.empty(B, seqs[0].readout.shape[0], dtype=torch.long)
+        rows = seqs + [seqs[0]] * (B - len(seqs))  # spare rows repeat the first sequence
+        for b, seq in enumerate(rows):
+            n = len(seq)
+            ids[b, :n] = seq.input_ids
+            positions[:, b, :n] = seq.positions
+            # padding continues the last position, like text after the sequence would
+            positions[:, b, n:] = seq.positions[:, -1:] + torch.arange(1, L - n + 1)
+            soft_rows[b] = b * L + seq.soft_positions
+            readout[b] = b * L + seq.readout
+        s["ids"].copy_(ids.view(-1))
+        s["positions"].copy_(positions.view(3, -1))
+        s["soft_rows"].copy_(soft_rows.view(-1))
+        s["soft_embeds"].copy_(torch.cat([seq.soft_embeds for seq in rows]))
+        s["readout"].copy_(readout)
 
     @torch.inference_mode()
-    def fused(self, seq: Sequence) -> torch.Tensor:
-        """E* [1, d] fp32 of one sequence that `bucket_for` accepted."""
-        L = self.bucket_for(seq)
-        s = self._buffers(L, seq)
-        if s.get("soft_rows").shape[0] != seq.soft_positions.shape[0]:
+    def fused(self, seqs: list[Sequence]) -> torch.Tensor:
+        """E* [len(seqs), d] fp32 of a batch that `bucket_for` accepted."""
+        B, L = self.bucket_for(seqs)
+        s = self._buffers(B, L, seqs[0])
+        if s["soft_rows"].shape[0] != B * seqs[0].soft_positions.shape[0]:
             raise ValueError("a bucket serves one number of learnable tokens")
-        self._fill(s, seq)
+        self._fill(s, seqs, B, L)
         if self.device.type != "cuda":
-            return self._forward(s)
+            return self._forward(s)[: len(seqs)]
         if "graph" not in s:
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -82,4 +103,4 @@ class LatencyBuckets:
                 s["out"] = self._forward(s)
             s["graph"] = graph
         s["graph"].replay()
-        return s["out"].clone()
+        return s["out"][: len(seqs)].clone()

@@ -1,8 +1,9 @@
 """Variable-length attention over a packed batch: q [T, H, D], k/v [T, Hkv, D], cu_seqlens [B+1].
 
-One sequence: plain SDPA (any device; safe inside a CUDA graph). Several on CUDA: torch's
-varlen_attn (torch >= 2.10) or flash_attn when installed; elsewhere, and for dtypes those
-kernels refuse, one SDPA call over the batch padded for attention only.
+Sequences all of one length (a single sequence, or a static-shape bucket): one dense SDPA
+call (any device; safe inside a CUDA graph). Otherwise on CUDA: torch's varlen_attn
+(torch >= 2.10) or flash_attn when installed; elsewhere, and for dtypes those kernels refuse,
+SDPA over the batch padded for attention only. `max_seqlen` is always the longest length.
 """
 from __future__ import annotations
 
@@ -35,10 +36,11 @@ def _flash_varlen():
 
 def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool) -> torch.Tensor:
     """Attention within each packed sequence. Returns [T, H, D]."""
-    if cu_seqlens.shape[0] == 2:  # a single sequence needs no packing
-        qs, ks, vs = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, H, T, D]
+    B = cu_seqlens.shape[0] - 1
+    if q.shape[0] == B * max_seqlen:  # every sequence is max_seqlen long: a dense [B, H, L, D] batch
+        qs, ks, vs = (x.reshape(B, max_seqlen, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
         out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
-        return out[0].transpose(0, 1)
+        return out.transpose(1, 2).reshape(q.shape)
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         flash = _flash_varlen()
