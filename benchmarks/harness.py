@@ -16,19 +16,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(fn, device: torch.device, iters: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
 def interleaved_median_ms(fns: dict, device: torch.device, iters: int, warmup: int = 1) -> dict[str, float]:
     """Median ms of each function, timed round-robin (one call of each per round) so that a
     shared machine's drift hits every provider alike."""
@@ -44,6 +31,10 @@ def interleaved_median_ms(fns: dict, device: torch.device, iters: int, warmup: i
             sync(device)
             times[name].append((time.perf_counter() - t) * 1e3)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def median_ms(fn, device: torch.device, iters: int = 20, warmup: int = 3) -> float:
+    return interleaved_median_ms({"fn": fn}, device, iters, warmup)["fn"]
 
 
 def peak_extra_mb(fn, device: torch.device) -> float | None:
