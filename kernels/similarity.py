@@ -3,10 +3,11 @@
 Each program takes a block of queries and a contiguous split of the corpus,
 scores it tile by tile (tensor-core dot, fp32 accumulation, per-row int8
 scales applied after the dot), and keeps a running top-BN per query as packed
-int64 keys (see rematch_fast.ops.pack_keys): a tile is merged only when one of
-its keys beats the running minimum. The partial top-k lists of all splits are
-merged on the host: memory beyond the inputs is O(Q * splits * BN) = O(Q * k).
-The torch reference is rematch_fast.ops.topk_similarity_torch.
+int64 keys (the layout of rematch_fast.similarity.pack_keys, rewritten in `_pack`
+below so that this file imports nothing from rematch_fast): a tile is merged only
+when one of its keys beats the running minimum. The partial top-k lists of all
+splits are merged on the device: memory beyond the inputs is O(Q * splits * BN) =
+O(Q * k). The torch reference is rematch_fast.similarity.topk_keys_torch.
 """
 from __future__ import annotations
 
@@ -94,20 +95,19 @@ def _topk_similarity_kernel(
     tl.store(out, running, mask=q_ok[:, None])
 
 
-def topk_similarity_triton(queries: torch.Tensor, corpus: torch.Tensor, k: int, scale: torch.Tensor | None = None,
-                           splits: int | None = None, blocks: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of queries [Q, d] @ corpus [N, d].T with corpus fp32/fp16/bf16, or int8 with `scale` [N].
+def topk_keys_triton(queries: torch.Tensor, corpus: torch.Tensor, k: int, scale: torch.Tensor | None = None,
+                     splits: int | None = None, blocks: dict | None = None) -> torch.Tensor:
+    """Packed keys of the top-k of queries [Q, d] @ corpus [N, d].T, best first: int64 [Q, k].
 
-    Returns (scores fp32 [Q, k], rows int64 [Q, k]), best first, ties to the lower row.
+    The corpus is fp32/fp16/bf16, or int8 with its per-row `scale` [N]; the queries come already
+    rounded to the dot product's precision (fp16 for an int8 corpus, else the corpus dtype).
     `splits` and `blocks` override the launch heuristics (for tuning; BN must be a power of two >= k).
     """
-    from rematch_fast.ops import compute_dtype, unpack_keys
-
     Q, D = queries.shape
     N = corpus.shape[0]
     if corpus.dtype == torch.int8 and scale is None:
         raise ValueError("an int8 corpus needs its per-row scale")
-    q = queries.to(compute_dtype(corpus.dtype))
+    q = queries
     if interpreting() and q.dtype == torch.bfloat16:
         q = q.float()  # the interpreter computes bf16 tl.dot wrongly
     q, corpus = q.contiguous(), corpus.contiguous()
@@ -130,4 +130,4 @@ def topk_similarity_triton(queries: torch.Tensor, corpus: torch.Tensor, k: int, 
         num_stages=cfg["num_stages"],
     )
     keys = out.permute(1, 0, 2).reshape(Q, splits * BN)
-    return unpack_keys(torch.topk(keys, k, dim=1).values)
+    return torch.topk(keys, k, dim=1).values

@@ -6,7 +6,7 @@ from .errors import (CheckpointError, ConfigError, EmptyItemError, ImageError, I
                      TruncationWarning)
 from .index import Index
 from .items import Item
-from .search import search
+from .similarity import search
 
 __version__ = "0.1.0"
 

@@ -1,26 +1,22 @@
 """The public model API. Every backend implements it unchanged."""
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Iterable, Sequence as Seq
 
 import torch
 from tqdm.auto import tqdm
 
-from .backends import backend_class
+from . import pipeline
+from .backends import create_backend
 from .checkpoint import open_checkpoint
-from .config import check_side, check_view
+from .config import MODEL_DTYPES, check_view, parse_dtype
 from .embeddings import Embeddings
 from .errors import InputError
 from .images import ImageProcessor
 from .items import ItemLike, as_item
-from .scheduler import plan_batches, prefetched
+from .scheduler import plan_batches
 from .sequence import PreparedItem, Preprocessor
-from .tokenizer import Tokenizers
-
-
-PREPARE_CHUNK = 256  # items loaded and tokenized ahead of the model
 
 
 class ReMatch:
@@ -35,25 +31,15 @@ class ReMatch:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, backend: str = "reference", device="cpu",
-                        dtype: torch.dtype = torch.float32, **backend_options) -> ReMatch:
-        """backend_options go to the backend, e.g. latency_buckets=(64, 128, 256) for "fast"."""
+                        dtype: torch.dtype | str = torch.float32, **backend_options) -> ReMatch:
+        """backend: a registered name (rematch_fast.backends.registered_backends()); backend_options
+        go to it, e.g. latency_buckets=(64, 128, 256) or kernels="torch" for "fast"."""
         ckpt = open_checkpoint(path)
         device = torch.device(device)
-        impl_class = backend_class(backend)
-        unknown = set(backend_options) - set(inspect.signature(impl_class).parameters)
-        if unknown:
-            raise InputError(f"backend {backend!r} takes no option {sorted(unknown)}")
-        impl = impl_class(ckpt, device, dtype, **backend_options)
+        dtype = parse_dtype(dtype, MODEL_DTYPES, "the model dtype")
+        impl = create_backend(backend, ckpt, device, dtype, **backend_options)
         head = ckpt.load_head(device, dtype)
-        vision = ckpt.vision_config
-        images = ImageProcessor(
-            ckpt.config.min_pixels,
-            ckpt.config.max_pixels,
-            patch_size=vision.get("patch_size", 14),
-            temporal_patch_size=vision.get("temporal_patch_size", 2),
-            merge_size=vision.get("spatial_merge_size", 2),
-        )
-        pre = Preprocessor(ckpt.config, Tokenizers(ckpt.path / "tokenizer.json"), images)
+        pre = Preprocessor(ckpt.config, ckpt.tokenizers, ImageProcessor(ckpt.image_settings), ckpt.special_tokens)
         return cls(ckpt, impl, head, pre)
 
     @property
@@ -69,23 +55,8 @@ class ReMatch:
         """Tokenize and load one item (raises a typed InputError on bad input)."""
         return self.preprocessor.prepare(as_item(item))
 
-    def _prepare_all(self, items: Iterable[ItemLike], first: int = 0) -> list[PreparedItem]:
-        """Prepare many items: texts tokenized in one batch; an error names the item's index."""
-        items = list(items)
-        checked = []
-        for i, x in enumerate(items, start=first):
-            try:
-                checked.append(as_item(x))
-            except InputError as e:
-                raise type(e)(f"item {i}: {e}") from None
-        texts = self.preprocessor.tok.encode_texts([self.preprocessor.text_of(x) for x in checked])
-        out = []
-        for i, (x, ids) in enumerate(zip(checked, texts), start=first):
-            try:
-                out.append(self.preprocessor.prepare(x, ids))
-            except InputError as e:
-                raise type(e)(f"item {i}: {e}") from None
-        return out
+    def _prepare_all(self, items: Iterable[ItemLike]) -> list[PreparedItem]:
+        return pipeline.prepare_items(self, list(items)).items
 
     # -- embedding ------------------------------------------------------------
     def encode_prepared(self, prepared: Seq[PreparedItem], side: str = "query", batch_size: int = 64,
@@ -93,33 +64,7 @@ class ReMatch:
         """Embed prepared items in batches of at most `batch_size` items and `batch_tokens`
         tokens (ordered as the backend prefers); results come back in input order."""
         with tqdm(total=len(prepared), desc=f"embed {side}", unit="item", disable=not progress) as bar:
-            return self._embed_prepared(prepared, side, batch_size, batch_tokens, bar)
-
-    @torch.inference_mode()
-    def _embed_prepared(self, prepared, side, batch_size, batch_tokens, bar) -> Embeddings:
-        check_side(side)
-        if batch_size < 1 or batch_tokens < 1:
-            raise InputError(f"batch_size and batch_tokens must be >= 1, got {batch_size}, {batch_tokens}")
-        tokens = self.head.tokens(side)
-        lengths = [self.preprocessor.embed_length(p, side) for p in prepared]
-        unit = torch.empty(len(prepared), self.dim)
-        norm = torch.empty(len(prepared))
-
-        def collect(batch, fused):  # waits for this batch's device work
-            e = Embeddings.from_fused(fused.cpu())
-            unit[batch], norm[batch] = e.unit, e.norm
-            bar.update(len(batch))
-
-        in_flight = None  # one batch queued on the device while the next one's inputs are built
-        for batch in self._batches(lengths, batch_tokens, batch_size):
-            seqs = [self.preprocessor.embed_sequence(prepared[i], side, tokens) for i in batch]
-            fused = self.backend.fused(seqs)
-            if in_flight is not None:
-                collect(*in_flight)
-            in_flight = (batch, fused)
-        if in_flight is not None:
-            collect(*in_flight)
-        return Embeddings(unit, norm)
+            return pipeline.embed_prepared(self, prepared, side, batch_size, batch_tokens, bar)
 
     def _batches(self, lengths: list[int], batch_tokens: int, batch_size: int) -> list[list[int]]:
         return plan_batches(lengths, batch_tokens, batch_size, self.backend.padded, self.backend.longest_first)
@@ -128,17 +73,10 @@ class ReMatch:
                batch_tokens: int = 8192, progress: bool = False) -> Embeddings:
         """Unit embeddings and ||E*|| for each item (what the `feat` view needs later).
 
-        Items are loaded and tokenized PREPARE_CHUNK at a time on a background thread while
-        the model embeds the previous chunk."""
-        check_side(side)
-        items = list(items)
-        with tqdm(total=len(items), desc=f"embed {side}", unit="item", disable=not progress) as bar:
-            if len(items) <= PREPARE_CHUNK:  # one chunk: a worker thread would only add a hand-off
-                return self._embed_prepared(self._prepare_all(items), side, batch_size, batch_tokens, bar)
-            starts = range(0, len(items), PREPARE_CHUNK)
-            chunks = prefetched(starts, lambda s: self._prepare_all(items[s: s + PREPARE_CHUNK], first=s))
-            parts = [self._embed_prepared(c, side, batch_size, batch_tokens, bar) for c in chunks]
-        return Embeddings.cat(parts, self.dim)
+        Items are loaded and tokenized a chunk at a time on a background thread while the
+        model embeds the previous chunk (rematch_fast.pipeline); a bad item raises its typed
+        error, naming its position."""
+        return pipeline.embed_items(self, items, side, batch_size, batch_tokens, "raise", progress).embeddings
 
     def embed(self, items: Iterable[ItemLike] | ItemLike, side: str = "query", batch_size: int = 64,
               batch_tokens: int = 8192, progress: bool = False) -> torch.Tensor:
@@ -146,7 +84,7 @@ class ReMatch:
         if isinstance(items, (str, dict)) or not isinstance(items, Iterable):
             items = [items]
         e = self.encode(items, side, batch_size, batch_tokens, progress)
-        return e.unit if self.config.normalize else e.fused
+        return e.unit if self.config.normalize else e.pooled
 
     # -- matching -------------------------------------------------------------
     def _view(self, x, side: str, view: str) -> PreparedItem | torch.Tensor:
@@ -162,7 +100,7 @@ class ReMatch:
         if e.dim != self.dim:
             raise InputError(f"embeddings have dimension {e.dim}, the model needs {self.dim}")
         p = next(self.head.parameters())
-        return self.head.projector(e.fused.to(p.device, p.dtype))
+        return self.head.projector(e.pooled.to(p.device, p.dtype))
 
     @torch.inference_mode()
     def match(self, query, candidates, query_view: str = "raw", doc_view: str = "raw", batch_size: int = 64,

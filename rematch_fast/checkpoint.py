@@ -1,10 +1,15 @@
 """The checkpoint folder: a Hugging Face Qwen2-VL / Qwen2.5-VL folder plus
-`rematch_config.json` and `rematch_head.safetensors` (REMATCH.md).
+`rematch_config.json` and `rematch_head.safetensors` (docs/checkpoint.md).
 
 Everything is read with json and safetensors only: no pickle, no remote code.
+The model's constants come from the checkpoint's own files, read here and
+nowhere else: shapes from config.json, image settings from
+preprocessor_config.json (rematch_config.json may narrow the pixel bounds),
+special token ids from config.json checked against tokenizer.json.
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +19,41 @@ import torch
 from .config import ReMatchConfig
 from .errors import CheckpointError, ConfigError
 from .head import ReMatchHead
+from .tokenizer import Tokenizers
 
 REMATCH_CONFIG = "rematch_config.json"
 REMATCH_HEAD = "rematch_head.safetensors"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 # config.json's model_type -> our architecture name
 ARCHITECTURES = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl"}
+ARCHES = tuple(ARCHITECTURES.values())
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """How images become patches: from preprocessor_config.json, bounds narrowed by rematch_config.json."""
+
+    min_pixels: int
+    max_pixels: int
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    image: int  # <|image_pad|>: one per merged image patch
+    vision_start: int
+    vision_end: int
+    pad: int  # <|endoftext|>: placeholder under soft rows and static-shape padding
+
+
+def text_config_of(model_config: dict) -> dict:
+    """The decoder's part of config.json: transformers 5 nests it under text_config; older
+    files keep it at the top level. The one place that unwraps it."""
+    return model_config.get("text_config") or model_config
 
 
 @dataclass
@@ -27,15 +62,47 @@ class Checkpoint:
     arch: str  # "qwen2-vl" or "qwen2.5-vl"
     model_config: dict  # config.json as read
     config: ReMatchConfig
+    preprocessor_config: dict  # preprocessor_config.json as read
 
     @property
     def text_config(self) -> dict:
-        # transformers 5 nests it under text_config; older checkpoints keep it at the top level
-        return self.model_config.get("text_config") or self.model_config
+        return text_config_of(self.model_config)
 
     @property
     def vision_config(self) -> dict:
-        return self.model_config["vision_config"]
+        v = self.model_config.get("vision_config")
+        if not isinstance(v, dict):
+            raise CheckpointError(f"{self.path}/config.json has no vision_config")
+        return v
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        top = self.model_config.get("tie_word_embeddings")
+        return bool(top if top is not None else self.text_config.get("tie_word_embeddings", False))
+
+    @functools.cached_property
+    def tokenizers(self) -> Tokenizers:
+        return Tokenizers(self.path / "tokenizer.json")
+
+    @functools.cached_property
+    def special_tokens(self) -> SpecialTokens:
+        """Ids from config.json where it names them, each checked against the tokenizer's."""
+        def token(key: str, text: str) -> int:
+            from_tokenizer = self.tokenizers.special_id(text)
+            from_config = self.model_config.get(key, from_tokenizer)
+            if from_config != from_tokenizer:
+                raise CheckpointError(f"{self.path}: config.json says {key}={from_config} but tokenizer.json "
+                                      f"gives {text} the id {from_tokenizer}; the two files disagree")
+            return from_config
+
+        return SpecialTokens(image=token("image_token_id", "<|image_pad|>"),
+                             vision_start=token("vision_start_token_id", "<|vision_start|>"),
+                             vision_end=token("vision_end_token_id", "<|vision_end|>"),
+                             pad=self.tokenizers.special_id("<|endoftext|>"))
+
+    @functools.cached_property
+    def image_settings(self) -> ImageSettings:
+        return image_settings(self.preprocessor_config, self.vision_config, self.config, self.path)
 
     def load_head(self, device="cpu", dtype=torch.float32) -> ReMatchHead:
         from safetensors import SafetensorError
@@ -68,10 +135,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     config_json = path / "config.json"
     if not config_json.is_file():
         raise CheckpointError(f"{path} is not a Hugging Face model folder: config.json is missing")
-    try:
-        model_config = json.loads(config_json.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_json} is not valid JSON: {e}") from None
+    model_config = _read_json(config_json)
     model_type = model_config.get("model_type")
     if model_type not in ARCHITECTURES:
         raise CheckpointError(
@@ -81,20 +145,66 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         hint = f" (found {pickled}: pickle files are never loaded; convert them to safetensors)" if pickled else ""
         raise CheckpointError(f"{path} has no model*.safetensors weights{hint}")
-    for name in (REMATCH_CONFIG, REMATCH_HEAD, "tokenizer.json"):
+    for name in (REMATCH_CONFIG, REMATCH_HEAD, "tokenizer.json", PREPROCESSOR_CONFIG):
         if not (path / name).is_file():
             raise CheckpointError(f"{path} is not a ReMatch checkpoint: {name} is missing")
     try:
         config = ReMatchConfig.load(path / REMATCH_CONFIG)
     except ConfigError as e:
         raise ConfigError(f"{path / REMATCH_CONFIG}: {e}") from None
-    ckpt = Checkpoint(path=path, arch=ARCHITECTURES[model_type], model_config=model_config, config=config)
+    preprocessor = _read_json(path / PREPROCESSOR_CONFIG)
+    ckpt = Checkpoint(path=path, arch=ARCHITECTURES[model_type], model_config=model_config, config=config,
+                      preprocessor_config=preprocessor)
     if ckpt.text_config.get("hidden_size") != config.hidden_size:
         raise CheckpointError(
             f"{REMATCH_CONFIG} says hidden_size {config.hidden_size} but the model's is "
             f"{ckpt.text_config.get('hidden_size')}"
         )
+    ckpt.image_settings  # noqa: B018 - checked now, so that a bad file fails at open, not at the first image
     return ckpt
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return d
+
+
+def image_settings(pre: dict, vision: dict, config: ReMatchConfig, where: Path | str = "") -> ImageSettings:
+    """Image settings from preprocessor_config.json (both its layouts: top-level min_pixels /
+    max_pixels, or size.shortest_edge / longest_edge); rematch_config.json may narrow the bounds."""
+    size = pre.get("size") or {}
+    lo = pre.get("min_pixels", size.get("min_pixels", size.get("shortest_edge")))
+    hi = pre.get("max_pixels", size.get("max_pixels", size.get("longest_edge")))
+    name = f"{where}/{PREPROCESSOR_CONFIG}" if where else PREPROCESSOR_CONFIG
+    if not isinstance(lo, int) or not isinstance(hi, int) or not 0 < lo <= hi:
+        raise CheckpointError(f"{name} needs pixel bounds min_pixels <= max_pixels (or size.shortest_edge / "
+                              f"size.longest_edge), got {lo!r} and {hi!r}")
+    if config.min_pixels is not None:
+        lo = max(lo, config.min_pixels)
+    if config.max_pixels is not None:
+        hi = min(hi, config.max_pixels)
+    if lo > hi:
+        raise CheckpointError(f"{REMATCH_CONFIG}'s pixel bounds [{config.min_pixels}, {config.max_pixels}] leave "
+                              f"nothing of {name}'s; they may only narrow them")
+    shapes = {}
+    for ours, theirs in (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
+                         ("merge_size", "spatial_merge_size")):
+        value = pre.get(ours, vision.get(theirs))
+        if not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"{name} (or config.json's vision_config) needs a positive integer {ours}, got {value!r}")
+        if theirs in vision and vision[theirs] != value:
+            raise CheckpointError(f"{name} says {ours}={value} but config.json's vision_config says "
+                                  f"{theirs}={vision[theirs]}; the image patches would not fit the model")
+        shapes[ours] = value
+    mean, std = tuple(pre.get("image_mean", ())), tuple(pre.get("image_std", ()))
+    if len(mean) != 3 or len(std) != 3 or not all(std):
+        raise CheckpointError(f"{name} needs image_mean and image_std with three values each (std non-zero)")
+    return ImageSettings(min_pixels=lo, max_pixels=hi, image_mean=mean, image_std=std, **shapes)
 
 
 def save_head(head: ReMatchHead, path: str | Path) -> None:

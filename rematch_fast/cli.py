@@ -11,14 +11,14 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
+from .backends import registered_backends
+from .checkpoint import ARCHES
+from .config import INDEX_DTYPES, MODEL_DTYPES
 from .errors import InputError, ReMatchError, TruncationWarning
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REJECTS = 0, 1, 2, 3
-PREPARE_CHUNK = 256  # rows loaded and tokenized at a time: bounds the memory of a large corpus
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _log(msg: str) -> None:
@@ -28,44 +28,7 @@ def _log(msg: str) -> None:
 def _load_model(args):
     from .api import ReMatch
 
-    return ReMatch.from_pretrained(args.checkpoint, backend=args.backend, device=args.device, dtype=DTYPES[args.dtype])
-
-
-def _prepare_rows(model, rows):
-    """Load and tokenize rows; a row that cannot be prepared becomes a Reject."""
-    from .jsonl import Reject
-
-    good, prepared, rejects = [], [], []
-    pre = model.preprocessor
-    texts = pre.tok.encode_texts([pre.text_of(r.item) for r in rows])  # one batched tokenization
-    for row, ids in zip(rows, texts):
-        try:
-            p = pre.prepare(row.item, ids)
-        except InputError as e:
-            rejects.append(Reject(row.line, row.id, str(e), row.raw))
-            continue
-        if p.truncated:
-            _log(f"line {row.line} (id {row.id!r}): text cut to max_text_tokens={model.config.max_text_tokens}")
-        good.append(row)
-        prepared.append(p)
-    return good, prepared, rejects
-
-
-def embed_rows(model, rows, side: str, batch_size: int, progress: bool):
-    """Embed JSONL rows chunk by chunk (the next chunk is prepared on a worker thread meanwhile)."""
-    from .embeddings import Embeddings
-    from .scheduler import prefetched
-
-    ids, parts, rejects = [], [], []
-    chunks = (rows[s: s + PREPARE_CHUNK] for s in range(0, len(rows), PREPARE_CHUNK))
-    with tqdm(total=len(rows), desc=f"embed {side}", unit="row", disable=not progress) as bar:
-        for good, prepared, bad in prefetched(chunks, lambda c: _prepare_rows(model, c)):
-            rejects += bad
-            if prepared:
-                parts.append(model.encode_prepared(prepared, side, batch_size))
-                ids += [r.id for r in good]
-            bar.update(len(good) + len(bad))
-    return ids, Embeddings.cat(parts, model.dim), rejects
+    return ReMatch.from_pretrained(args.checkpoint, backend=args.backend, device=args.device, dtype=args.dtype)
 
 
 def _finish(rejects, rejects_path: Path, what: str) -> int:
@@ -97,11 +60,12 @@ def cmd_init_tiny(args) -> int:
 
 def cmd_embed(args) -> int:
     from .jsonl import read_rows
+    from .pipeline import embed_rows
     from .store import EmbeddingStore
 
     rows, rejects = read_rows(args.corpus)
     model = _load_model(args)
-    ids, emb, more = embed_rows(model, rows, args.side, args.batch_size, not args.quiet)
+    ids, emb, more = embed_rows(model, rows, args.side, args.batch_size, not args.quiet, _log)
     rejects += more
     if not ids:
         raise InputError(f"no row of {args.corpus} could be embedded ({len(rejects)} rejected)")
@@ -113,11 +77,12 @@ def cmd_embed(args) -> int:
 def cmd_search(args) -> int:
     from .index import Index
     from .jsonl import read_rows, write_jsonl
+    from .pipeline import embed_rows
 
     index = Index.from_store(args.index, device=args.device, dtype=args.index_dtype)
     rows, rejects = read_rows(args.queries)
     model = _load_model(args)
-    qids, q, more = embed_rows(model, rows, "query", args.batch_size, not args.quiet)
+    qids, q, more = embed_rows(model, rows, "query", args.batch_size, not args.quiet, _log)
     rejects += more
     k = min(args.k, len(index))
     if k < args.k:
@@ -212,9 +177,10 @@ def cmd_demo(args) -> int:
 
 # -- parser -----------------------------------------------------------------
 def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="reference", help="implementation to run (default: reference)")
+    p.add_argument("--backend", default="reference",
+                   help=f"implementation to run, one of {registered_backends()} (default: reference)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype (default: float32)")
+    p.add_argument("--dtype", default="float32", choices=sorted(MODEL_DTYPES), help="model dtype (default: float32)")
     p.add_argument("--batch-size", type=int, default=64, help="most sequences per forward pass (default: 64)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -225,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init-tiny", help="write a random-weight tiny checkpoint of a real architecture")
     p.add_argument("dir")
-    p.add_argument("--arch", default="qwen2.5-vl", choices=["qwen2-vl", "qwen2.5-vl"])
+    p.add_argument("--arch", default="qwen2.5-vl", choices=ARCHES)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="KEY=INT", help="size override, e.g. --set hidden_size=128")
     p.set_defaults(func=cmd_init_tiny)
@@ -245,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", required=True, help="embedding folder written by `embed`")
     p.add_argument("--out", required=True, help="hits JSONL to write")
     p.add_argument("-k", "--k", type=int, default=10)
-    p.add_argument("--index-dtype", default="float32", choices=["float32", "float16", "bfloat16", "int8"],
+    p.add_argument("--index-dtype", default="float32", choices=sorted(INDEX_DTYPES),
                    help="how the index holds the corpus on --device (int8: per-row quantized; default float32)")
     p.add_argument("--rejects", help="where rejected queries go (default: OUT.rejects.jsonl)")
     _model_options(p)
@@ -265,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rerank)
 
     p = sub.add_parser("demo", help="tiny end-to-end run: build, embed, search, rerank")
-    p.add_argument("--arch", default="qwen2.5-vl", choices=["qwen2-vl", "qwen2.5-vl"])
+    p.add_argument("--arch", default="qwen2.5-vl", choices=ARCHES)
     p.add_argument("--cache-dir", default="~/.cache/rematch_fast", help="where the tiny checkpoint is kept")
     p.add_argument("--out", default="demo_out", help="folder for the demo corpus and results")
     p.add_argument("--device", default="cpu")

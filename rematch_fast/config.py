@@ -1,7 +1,9 @@
 """ReMatchConfig: everything rematch_fast decides about the model lives here.
 
 It is stored as `rematch_config.json` beside the Hugging Face files of a
-checkpoint (see REMATCH.md); no code path hard-codes any of these values.
+checkpoint (docs/checkpoint.md); no code path hard-codes any of these values.
+This module also holds the small tables every other module shares (sides,
+views, dtype names).
 """
 from __future__ import annotations
 
@@ -10,11 +12,15 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from .errors import ConfigError, InputError
 
 FORMAT_VERSION = 1
 SIDES = ("query", "document")
 VIEWS = ("raw", "feat")
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INDEX_DTYPES = {**MODEL_DTYPES, "int8": torch.int8}  # an index may also hold a per-row quantized corpus
 
 # The Qwen2 chat frame both templates use. `{instruction}` and `{item}` are
 # filled per side for embedding; `{query}` and `{document}` for matching.
@@ -56,8 +62,9 @@ class ReMatchConfig:
     match_template: str = DEFAULT_MATCH_TEMPLATE
     answer_yes: str = "Yes"
     answer_no: str = "No"
-    min_pixels: int = 56 * 56
-    max_pixels: int = 28 * 28 * 1280
+    # optional: narrow preprocessor_config.json's pixel bounds (never widen them)
+    min_pixels: int | None = None
+    max_pixels: int | None = None
     max_text_tokens: int = 1024
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)  # unknown keys of a newer writer, kept on save
@@ -79,8 +86,11 @@ class ReMatchConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
 
-        for name in ("hidden_size", "num_learnable_tokens", "min_pixels", "max_pixels", "max_text_tokens"):
+        for name in ("hidden_size", "num_learnable_tokens", "max_text_tokens"):
             positive_int(name)
+        for name in ("min_pixels", "max_pixels"):
+            if getattr(self, name) is not None:
+                positive_int(name)
         if self.format_version > FORMAT_VERSION:
             raise ConfigError(
                 f"rematch_config.json has format_version {self.format_version}; this rematch_fast reads "
@@ -91,7 +101,7 @@ class ReMatchConfig:
         if not isinstance(self.normalize, bool):
             raise ConfigError(f"normalize must be true or false, got {self.normalize!r}")
         self.projector.validate()
-        if self.min_pixels > self.max_pixels:
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
             raise ConfigError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
         _check_fields(self.embed_template, "embed_template", ("{instruction}", "{item}"))
         _check_fields(self.match_template, "match_template", ("{query}", "{document}"))
@@ -146,6 +156,17 @@ def _check_fields(template: str, name: str, fields: tuple[str, ...]) -> None:
     for f in fields:
         if template.count(f) != 1:
             raise ConfigError(f"{name} must contain {f} exactly once, found {template.count(f)}")
+
+
+def parse_dtype(dtype: str | torch.dtype, table: dict[str, torch.dtype], what: str = "dtype") -> torch.dtype:
+    """A dtype given by name ("bfloat16") or as a torch.dtype, checked against `table`."""
+    if isinstance(dtype, str):
+        if dtype not in table:
+            raise InputError(f"{what} must be one of {sorted(table)}, got {dtype!r}")
+        return table[dtype]
+    if dtype not in table.values():
+        raise InputError(f"{what} must be one of {sorted(table)}, got {dtype}")
+    return dtype
 
 
 def check_side(side: str) -> None:

@@ -74,9 +74,9 @@ def tiny_checkpoint(cache_dir: Path, arch: str) -> tuple[Path, bool]:
 
 def run_demo(arch: str, cache_dir: Path, out: Path, device: str = "cpu") -> None:
     from .api import ReMatch
-    from .cli import embed_rows
     from .jsonl import read_rows
-    from .search import search
+    from .pipeline import embed_rows
+    from .similarity import search
     from .store import EmbeddingStore
 
     print("rematch-fast demo: RANDOM WEIGHTS. This tiny model is untrained, so its rankings and")

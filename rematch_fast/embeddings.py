@@ -1,7 +1,9 @@
-"""Embeddings as stored: the unit vector and the norm of E*, so that E* (what the
-projector needs for the `feat` view) is recovered exactly as unit * norm."""
+"""Embeddings as stored: the unit vector and the norm of the pooled embedding E* (the mean of the
+K learnable tokens' last hidden states), so that E* (what the projector needs for the `feat`
+view) is recovered as unit * norm. The unit vector is computed once, where E* is pooled."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -13,14 +15,27 @@ class Embeddings:
     norm: torch.Tensor  # [n] float32, ||E*||
 
     @classmethod
-    def from_fused(cls, fused: torch.Tensor) -> Embeddings:
-        fused = fused.float()
-        norm = fused.norm(dim=-1)
-        return cls(unit=fused / norm.clamp_min(1e-12)[:, None], norm=norm)
+    def from_pooled(cls, pooled: torch.Tensor) -> Embeddings:
+        """From E* itself [n, d]."""
+        pooled = pooled.float()
+        norm = pooled.norm(dim=-1)
+        return cls(unit=pooled / norm.clamp_min(1e-12)[:, None], norm=norm)
 
     @property
-    def fused(self) -> torch.Tensor:  # E* [n, d]
+    def pooled(self) -> torch.Tensor:  # E* [n, d]
         return self.unit * self.norm[:, None]
+
+    @classmethod
+    def from_fused(cls, fused: torch.Tensor) -> Embeddings:
+        """Deprecated name of `from_pooled`."""
+        warnings.warn("Embeddings.from_fused is now Embeddings.from_pooled", DeprecationWarning, stacklevel=2)
+        return cls.from_pooled(fused)
+
+    @property
+    def fused(self) -> torch.Tensor:
+        """Deprecated name of `pooled`."""
+        warnings.warn("Embeddings.fused is now Embeddings.pooled", DeprecationWarning, stacklevel=2)
+        return self.pooled
 
     @property
     def dim(self) -> int:
@@ -33,6 +48,9 @@ class Embeddings:
         if isinstance(idx, int):
             idx = slice(idx, idx + 1) if idx != -1 else slice(-1, None)
         return Embeddings(self.unit[idx], self.norm[idx])
+
+    def cpu(self) -> Embeddings:
+        return Embeddings(self.unit.cpu(), self.norm.cpu())
 
     @staticmethod
     def cat(parts: list[Embeddings], dim: int) -> Embeddings:

@@ -70,23 +70,24 @@ class ImageProcessor:
     torchvision). Returns pixel_values [t*h*w, 3*T*p*p] and grid (t, h, w).
     """
 
-    def __init__(self, min_pixels: int, max_pixels: int, patch_size: int = 14, temporal_patch_size: int = 2,
-                 merge_size: int = 2, image_mean=None, image_std=None):
+    def __init__(self, settings):
+        """settings: the checkpoint's ImageSettings (rematch_fast.checkpoint): pixel bounds, patch,
+        temporal patch and merge sizes, mean and std, all from its preprocessor_config.json."""
         from transformers import Qwen2VLImageProcessorPil
 
-        kwargs = dict(
-            size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-            patch_size=patch_size,
-            temporal_patch_size=temporal_patch_size,
-            merge_size=merge_size,
+        self.settings = settings
+        self.hf = Qwen2VLImageProcessorPil(
+            size={"shortest_edge": settings.min_pixels, "longest_edge": settings.max_pixels},
+            patch_size=settings.patch_size,
+            temporal_patch_size=settings.temporal_patch_size,
+            merge_size=settings.merge_size,
+            image_mean=list(settings.image_mean),
+            image_std=list(settings.image_std),
         )
-        if image_mean is not None:
-            kwargs.update(image_mean=list(image_mean), image_std=list(image_std))
-        self.hf = Qwen2VLImageProcessorPil(**kwargs)
-        self.max_pixels = max_pixels
-        self.merge_size = merge_size
+        self.max_pixels = settings.max_pixels
+        self.merge_size = settings.merge_size
         # Beyond this ratio even a one-unit-high resize would break max_pixels (or Qwen2-VL's own limit).
-        self.max_aspect = max(1, min(MAX_ASPECT, max_pixels // (patch_size * merge_size) ** 2))
+        self.max_aspect = max(1, min(MAX_ASPECT, settings.max_pixels // (settings.patch_size * settings.merge_size) ** 2))
 
     def __call__(self, im: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int]]:
         im = self._bound(im)

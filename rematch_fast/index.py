@@ -1,9 +1,10 @@
 """Index: embeddings held for top-k search on one device, in one storage dtype.
 
-On CUDA the fused Triton kernel scores and selects in one pass (memory beyond
-the corpus: O(Q * k)); elsewhere the corpus is streamed in chunks through the
-torch reference (memory: O(Q * chunk)). Both return the same results: scores
-best first, ties to the lower row.
+With kernels="auto" (the default), on CUDA the fused Triton kernel scores and
+selects in one pass (memory beyond the corpus: O(Q * k)); elsewhere, or with
+kernels="torch", the corpus is streamed in chunks through the torch reference
+(memory: O(Q * chunk)). The choice is made once, when the index is built. Both
+return the same results: scores best first, ties to the lower row.
 """
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from pathlib import Path
 
 import torch
 
+from .config import INDEX_DTYPES, parse_dtype
 from .embeddings import Embeddings
 from .errors import InputError
-from .ops import MAX_K, MAX_ROWS, quantize_int8_rows, topk_similarity
+from .similarity import MAX_K, MAX_ROWS, compute_dtype, quantize_int8_rows, select_topk, topk_keys_torch, unpack_keys
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
 _CHUNK_FLOATS = 1 << 25  # scores held at once by the CPU path (128 MB of fp32, plus keys)
 
 
@@ -36,22 +37,18 @@ def _as_matrix(x, name: str) -> torch.Tensor:
 
 
 class Index:
-    def __init__(self, vectors, ids: list | None = None, *, device=None, dtype=None):
+    def __init__(self, vectors, ids: list | None = None, *, device=None, dtype=None, kernels: str = "auto"):
         """vectors: [N, d] floats or Embeddings (their unit vectors). dtype: float32, float16,
-        bfloat16 or int8 (per-row symmetric quantization); default: the vectors' own float dtype."""
+        bfloat16 or int8 (per-row symmetric quantization); default: the vectors' own float dtype.
+        kernels: "auto" (the Triton kernel on CUDA) or "torch" (the streamed reference everywhere)."""
         x = _as_matrix(vectors, "the corpus")
         if x.shape[0] == 0:
             raise InputError("the corpus is empty")
         if x.shape[0] >= MAX_ROWS:
             raise InputError(f"an index holds fewer than {MAX_ROWS} vectors, got {x.shape[0]}")
-        if isinstance(dtype, str):
-            if dtype not in DTYPES:
-                raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-            dtype = DTYPES[dtype]
-        dtype = dtype or x.dtype
-        if dtype not in DTYPES.values():
-            raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype}")
+        dtype = parse_dtype(dtype or x.dtype, INDEX_DTYPES, "the index dtype")
         self.device = torch.device(device) if device is not None else x.device
+        self._topk = select_topk(kernels, self.device)
         self.scale = None
         if dtype == torch.int8:
             data, scale = quantize_int8_rows(x.to(self.device))
@@ -88,11 +85,11 @@ class Index:
             raise InputError(f"queries have dimension {q.shape[1]} but the index has {self.dim}")
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= len(self):
             raise InputError(f"k must be an integer in [1, {len(self)}] (the index size), got {k!r}")
-        if self.device.type == "cuda" and k > MAX_K:
+        if self._topk is not topk_keys_torch and k > MAX_K:
             raise InputError(f"the CUDA top-k kernel returns at most k={MAX_K}, got k={k}")
-        q = q.to(self.device)
+        q = q.to(self.device, compute_dtype(self.data.dtype))
         chunk = max(1024, _CHUNK_FLOATS // q.shape[0])
-        return topk_similarity(q, self.data, k, self.scale, chunk_rows=chunk)
+        return unpack_keys(self._topk(q, self.data, k, self.scale, chunk))
 
     def ids_of(self, rows: torch.Tensor) -> list:
         """Map row numbers [Q, k] to the index's ids (row numbers when it has none)."""

@@ -1,42 +1,59 @@
-"""The op registry: one entry point per op, a torch reference, and dispatch.
+"""The model ops and the one rule that dispatches them.
 
-CUDA tensors go to the Triton kernels in `rematch_fast.kernels` (imported
-only then); everything else runs the torch reference beside each op here.
-Engines call these functions and never a kernel directly, so a new kernel
-plugs in without touching them.
+Each op (learnable-token pooling, RMSNorm, SwiGLU gate, rotary embedding) is a
+`torch.library` custom op `rematch_fast::<op>` with three parts: its torch reference
+(the `*_torch` function here, also the op's default implementation), a Triton kernel
+registered for CUDA (from `rematch_fast.kernels`, imported on first use), and a fake
+that gives shapes to torch.compile and export.
+
+The rule: kernels or references are chosen once, when a model or an index is built,
+by `select_ops(kernels, device)`, never per call:
+
+    kernels="torch"  the torch references, on every device (the reference backend's oracle)
+    kernels="auto"   the custom ops on CUDA (Triton kernels through the dispatcher),
+                     the torch references on any other device
+
+An `Ops` instance may also be passed where `kernels` is taken, e.g. `triton_ops()`,
+which calls the Triton kernels directly (the CPU tests run them in Triton's interpreter).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
+
+KERNEL_CHOICES = ("auto", "torch")
+
+
 # -- learnable-token pooling ---------------------------------------------------
-
-
 def pool_learnable_torch(hidden: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [T, d], rows [B, K] (row indices of the K learnable tokens of each sequence)
-    -> E* [B, d] fp32 (mean, what the projector consumes) and E*/||E*|| [B, d] fp32."""
-    fused = hidden[rows].float().mean(dim=1)  # [B, K, d] -> [B, d]
-    return fused, fused / fused.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    -> (unit [B, d] fp32, norm [B] fp32): E* = mean of the K rows = unit * norm."""
+    pooled = hidden[rows].float().mean(dim=1)  # [B, K, d] -> [B, d]
+    norm = pooled.norm(dim=-1)
+    return pooled / norm.clamp_min(1e-12)[:, None], norm
 
 
 @torch.library.custom_op("rematch_fast::pool_learnable", mutates_args=())
-def pool_learnable_rows(hidden: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The op: hidden [T, d], rows [B, K] -> (E*, unit), fp32 [B, d] each. Triton on CUDA, torch elsewhere."""
+def pool_learnable_op(hidden: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pool_learnable_torch(hidden, rows)
 
 
-@pool_learnable_rows.register_kernel("cuda")
-def _pool_learnable_cuda(hidden, rows):
+@pool_learnable_op.register_kernel("cuda")
+def _(hidden, rows):
     from .kernels.pooling import pool_learnable_triton
 
     return pool_learnable_triton(hidden, rows)
 
 
-@pool_learnable_rows.register_fake
-def _pool_learnable_fake(hidden, rows):
-    shape = (rows.shape[0], hidden.shape[1])
-    return hidden.new_empty(shape, dtype=torch.float32), hidden.new_empty(shape, dtype=torch.float32)
+@pool_learnable_op.register_fake
+def _(hidden, rows):
+    B, d = rows.shape[0], hidden.shape[1]
+    return hidden.new_empty((B, d), dtype=torch.float32), hidden.new_empty((B,), dtype=torch.float32)
 
 
 def learnable_rows_packed(cu_seqlens: torch.Tensor, K: int) -> torch.Tensor:
@@ -51,159 +68,116 @@ def learnable_rows_padded(lengths: torch.Tensor, S: int, K: int) -> torch.Tensor
     return start[:, None] + torch.arange(K, device=lengths.device)
 
 
-def pool_learnable(hidden: torch.Tensor, K: int, cu_seqlens: torch.Tensor | None = None,
-                   lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of the last K hidden rows of each sequence, and its L2 normalization (both fp32 [B, d]).
-
-    Packed: hidden [T, d] with cu_seqlens [B+1]. Padded: hidden [B, S, d] with lengths [B].
-    """
-    if hidden.dim() == 2:
-        if cu_seqlens is None:
-            raise ValueError("packed hidden states [T, d] need cu_seqlens")
-        rows = learnable_rows_packed(cu_seqlens.to(hidden.device), K)
-    elif hidden.dim() == 3:
-        if lengths is None:
-            raise ValueError("padded hidden states [B, S, d] need lengths")
-        rows = learnable_rows_padded(lengths.to(hidden.device), hidden.shape[1], K)
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-    else:
-        raise ValueError(f"hidden must be [T, d] or [B, S, d], got {tuple(hidden.shape)}")
-    return pool_learnable_rows(hidden.contiguous(), rows.contiguous())
-
-
-# -- the decoder's elementwise steps ----------------------------------------------
+# -- the decoder's elementwise steps ---------------------------------------------
 # Each is several torch kernels and fp32 intermediates; on CUDA one Triton pass each.
-
-
-def _on_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda
-
-
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2's RMSNorm over the last dimension: statistics in fp32, result in x's dtype."""
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Qwen2's RMSNorm over the last dimension: statistics in fp32, result in x's dtype."""
-    if _on_triton(x):
-        from .kernels.rms_norm import rms_norm_triton
-
-        return rms_norm_triton(x, weight, eps)
+@torch.library.custom_op("rematch_fast::rms_norm", mutates_args=())
+def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return rms_norm_torch(x, weight, eps)
 
 
+@rms_norm_op.register_kernel("cuda")
+def _(x, weight, eps):
+    from .kernels.rms_norm import rms_norm_triton
+
+    return rms_norm_triton(x, weight, eps)
+
+
+@rms_norm_op.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x, dtype=torch.promote_types(x.dtype, weight.dtype))
+
+
 def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gate: [N, 2I] (gate columns, then up) -> silu(gate) * up [N, I]."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU's gate: [N, 2I] (gate columns, then up) -> silu(gate) * up [N, I]."""
-    if _on_triton(gate_up):
-        from .kernels.silu_mul import silu_mul_triton
-
-        return silu_mul_triton(gate_up)
+@torch.library.custom_op("rematch_fast::silu_mul", mutates_args=())
+def silu_mul_op(gate_up: torch.Tensor) -> torch.Tensor:
     return silu_mul_torch(gate_up)
 
 
+@silu_mul_op.register_kernel("cuda")
+def _(gate_up):
+    from .kernels.silu_mul import silu_mul_triton
+
+    return silu_mul_triton(gate_up)
+
+
+@silu_mul_op.register_fake
+def _(gate_up):
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
 def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding: x [T, H, D], cos/sin [T, D] fp32; rotation in fp32, result in x's dtype."""
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding: x [T, H, D], cos/sin [T, D] fp32; rotation in fp32, result in x's dtype."""
-    if _on_triton(x):
-        from .kernels.rope import rope_triton
-
-        return rope_triton(x, cos, sin)
+@torch.library.custom_op("rematch_fast::rope", mutates_args=())
+def rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return rope_torch(x, cos, sin)
 
 
-# -- similarity + top-k ------------------------------------------------------------
-# A score and its corpus row travel together as one int64 key: the score's bits,
-# made order-preserving, in the high half; (2^32 - 1 - row) in the low half. The
-# largest key is the best score, and among equal scores the lower row wins, so a
-# plain top-k over keys is deterministic and carries the ids along for free.
+@rope_op.register_kernel("cuda")
+def _(x, cos, sin):
+    from .kernels.rope import rope_triton
 
-_LOW = 0xFFFFFFFF
-MAX_K = 1024
-MAX_ROWS = 1 << 32
+    return rope_triton(x, cos, sin)
 
 
-def pack_keys(scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return (ordered.long() << 32) | (_LOW - rows.long())
+@rope_op.register_fake
+def _(x, cos, sin):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    ordered = (keys >> 32).to(torch.int32)
-    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
-    return bits.view(torch.float32), _LOW - (keys & _LOW)
+# -- choosing once -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Ops:
+    """The op implementations one model (or index) was built with."""
+
+    name: str
+    pool_learnable: Callable  # (hidden [T, d], rows [B, K]) -> (unit [B, d], norm [B]), fp32
+    rms_norm: Callable  # (x [..., D], weight [D], eps) -> [..., D]
+    silu_mul: Callable  # (gate_up [N, 2I]) -> [N, I]
+    rope: Callable  # (x [T, H, D], cos [T, D], sin [T, D]) -> [T, H, D]
 
 
-def compute_dtype(corpus_dtype: torch.dtype) -> torch.dtype:
-    """The precision queries are rounded to before the dot product (the kernel's tensor-core input)."""
-    if corpus_dtype == torch.int8:
-        return torch.float16  # exact for int8 values, finer than bf16 for the query
-    return corpus_dtype
+TORCH_OPS = Ops("torch", pool_learnable_torch, rms_norm_torch, silu_mul_torch, rope_torch)
+CUSTOM_OPS = Ops("custom", pool_learnable_op, rms_norm_op, silu_mul_op, rope_op)
 
 
-def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: x ~= q * scale[:, None], q in [-127, 127]."""
-    x = x.float()
-    scale = x.abs().amax(dim=1) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(x / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+def triton_ops() -> Ops:
+    """The Triton kernels called directly, on any device (needs Triton; on the CPU, its interpreter)."""
+    from .kernels.pooling import pool_learnable_triton
+    from .kernels.rms_norm import rms_norm_triton
+    from .kernels.rope import rope_triton
+    from .kernels.silu_mul import silu_mul_triton
+
+    return Ops("triton", pool_learnable_triton, rms_norm_triton, silu_mul_triton, rope_triton)
 
 
-def _chunk_topk_keys(s: torch.Tensor, k: int, start: int) -> torch.Tensor:
-    """Packed keys of the top-k of each row of a score chunk [Q, n] (rows numbered from `start`).
-
-    A float top-k finds the candidates; only rows whose k-th score is shared by
-    entries left outside (a tie at the boundary) are re-ranked over all their keys.
-    """
-    kk = min(k, s.shape[1])
-    vals, idx = torch.topk(s, kk, dim=1)
-    keys = pack_keys(vals, idx + start)
-    tied = (s >= vals[:, -1:]).sum(dim=1) > kk
-    if tied.any():
-        r = tied.nonzero().flatten()
-        rows = torch.arange(start, start + s.shape[1], device=s.device).expand(len(r), -1)
-        keys[r] = torch.topk(pack_keys(s[r], rows), kk, dim=1).values
-    return keys
+def check_kernels(kernels: str | Ops) -> None:
+    if not isinstance(kernels, Ops) and kernels not in KERNEL_CHOICES:
+        raise InputError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
 
 
-def topk_similarity_torch(queries: torch.Tensor, corpus: torch.Tensor, k: int, scale: torch.Tensor | None = None,
-                          chunk_rows: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference top-k of queries @ corpus.T, streaming the corpus in chunks.
-
-    Memory beyond the inputs: O(Q * (chunk_rows + k)). Returns (scores fp32 [Q, k], rows int64 [Q, k]).
-    """
-    q = queries.to(compute_dtype(corpus.dtype)).float()
-    best = None
-    for start in range(0, corpus.shape[0], chunk_rows):
-        c = corpus[start: start + chunk_rows].float()
-        s = q @ c.T  # [Q, chunk]
-        if scale is not None:
-            s = s * scale[start: start + chunk_rows].float()[None, :]
-        keys = _chunk_topk_keys(s, k, start)
-        cand = keys if best is None else torch.cat([best, keys], dim=1)
-        best = torch.topk(cand, min(k, cand.shape[1]), dim=1).values
-    return unpack_keys(best)
-
-
-def topk_similarity(queries: torch.Tensor, corpus: torch.Tensor, k: int, scale: torch.Tensor | None = None,
-                    chunk_rows: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k by inner product: Triton on CUDA, the streaming torch reference elsewhere."""
-    if corpus.is_cuda:
-        from .kernels.similarity import topk_similarity_triton
-
-        return topk_similarity_triton(queries, corpus, k, scale)
-    return topk_similarity_torch(queries, corpus, k, scale, chunk_rows)
+def select_ops(kernels: str | Ops, device: torch.device | str) -> Ops:
+    """The op set for a model on `device` (see the module docstring for the rule)."""
+    check_kernels(kernels)
+    if isinstance(kernels, Ops):
+        return kernels
+    if kernels == "auto" and torch.device(device).type == "cuda":
+        return CUSTOM_OPS
+    return TORCH_OPS

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checkpoint import SpecialTokens
 from .config import ReMatchConfig, check_side
 from .errors import ConfigError, ImageError, TruncationWarning
 from .images import ImageProcessor, load_image
@@ -91,14 +92,15 @@ class _Builder:
 
 
 class Preprocessor:
-    def __init__(self, config: ReMatchConfig, tokenizers: Tokenizers, image_processor: ImageProcessor):
+    def __init__(self, config: ReMatchConfig, tokenizers: Tokenizers, image_processor: ImageProcessor,
+                 special: SpecialTokens):
         self.config = config
         self.tok = tokenizers
         self.images = image_processor
-        self.pad_id = tokenizers.special_id("<|endoftext|>")
-        self.image_pad_id = tokenizers.special_id("<|image_pad|>")
-        self.vision_start_id = tokenizers.special_id("<|vision_start|>")
-        self.vision_end_id = tokenizers.special_id("<|vision_end|>")
+        self.pad_id = special.pad
+        self.image_pad_id = special.image
+        self.vision_start_id = special.vision_start
+        self.vision_end_id = special.vision_end
         self.answer_ids = (self._single_token(config.answer_yes), self._single_token(config.answer_no))
         # templates split once around their fields
         self._embed_parts = {}

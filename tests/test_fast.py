@@ -45,7 +45,7 @@ def test_embeddings_match_reference(pair, kind, side):
     a = ref.encode(items, side=side)
     b = fast.encode(items, side=side, batch_size=len(items))
     torch.testing.assert_close(b.unit, a.unit, atol=ATOL, rtol=0)
-    torch.testing.assert_close(b.fused, a.fused, atol=ATOL, rtol=0)
+    torch.testing.assert_close(b.pooled, a.pooled, atol=ATOL, rtol=0)
 
 
 def test_several_image_grids_in_one_packed_batch(pair):
@@ -68,20 +68,20 @@ def test_many_batches_come_back_in_input_order(pair, limits):
     torch.testing.assert_close(many.unit, ref.encode(items, side="document").unit, atol=ATOL, rtol=0)
 
 
-def test_fused_elementwise_kernels_in_the_whole_model(pair, monkeypatch):
-    """RMSNorm, SwiGLU and rotary embedding through their Triton kernels (the CPU interpreter
+def test_triton_kernels_in_the_whole_model(tiny_paths, models, arch):
+    """Pooling, RMSNorm, SwiGLU and rotary embedding through their Triton kernels (the CPU interpreter
     here, as on a GPU) inside the whole model: text and small images of odd sizes, packed together."""
     pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
     from rematch_fast import ops
 
     if torch.cuda.is_available():
         pytest.skip("CPU tensors need the Triton interpreter; on a GPU, test_cuda_fast.py runs these kernels")
-    ref, fast = pair
+    fast = ReMatch.from_pretrained(tiny_paths[arch], backend="fast", kernels=ops.triton_ops())
+    assert fast.backend.model.decoder.layers[0].mlp.ops.name == "triton"
     items = ["a caption of some length", Item(text="a photo", image=random_image(61, 93, 61)),
              Item(image=random_image(300, 30, 62))]
-    monkeypatch.setattr(ops, "_on_triton", lambda x: True)
     got = fast.encode(items, side="document", batch_size=len(items))
-    torch.testing.assert_close(got.fused, ref.encode(items, side="document").fused, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got.pooled, models[arch].encode(items, side="document").pooled, atol=ATOL, rtol=0)
 
 
 def test_texts_near_the_length_limit(pair):
@@ -140,9 +140,9 @@ def test_fused_projections_check_every_part(tiny_paths, tmp_path, change, error)
 def test_bf16_on_cuda_follows_the_flash_tolerance_rule(tiny_paths):
     path = tiny_paths["qwen2.5-vl"]
     items = [x for group in _items(seed=5).values() for x in group]
-    exact = ReMatch.from_pretrained(path, backend="reference", dtype=torch.float64).encode(items).fused
-    ref16 = ReMatch.from_pretrained(path, backend="reference", device="cuda", dtype=torch.bfloat16).encode(items).fused
-    fast16 = ReMatch.from_pretrained(path, backend="fast", device="cuda", dtype=torch.bfloat16).encode(items).fused
+    exact = ReMatch.from_pretrained(path, backend="reference", dtype=torch.float64).encode(items).pooled
+    ref16 = ReMatch.from_pretrained(path, backend="reference", device="cuda", dtype=torch.bfloat16).encode(items).pooled
+    fast16 = ReMatch.from_pretrained(path, backend="fast", device="cuda", dtype=torch.bfloat16).encode(items).pooled
     err_ref = (ref16.double() - exact).abs().max()
     err_fast = (fast16.double() - exact).abs().max()
     assert err_fast <= 2 * err_ref + 1e-5
@@ -173,13 +173,13 @@ def test_latency_buckets_give_the_same_embeddings(tiny_paths, fast_models):
 
 
 def test_prefetched_chunks_keep_input_order(fast_models, monkeypatch):
-    import rematch_fast.api as api
+    import rematch_fast.pipeline as pipeline
 
     m = fast_models["qwen2.5-vl"]
     items = ["one", Item(image=random_image(40, 90, 8)), "three words here", "four", Item(text="five", image=random_image(90, 40, 9)),
              "six", "seven " * 30]
     whole = m.encode(items)
-    monkeypatch.setattr(api, "PREPARE_CHUNK", 2)  # four chunks, prepared on the worker thread
+    monkeypatch.setattr(pipeline, "PREPARE_CHUNK", 2)  # four chunks, prepared on the worker thread
     chunked = m.encode(items)
     torch.testing.assert_close(chunked.unit, whole.unit, atol=1e-6, rtol=0)
     with pytest.raises(ImageError, match="item 5"):

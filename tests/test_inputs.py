@@ -83,7 +83,7 @@ def test_huge_image_is_resized_within_pixel_limits(model):
     big = Image.fromarray(np.random.default_rng(0).integers(0, 256, (3000, 4000, 3), dtype=np.uint8))
     p = model.prepare(Item(image=big))
     t, h, w = p.grid_thw
-    assert h * w * 14 * 14 <= model.config.max_pixels
+    assert h * w * 14 * 14 <= model.checkpoint.image_settings.max_pixels
     assert p.pixel_values.shape[0] == t * h * w
     assert abs(w / h - 4 / 3) < 0.35
 
@@ -92,7 +92,7 @@ def test_tiny_and_extreme_aspect_images(model):
     for w, h in [(5, 5), (28, 28), (1000, 30), (3000, 4)]:
         p = model.prepare(Item(image=random_image(w, h, seed=w)))
         t, gh, gw = p.grid_thw
-        assert model.config.min_pixels <= gh * gw * 196 <= model.config.max_pixels
+        assert model.checkpoint.image_settings.min_pixels <= gh * gw * 196 <= model.checkpoint.image_settings.max_pixels
 
 
 def test_long_text_is_truncated_with_a_warning(model):

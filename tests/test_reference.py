@@ -25,8 +25,9 @@ class Independent:
         self.cfg = model.config
         self.head = model.head
         self.tok = Tokenizer.from_file(str(model.checkpoint.path / "tokenizer.json"))
-        self.proc = Qwen2VLImageProcessorPil(size={"shortest_edge": self.cfg.min_pixels,
-                                                   "longest_edge": self.cfg.max_pixels})
+        bounds = model.checkpoint.preprocessor_config  # read here, apart from rematch_fast's own parsing
+        self.proc = Qwen2VLImageProcessorPil(size={"shortest_edge": bounds["min_pixels"],
+                                                   "longest_edge": bounds["max_pixels"]})
 
     def block(self, text, image, pixels, grids):
         s = ""
@@ -53,7 +54,7 @@ class Independent:
                                    **kw).last_hidden_state
         return out.logits[0, -1], hidden[0]
 
-    def fused(self, text, image, side):
+    def pooled(self, text, image, side):
         K = self.cfg.num_learnable_tokens
         instr = self.cfg.query_instruction if side == "query" else self.cfg.document_instruction
         pixels, grids = [], []
@@ -69,7 +70,7 @@ class Independent:
         def side(x, name, view):
             if view == "raw":
                 return self.block(x.text, x.image, pixels, grids)
-            e = self.fused(x.text, x.image, name)
+            e = self.pooled(x.text, x.image, name)
             z = self.head.projector.fc2(F.gelu(self.head.projector.fc1(e)))
             soft_at.append(z)
             return "<|endoftext|>"
@@ -94,9 +95,9 @@ ITEMS = {
 @pytest.mark.parametrize("side", ["query", "document"])
 def test_embedding_equals_independent_computation(model, kind, side):
     item = ITEMS[kind]()
-    e_star = Independent(model).fused(item.text, item.image, side)
+    e_star = Independent(model).pooled(item.text, item.image, side)
     got = model.encode([item], side=side)
-    torch.testing.assert_close(got.fused[0], e_star, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.pooled[0], e_star, atol=1e-5, rtol=0)
     torch.testing.assert_close(model.embed([item], side=side)[0], F.normalize(e_star, dim=0), atol=1e-5, rtol=0)
     assert abs(float(got.unit[0].norm()) - 1) < 1e-5
 

@@ -68,7 +68,7 @@ def test_int8_index_recall():
 
 
 def test_index_from_store_maps_ids(tmp_path):
-    e = Embeddings.from_fused(torch.randn(20, 16, generator=torch.Generator().manual_seed(7)))
+    e = Embeddings.from_pooled(torch.randn(20, 16, generator=torch.Generator().manual_seed(7)))
     ids = [f"doc{i}" for i in range(20)]
     EmbeddingStore(ids, e, "document").save(tmp_path)
     idx = Index.from_store(tmp_path)

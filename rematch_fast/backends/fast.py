@@ -2,18 +2,21 @@
 
 Sequences are concatenated without padding (cu_seqlens marks their bounds),
 all images of a batch go through the vision tower in one call and their
-features are scattered into the packed stream, soft rows are written in,
-and pooling runs through the op registry (Triton on CUDA).
+features are scattered into the packed stream, soft rows are written in.
+The model's ops and the pooling op are chosen once, at build time
+(`kernels`, see rematch_fast.ops): Triton kernels on CUDA by default.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import ops
 from ..checkpoint import Checkpoint
+from ..embeddings import Embeddings
 from ..model.config import model_config
 from ..model.loader import load_model
+from ..ops import select_ops
 from ..sequence import Sequence
+from .base import INPUT_KINDS
 
 
 class PackedBatch:
@@ -41,20 +44,23 @@ class FastBackend:
     name = "fast"
     padded = False  # packed: batches cost the sum of lengths
     longest_first = True  # neighbours of similar length: little attention padding
+    inputs = frozenset(INPUT_KINDS)
 
-    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, latency_buckets=()):
+    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, latency_buckets=(),
+                 kernels="auto"):
         """latency_buckets: sequence lengths (e.g. (64, 128, 256)) for which a single text query, or
-        a small batch of them, runs with static shapes, as a CUDA graph on CUDA (see latency.py)."""
+        a small batch of them, runs with static shapes, as a CUDA graph on CUDA (see latency.py).
+        kernels: "auto" (Triton kernels on CUDA, torch elsewhere) or "torch" (torch references everywhere)."""
         self.device, self.dtype = device, dtype
-        self.cfg = model_config(ckpt.arch, ckpt.model_config)
-        self.model = load_model(ckpt.path, self.cfg, device, dtype)
-        self.image_token_id = ckpt.model_config.get("image_token_id", 151655)
+        self.ops = select_ops(kernels, device)
+        self.cfg = model_config(ckpt)
+        self.model = load_model(ckpt.path, self.cfg, device, dtype, self.ops)
+        self.image_token_id = ckpt.special_tokens.image
         self.latency = None
         if latency_buckets:
             from .latency import LatencyBuckets
 
-            pad_id = ckpt.model_config.get("text_config", ckpt.model_config).get("bos_token_id", 151643)
-            self.latency = LatencyBuckets(self.model, latency_buckets, pad_id, device)
+            self.latency = LatencyBuckets(self.model, latency_buckets, ckpt.special_tokens.pad, device)
 
     @torch.inference_mode()
     def last_hidden(self, batch: PackedBatch) -> torch.Tensor:
@@ -67,12 +73,11 @@ class FastBackend:
             embeds[batch.soft_rows] = batch.soft_embeds.to(embeds.dtype)
         return self.model.decoder(embeds, batch.positions, batch.cu_seqlens, batch.max_seqlen)
 
-    def fused(self, seqs: list[Sequence]) -> torch.Tensor:
+    def pooled(self, seqs: list[Sequence]) -> Embeddings:
         if self.latency is not None and self.latency.bucket_for(seqs) is not None:
-            return self.latency.fused(seqs)
+            return self.latency.pooled(seqs)
         batch = PackedBatch(seqs, self.device, self.image_token_id)
-        fused, _ = ops.pool_learnable_rows(self.last_hidden(batch), batch.readout)
-        return fused
+        return Embeddings(*self.ops.pool_learnable(self.last_hidden(batch), batch.readout))
 
     def answer_logits(self, seqs: list[Sequence], answer_ids: tuple[int, int]) -> torch.Tensor:
         batch = PackedBatch(seqs, self.device, self.image_token_id)

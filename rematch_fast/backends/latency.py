@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
+from ..embeddings import Embeddings
 from ..sequence import Sequence
 
 MAX_BATCH = 8
@@ -43,7 +43,7 @@ class LatencyBuckets:
         embeds = self.model.decoder.embed_tokens(s["ids"])  # [B*L, d]
         embeds = embeds.index_put((s["soft_rows"],), s["soft_embeds"].to(embeds.dtype))
         hidden = self.model.decoder(embeds, s["positions"], s["cu_seqlens"], s["L"])
-        return ops.pool_learnable_rows(hidden, s["readout"])[0]  # [B, d] fp32
+        return self.model.ops.pool_learnable(hidden, s["readout"])  # unit [B, d], norm [B] fp32
 
     def _buffers(self, B: int, L: int, first: Sequence) -> dict:
         if (B, L) not in self.static:
@@ -82,15 +82,17 @@ class LatencyBuckets:
         s["readout"].copy_(readout)
 
     @torch.inference_mode()
-    def fused(self, seqs: list[Sequence]) -> torch.Tensor:
-        """E* [len(seqs), d] fp32 of a batch that `bucket_for` accepted."""
+    def pooled(self, seqs: list[Sequence]) -> Embeddings:
+        """E* (unit and norm, fp32) of a batch that `bucket_for` accepted."""
         B, L = self.bucket_for(seqs)
         s = self._buffers(B, L, seqs[0])
         if s["soft_rows"].shape[0] != B * seqs[0].soft_positions.shape[0]:
             raise ValueError("a bucket serves one number of learnable tokens")
         self._fill(s, seqs, B, L)
+        n = len(seqs)
         if self.device.type != "cuda":
-            return self._forward(s)[: len(seqs)]
+            unit, norm = self._forward(s)
+            return Embeddings(unit[:n], norm[:n])
         if "graph" not in s:
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -103,4 +105,5 @@ class LatencyBuckets:
                 s["out"] = self._forward(s)
             s["graph"] = graph
         s["graph"].replay()
-        return s["out"][: len(seqs)].clone()
+        unit, norm = s["out"]
+        return Embeddings(unit[:n].clone(), norm[:n].clone())

@@ -3,15 +3,19 @@
 It is the parity oracle: small and obviously right, not fast. Sequences are
 right-padded (causal attention: real tokens never see the padding), image
 features and soft rows are written into the input embeddings, and the
-decoder runs with our M-RoPE positions.
+decoder runs with our M-RoPE positions. It pools with the torch reference
+(rematch_fast.ops.pool_learnable_torch) on every device, never with a kernel
+that a fast path shares.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import ops
 from ..checkpoint import Checkpoint
+from ..embeddings import Embeddings
+from ..ops import pool_learnable_torch
 from ..sequence import Sequence
+from .base import INPUT_KINDS
 
 
 def _model_class(arch: str):
@@ -28,6 +32,7 @@ class ReferenceBackend:
     name = "reference"
     padded = True  # batches cost count x longest
     longest_first = False  # plain padded batches in arrival order: the oracle stays simple
+    inputs = frozenset(INPUT_KINDS)
 
     def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
@@ -82,13 +87,12 @@ class ReferenceBackend:
         hidden = self.last_hidden(seqs)
         return [hidden[b, s.readout.to(self.device)] for b, s in enumerate(seqs)]
 
-    def fused(self, seqs: list[Sequence]) -> torch.Tensor:
-        """E*: mean of the K learnable rows' hidden states, fp32 [B, d], through the pooling op."""
+    def pooled(self, seqs: list[Sequence]) -> Embeddings:
+        """E*, the mean of the K learnable rows' hidden states, as unit [B, d] and norm [B] (fp32)."""
         hidden = self.last_hidden(seqs)
         B, L, d = hidden.shape
         rows = torch.stack([b * L + s.readout for b, s in enumerate(seqs)]).to(self.device)  # [B, K] into [B*L, d]
-        fused, _ = ops.pool_learnable_rows(hidden.reshape(B * L, d), rows)
-        return fused
+        return Embeddings(*pool_learnable_torch(hidden.reshape(B * L, d), rows))
 
     def answer_logits(self, seqs: list[Sequence], answer_ids: tuple[int, int]) -> torch.Tensor:
         """Logits of the two answer tokens at the last position, fp32 [B, 2]: two LM-head rows only."""

@@ -1,8 +1,10 @@
-"""The model shapes rematch_fast needs, read from a checkpoint's config.json
-(transformers 5 nests the text part under text_config; older files keep it at the top)."""
+"""The model shapes rematch_fast needs, read from a checkpoint's config.json (through
+rematch_fast.checkpoint, which knows both of its layouts)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from ..checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,8 @@ def _rope(d: dict) -> dict:
     return d.get("rope_parameters") or d.get("rope_scaling") or {}
 
 
-def model_config(arch: str, cfg: dict) -> ModelConfig:
-    t = cfg.get("text_config") or cfg
+def model_config(ckpt: Checkpoint) -> ModelConfig:
+    arch, t, v = ckpt.arch, ckpt.text_config, ckpt.vision_config
     rope = _rope(t)
     heads = t["num_attention_heads"]
     text = TextConfig(
@@ -63,9 +65,8 @@ def model_config(arch: str, cfg: dict) -> ModelConfig:
         rope_theta=rope.get("rope_theta") or t.get("rope_theta") or 1_000_000.0,
         mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
         vocab_size=t["vocab_size"],
-        tie_word_embeddings=cfg.get("tie_word_embeddings", t.get("tie_word_embeddings", False)),
+        tie_word_embeddings=ckpt.tie_word_embeddings,
     )
-    v = cfg["vision_config"]
     if arch == "qwen2-vl":
         dim = v["embed_dim"]
         vision = VisionConfig(arch, dim, v["depth"], v["num_heads"], int(dim * v.get("mlp_ratio", 4)),

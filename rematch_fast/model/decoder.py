@@ -5,42 +5,43 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import ops
+from ..ops import Ops
 from .attention import varlen_attention
 from .config import TextConfig
 from .layers import FusedLinear, GatedMLP, RMSNorm
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, ops: Ops):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, ops)
         kv = cfg.num_kv_heads * hd
         self.qkv_proj = FusedLinear(d, {"q_proj": cfg.num_heads * hd, "k_proj": kv, "v_proj": kv}, bias=True)
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
-        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps)
-        self.mlp = GatedMLP(d, cfg.intermediate_size, "silu", bias=False)
+        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, ops)
+        self.mlp = GatedMLP(d, cfg.intermediate_size, "silu", bias=False, ops=ops)
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.rope = ops.rope
 
     def forward(self, x, cos, sin, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:  # x [T, d]
         T = x.shape[0]
         h = self.input_layernorm(x)
         q, k, v = self.qkv_proj.split(h)
-        q = ops.rope(q.reshape(T, self.heads, self.head_dim), cos, sin)  # [T, H, Dh]
-        k = ops.rope(k.reshape(T, self.kv_heads, self.head_dim), cos, sin)  # [T, Hkv, Dh]
+        q = self.rope(q.reshape(T, self.heads, self.head_dim), cos, sin)  # [T, H, Dh]
+        k = self.rope(k.reshape(T, self.kv_heads, self.head_dim), cos, sin)  # [T, Hkv, Dh]
         v = v.reshape(T, self.kv_heads, self.head_dim).contiguous()  # varlen kernels want dense rows
         x = x + self.o_proj(varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True).reshape(T, -1))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, ops: Ops):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
         self.reset_buffers()
 

@@ -1,21 +1,26 @@
-"""Small building blocks shared by the vision tower and the decoder."""
+"""Small building blocks shared by the vision tower and the decoder.
+
+Layers that run a model op take the `Ops` the model was built with (rematch_fast.ops):
+the choice between Triton kernels and torch references is made once, at build time.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from ..ops import Ops
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, ops: Ops):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 def activation(name: str):
@@ -51,14 +56,15 @@ class FusedLinear(nn.Linear):
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): the decoder's MLP, and Qwen2.5-VL's vision MLP (with bias)."""
 
-    def __init__(self, dim: int, hidden: int, act: str, bias: bool):
+    def __init__(self, dim: int, hidden: int, act: str, bias: bool, ops: Ops):
         super().__init__()
         self.gate_up_proj = FusedLinear(dim, {"gate_proj": hidden, "up_proj": hidden}, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
         self.act = activation(act)
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is F.silu:  # SwiGLU: one fused step
-            return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+            return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj.split(x)
         return self.down_proj(self.act(gate) * up)

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..errors import CheckpointError
+from ..ops import Ops
 from .config import ModelConfig
 from .decoder import Decoder
 from .layers import FusedLinear
@@ -19,11 +20,12 @@ from .vision import VisionTower
 
 
 class QwenVL(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ops: Ops):
         super().__init__()
         self.cfg = cfg
-        self.visual = VisionTower(cfg.vision)
-        self.decoder = Decoder(cfg.text)
+        self.ops = ops
+        self.visual = VisionTower(cfg.vision, ops)
+        self.decoder = Decoder(cfg.text, ops)
         if not cfg.text.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
 
@@ -58,12 +60,13 @@ def _fused_parts(model: nn.Module) -> dict[str, tuple[str, slice]]:
     return out
 
 
-def load_model(path: str | Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> QwenVL:
+def load_model(path: str | Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, ops: Ops) -> QwenVL:
+    """The model built with `ops` (rematch_fast.ops.select_ops) and filled from the safetensors in `path`."""
     files = sorted(Path(path).glob("model*.safetensors"))
     if not files:
         raise CheckpointError(f"{path} has no model*.safetensors weights")
     with torch.device("meta"):
-        model = QwenVL(cfg)
+        model = QwenVL(cfg, ops)
     model = model.to_empty(device=device).to(dtype)
     params = model.state_dict()
     fused = _fused_parts(model)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from ..ops import Ops
 from .attention import varlen_attention
 from .config import VisionConfig
 from .layers import GatedMLP, RMSNorm, activation
@@ -28,30 +28,31 @@ class VisionMLP(nn.Module):
 
 
 class VisionBlock(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, ops: Ops):
         super().__init__()
         if cfg.arch == "qwen2-vl":
             self.norm1, self.norm2 = nn.LayerNorm(cfg.dim, eps=1e-6), nn.LayerNorm(cfg.dim, eps=1e-6)
             self.mlp = VisionMLP(cfg.dim, cfg.intermediate_size, cfg.hidden_act)
         else:
-            self.norm1, self.norm2 = RMSNorm(cfg.dim, 1e-6), RMSNorm(cfg.dim, 1e-6)
-            self.mlp = GatedMLP(cfg.dim, cfg.intermediate_size, cfg.hidden_act, bias=True)
+            self.norm1, self.norm2 = RMSNorm(cfg.dim, 1e-6, ops), RMSNorm(cfg.dim, 1e-6, ops)
+            self.mlp = GatedMLP(cfg.dim, cfg.intermediate_size, cfg.hidden_act, bias=True, ops=ops)
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
         self.proj = nn.Linear(cfg.dim, cfg.dim)
         self.heads = cfg.num_heads
+        self.rope = ops.rope
 
     def forward(self, x, cos, sin, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:  # x [P, C]
         P = x.shape[0]
         q, k, v = self.qkv(self.norm1(x)).reshape(P, 3, self.heads, -1).unbind(1)  # [P, H, Dh] each
-        q, k, v = ops.rope(q, cos, sin), ops.rope(k, cos, sin), v.contiguous()  # varlen kernels want dense rows
+        q, k, v = self.rope(q, cos, sin), self.rope(k, cos, sin), v.contiguous()  # varlen kernels want dense rows
         x = x + self.proj(varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False).reshape(P, -1))
         return x + self.mlp(self.norm2(x))
 
 
 class PatchMerger(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, ops: Ops):
         super().__init__()
-        self.ln_q = nn.LayerNorm(cfg.dim, eps=1e-6) if cfg.arch == "qwen2-vl" else RMSNorm(cfg.dim, 1e-6)
+        self.ln_q = nn.LayerNorm(cfg.dim, eps=1e-6) if cfg.arch == "qwen2-vl" else RMSNorm(cfg.dim, 1e-6, ops)
         wide = cfg.dim * cfg.merge_size**2
         self.fc1 = nn.Linear(wide, wide)
         self.fc2 = nn.Linear(wide, cfg.out_dim)
@@ -62,13 +63,13 @@ class PatchMerger(nn.Module):
 
 
 class VisionTower(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, ops: Ops):
         super().__init__()
         self.cfg = cfg
         patch = 3 * cfg.temporal_patch_size * cfg.patch_size**2
         self.patch_embed = nn.Linear(patch, cfg.dim, bias=False)  # the checkpoint's Conv3d, as a matmul
-        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
-        self.merger = PatchMerger(cfg)
+        self.blocks = nn.ModuleList(VisionBlock(cfg, ops) for _ in range(cfg.depth))
+        self.merger = PatchMerger(cfg, ops)
         self.register_buffer("inv_freq", torch.empty(cfg.dim // cfg.num_heads // 4), persistent=False)
         self.reset_buffers()
 

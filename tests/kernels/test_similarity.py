@@ -3,11 +3,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rematch_fast.ops import quantize_int8_rows, topk_similarity_torch
+from rematch_fast.similarity import compute_dtype, quantize_int8_rows, topk_similarity_torch, unpack_keys
 
 pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
 from rematch_fast.kernels import similarity as sim  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the Triton interpreter
+
+
+def triton_topk(q, c, k, scale=None, **launch):
+    """The kernel as the index calls it: queries rounded to the dot product's precision, keys unpacked."""
+    return unpack_keys(sim.topk_keys_triton(q.to(compute_dtype(c.dtype)), c, k, scale, **launch))
 
 
 def _unit(n, d, seed, dtype=torch.float32):
@@ -43,7 +48,7 @@ CASES = [  # (Q, N, d, k): the awkward sizes, each seen at least once
 @pytest.mark.parametrize("Q, N, d, k", CASES)
 def test_topk_matches_reference(Q, N, d, k, dtype):
     q, c = _unit(Q, d, seed=N + d), _unit(N, d, seed=N * 7 + k, dtype=dtype)
-    scores, rows = sim.topk_similarity_triton(q, c, k)
+    scores, rows = triton_topk(q, c, k)
     assert scores.shape == rows.shape == (Q, k) and scores.dtype == torch.float32 and rows.dtype == torch.int64
     _check(q, c, k, scores, rows)
     # the packed-key reference the CPU index uses: same scores; ids may swap only between near-ties,
@@ -54,14 +59,14 @@ def test_topk_matches_reference(Q, N, d, k, dtype):
 
 def test_k_1024_and_many_splits():
     q, c = _unit(3, 64, 1), _unit(5000, 64, 2)
-    scores, rows = sim.topk_similarity_triton(q, c, 1024, splits=3)
+    scores, rows = triton_topk(q, c, 1024, splits=3)
     _check(q, c, 1024, scores, rows)
 
 
 def test_split_count_does_not_change_the_answer():
     q, c = _unit(5, 96, 3), _unit(3000, 96, 4, torch.float16)
-    a = sim.topk_similarity_triton(q, c, 50, splits=1)
-    b = sim.topk_similarity_triton(q, c, 50, splits=7)
+    a = triton_topk(q, c, 50, splits=1)
+    b = triton_topk(q, c, 50, splits=7)
     assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
 
 
@@ -70,7 +75,7 @@ def test_ties_break_to_the_lower_row():
     base = (torch.randint(-4, 5, (8, 64), generator=torch.Generator().manual_seed(5)) / 4).to(DEVICE)
     pick = torch.tensor([3, 1, 3, 3, 0, 1] * 50, device=DEVICE)  # 300 rows, heavy exact ties
     c = base[pick]
-    scores, rows = sim.topk_similarity_triton(base[[1, 3]], c, 10, splits=4)
+    scores, rows = triton_topk(base[[1, 3]], c, 10, splits=4)
     want = [sorted(torch.nonzero(pick == j).flatten().tolist())[:10] for j in (1, 3)]
     assert rows.tolist() == want
 
@@ -78,9 +83,9 @@ def test_ties_break_to_the_lower_row():
 def test_int8_corpus_matches_reference_and_recall():
     q, c = _unit(20, 96, 6), _unit(2000, 96, 7)
     c8, scale = quantize_int8_rows(c)
-    scores, rows = sim.topk_similarity_triton(q, c8, 10, scale)
+    scores, rows = triton_topk(q, c8, 10, scale)
     _check(q, c8, 10, scores, rows, scale=scale)
-    _, exact = sim.topk_similarity_triton(q, c, 10)
+    _, exact = triton_topk(q, c, 10)
     recall = sum(len(set(a) & set(b)) for a, b in zip(exact.tolist(), rows.tolist())) / exact.numel()
     assert recall >= 0.99
 
@@ -90,7 +95,7 @@ def test_bf16_within_flash_tolerance_rule():
     q, c32 = _unit(64, 1536, 8), _unit(20000, 1536, 9)
     c = c32.bfloat16()
     exact = (q.double() @ c32.double().T)
-    scores, rows = sim.topk_similarity_triton(q, c, 100)
+    scores, rows = triton_topk(q, c, 100)
     torch_scores = torch.topk(q.bfloat16() @ c.T, 100).values.float()  # what torch bf16 gives
     err_torch = (torch_scores.double() - exact.topk(100).values).abs().max()
     err_ours = (scores.double() - torch.gather(exact, 1, rows)).abs().max()

@@ -1,0 +1,154 @@
+"""The one chunked prepare-and-embed loop: `ReMatch.encode`, the CLI and the demo all run it.
+
+Items are loaded and tokenized PREPARE_CHUNK at a time (texts of a chunk in one batched
+tokenization), the next chunk on a worker thread while the model embeds the current one;
+within a chunk, batches follow the backend's scheduling order and one batch stays in flight
+on the device while the next one's inputs are built. Results come back in input order.
+
+on_error="raise": the first bad item raises its typed error, naming the item's position.
+on_error="reject": bad items are left out and reported with their position and reason.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence as Seq
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import check_side
+from .embeddings import Embeddings
+from .errors import InputError
+from .items import as_item
+from .scheduler import plan_batches, prefetched
+from .sequence import PreparedItem
+
+PREPARE_CHUNK = 256  # items loaded and tokenized ahead of the model: bounds the memory of a large corpus
+ON_ERROR = ("raise", "reject")
+
+
+@dataclass
+class Rejected:
+    index: int  # the item's position in the input
+    reason: str
+
+
+@dataclass
+class Prepared:
+    """One chunk, prepared: the items that passed, by input position, and those that did not."""
+
+    kept: list[int] = field(default_factory=list)
+    items: list[PreparedItem] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+
+
+@dataclass
+class EmbedOutput:
+    embeddings: Embeddings  # one row per kept item, in input order
+    kept: list[int]  # input positions embedded
+    rejected: list[Rejected]  # input positions left out, with the reason
+    truncated: list[int]  # input positions whose text was cut to max_text_tokens
+
+
+def check_on_error(on_error: str) -> None:
+    if on_error not in ON_ERROR:
+        raise InputError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+
+
+def prepare_items(model, items: Seq, first: int = 0, on_error: str = "raise") -> Prepared:
+    """Check, load and tokenize items (numbered from `first`); see the module doc for on_error."""
+    check_on_error(on_error)
+    out = Prepared()
+    pre, backend = model.preprocessor, model.backend
+
+    def fail(i: int, e: InputError) -> None:
+        if on_error == "raise":
+            raise type(e)(f"item {i}: {e}") from None
+        out.rejected.append(Rejected(i, str(e)))
+
+    checked = []
+    for i, x in enumerate(items, start=first):
+        try:
+            checked.append((i, as_item(x)))
+        except InputError as e:
+            fail(i, e)
+    texts = pre.tok.encode_texts([pre.text_of(x) for _, x in checked])  # one batched tokenization
+    for (i, x), ids in zip(checked, texts):
+        try:
+            p = pre.prepare(x, ids)
+            if p.pixel_values is not None and "image" not in backend.inputs:
+                raise InputError(f"backend {backend.name!r} takes no images")
+        except InputError as e:
+            fail(i, e)
+            continue
+        out.kept.append(i)
+        out.items.append(p)
+    return out
+
+
+@torch.inference_mode()
+def embed_prepared(model, prepared: Seq[PreparedItem], side: str, batch_size: int = 64, batch_tokens: int = 8192,
+                   bar: tqdm | None = None) -> Embeddings:
+    """Embed prepared items in batches of at most `batch_size` items and `batch_tokens` tokens
+    (ordered as the backend prefers); rows come back in input order, on the CPU."""
+    check_side(side)
+    if batch_size < 1 or batch_tokens < 1:
+        raise InputError(f"batch_size and batch_tokens must be >= 1, got {batch_size}, {batch_tokens}")
+    pre, backend = model.preprocessor, model.backend
+    tokens = model.head.tokens(side)
+    lengths = [pre.embed_length(p, side) for p in prepared]
+    unit = torch.empty(len(prepared), model.dim)
+    norm = torch.empty(len(prepared))
+
+    def collect(batch, pooled: Embeddings):  # waits for this batch's device work
+        unit[batch], norm[batch] = pooled.unit.cpu(), pooled.norm.cpu()
+        if bar is not None:
+            bar.update(len(batch))
+
+    in_flight = None  # one batch queued on the device while the next one's inputs are built
+    for batch in plan_batches(lengths, batch_tokens, batch_size, backend.padded, backend.longest_first):
+        pooled = backend.pooled([pre.embed_sequence(prepared[i], side, tokens) for i in batch])
+        if in_flight is not None:
+            collect(*in_flight)
+        in_flight = (batch, pooled)
+    if in_flight is not None:
+        collect(*in_flight)
+    return Embeddings(unit, norm)
+
+
+def embed_items(model, items: Seq, side: str = "query", batch_size: int = 64, batch_tokens: int = 8192,
+                on_error: str = "raise", progress: bool = False) -> EmbedOutput:
+    """Prepare and embed `items` chunk by chunk (see the module doc)."""
+    check_side(side)
+    check_on_error(on_error)
+    items = list(items)
+    starts = range(0, len(items), PREPARE_CHUNK)
+
+    def prepare(start: int) -> Prepared:
+        return prepare_items(model, items[start: start + PREPARE_CHUNK], first=start, on_error=on_error)
+
+    # one chunk: a worker thread would only add a hand-off
+    chunks = map(prepare, starts) if len(items) <= PREPARE_CHUNK else prefetched(starts, prepare)
+    kept, rejected, truncated, parts = [], [], [], []
+    with tqdm(total=len(items), desc=f"embed {side}", unit="item", disable=not progress) as bar:
+        for chunk in chunks:
+            bar.update(len(chunk.rejected))
+            if chunk.items:
+                parts.append(embed_prepared(model, chunk.items, side, batch_size, batch_tokens, bar))
+            kept += chunk.kept
+            rejected += chunk.rejected
+            truncated += [i for i, p in zip(chunk.kept, chunk.items) if p.truncated]
+    return EmbedOutput(Embeddings.cat(parts, model.dim), kept, rejected, truncated)
+
+
+def embed_rows(model, rows: list, side: str, batch_size: int = 64, progress: bool = False, log=None):
+    """Embed JSONL rows (rematch_fast.jsonl.Row) with on_error="reject": a row that cannot be
+    prepared becomes a Reject with its line and reason; `log` is told of each cut text.
+    Returns (ids of the embedded rows, their Embeddings, rejects)."""
+    from .jsonl import Reject
+
+    out = embed_items(model, [r.item for r in rows], side, batch_size, on_error="reject", progress=progress)
+    for i in out.truncated if log else ():
+        log(f"line {rows[i].line} (id {rows[i].id!r}): text cut to max_text_tokens={model.config.max_text_tokens}")
+    rejects = [Reject(rows[r.index].line, rows[r.index].id, r.reason, rows[r.index].raw) for r in out.rejected]
+    return [rows[i].id for i in out.kept], out.embeddings, rejects

@@ -1,0 +1,134 @@
+"""Top-k search by inner product: the key packing, the torch reference, the custom op, and the
+`search` function (exported as `rematch_fast.search`).
+
+A score and its corpus row travel together as one int64 key: the score's bits, made
+order-preserving, in the high half; (2^32 - 1 - row) in the low half. The largest key is
+the best score, and among equal scores the lower row wins, so a plain top-k over keys is
+deterministic and carries the ids along for free. The Triton kernel
+(rematch_fast.kernels.similarity) builds the same keys.
+
+`rematch_fast::topk_keys` is a custom op like the model ops (rematch_fast.ops): the torch
+reference streams the corpus in chunks on any device, the Triton kernel runs on CUDA. An
+`Index` chooses between them once, when it is built (`kernels="auto" | "torch"`).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .ops import check_kernels
+
+_LOW = 0xFFFFFFFF
+MAX_K = 1024  # the CUDA kernel's largest k (its running top-k buffer)
+MAX_ROWS = 1 << 32  # rows must fit the low half of a key
+DEFAULT_CHUNK_ROWS = 65536
+
+
+def pack_keys(scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.long() << 32) | (_LOW - rows.long())
+
+
+def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores fp32, rows int64) of packed keys."""
+    ordered = (keys >> 32).to(torch.int32)
+    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+    return bits.view(torch.float32), _LOW - (keys & _LOW)
+
+
+def compute_dtype(corpus_dtype: torch.dtype) -> torch.dtype:
+    """The precision queries are rounded to before the dot product (the kernel's tensor-core input)."""
+    if corpus_dtype == torch.int8:
+        return torch.float16  # exact for int8 values, finer than bf16 for the query
+    return corpus_dtype
+
+
+def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: x ~= q * scale[:, None], q in [-127, 127]."""
+    x = x.float()
+    scale = x.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(x / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _chunk_topk_keys(s: torch.Tensor, k: int, start: int) -> torch.Tensor:
+    """Packed keys of the top-k of each row of a score chunk [Q, n] (rows numbered from `start`).
+
+    A float top-k finds the candidates; only rows whose k-th score is shared by
+    entries left outside (a tie at the boundary) are re-ranked over all their keys.
+    """
+    kk = min(k, s.shape[1])
+    vals, idx = torch.topk(s, kk, dim=1)
+    keys = pack_keys(vals, idx + start)
+    tied = (s >= vals[:, -1:]).sum(dim=1) > kk
+    if tied.any():
+        r = tied.nonzero().flatten()
+        rows = torch.arange(start, start + s.shape[1], device=s.device).expand(len(r), -1)
+        keys[r] = torch.topk(pack_keys(s[r], rows), kk, dim=1).values
+    return keys
+
+
+def topk_keys_torch(queries: torch.Tensor, corpus: torch.Tensor, k: int, scale: torch.Tensor | None = None,
+                    chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """Reference: packed keys of the top-k of queries @ corpus.T, best first, int64 [Q, min(k, N)].
+
+    Queries come rounded to `compute_dtype(corpus.dtype)`; the corpus is streamed in chunks, so
+    memory beyond the inputs is O(Q * (chunk_rows + k)).
+    """
+    q = queries.float()
+    best = None
+    for start in range(0, corpus.shape[0], chunk_rows):
+        c = corpus[start: start + chunk_rows].float()
+        s = q @ c.T  # [Q, chunk]
+        if scale is not None:
+            s = s * scale[start: start + chunk_rows].float()[None, :]
+        keys = _chunk_topk_keys(s, k, start)
+        cand = keys if best is None else torch.cat([best, keys], dim=1)
+        best = torch.topk(cand, min(k, cand.shape[1]), dim=1).values
+    return best
+
+
+@torch.library.custom_op("rematch_fast::topk_keys", mutates_args=())
+def topk_keys_op(queries: torch.Tensor, corpus: torch.Tensor, scale: torch.Tensor | None, k: int,
+                 chunk_rows: int) -> torch.Tensor:
+    return topk_keys_torch(queries, corpus, k, scale, chunk_rows)
+
+
+@topk_keys_op.register_kernel("cuda")
+def _(queries, corpus, scale, k, chunk_rows):
+    from .kernels.similarity import topk_keys_triton
+
+    return topk_keys_triton(queries, corpus, k, scale)
+
+
+@topk_keys_op.register_fake
+def _(queries, corpus, scale, k, chunk_rows):
+    return queries.new_empty((queries.shape[0], min(k, corpus.shape[0])), dtype=torch.int64)
+
+
+def select_topk(kernels, device: torch.device | str) -> Callable:
+    """The top-k keys function for a corpus on `device`: (queries, corpus, k, scale, chunk_rows) -> keys.
+    "auto": the custom op on CUDA (the Triton kernel), the reference elsewhere; "torch": the reference."""
+    check_kernels(kernels)
+    if kernels == "auto" and torch.device(device).type == "cuda":
+        return lambda q, c, k, scale, chunk_rows: topk_keys_op(q, c, scale, k, chunk_rows)
+    return topk_keys_torch
+
+
+def topk_similarity_torch(queries: torch.Tensor, corpus: torch.Tensor, k: int, scale: torch.Tensor | None = None,
+                          chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference as (scores fp32 [Q, k], rows int64 [Q, k]), queries rounded as the kernel rounds them."""
+    q = queries.to(compute_dtype(corpus.dtype))
+    return unpack_keys(topk_keys_torch(q, corpus, k, scale, chunk_rows))
+
+
+def search(queries, corpus, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine top-k for unit vectors: (scores float32 [Q, k], ids int64 [Q, k]), best first,
+    ties to the lower corpus row. Runs where the corpus lives (the Triton kernel on CUDA).
+    For repeated searches build an `Index` once."""
+    from .index import Index
+
+    return Index(corpus).search(queries, k)
