@@ -1,6 +1,6 @@
-"""Embedding benchmark (W1, W1e, W2, W5 of WORKLOADS.md) for these providers:
+"""Embedding benchmark (W1, W1e, W2, W5 of docs/benchmarks.md) for these providers:
 
-  hf         plain transformers, the way ../shared/tools/hf_baseline.py drives it: padded
+  hf         plain transformers driven the obvious way (the baseline of docs/benchmarks.md): padded
              batches of raw token ids (W2: <vision_start> image pads <vision_end> + the text,
              with the already-cut pixel patches) through model.model; no template, no
              learnable tokens, no tokenizing or image preprocessing inside the timing
@@ -12,7 +12,8 @@ W1: ragged texts (16..256 tokens, arrival order), useful tokens/s. W1e: all 128 
 W2: square images + a short text, images/s. W5: one 48-token query, latency ms.
 "Useful tokens" are the documents' own tokens; rematch_fast providers also pay for the
 template and the K learnable tokens, and time end to end (tokenizing, image preprocessing).
-Random weights, real architectures. Providers are timed round-robin; medians are reported.
+Random weights, real architectures. Providers are timed round-robin, every call under inference
+mode (harness.py); medians are reported.
 
 x_hf, x_reference: throughput / that provider's (W5: its ms / ms), same run. of_ceiling: the fraction of this card's
 ceiling measured at the start: its dense GEMM rate over the linear-layer FLOPs of the useful
@@ -88,6 +89,7 @@ def hf_text_runner(model: ReMatch, texts, batch: int, dev):
         L = max(map(len, ids))
         batches.append(torch.tensor([x + [-1] * (L - len(x)) for x in ids], device=dev))
 
+    @torch.inference_mode()  # also when called outside the harness (warm-up): no autograd activations
     def run():
         for ids in batches:
             hf.model(input_ids=ids.clamp_min(0), attention_mask=(ids != -1).long()).last_hidden_state[:, -1]
@@ -112,6 +114,7 @@ def hf_image_runner(model: ReMatch, items, batch: int, dev):
         grids = torch.tensor([p.grid_thw for p in part], device=dev)
         batches.append(dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grids, **extra))
 
+    @torch.inference_mode()
     def run():
         for b in batches:
             hf.model(**b).last_hidden_state[:, -1]

@@ -1,4 +1,4 @@
-"""Search benchmark (W4 of WORKLOADS.md): top-k over a normalized corpus.
+"""Search benchmark (W4 of docs/benchmarks.md): top-k over a normalized corpus.
 
 Providers: `torch` (matmul + topk, what a user writes by hand) and
 rematch_fast.Index: `triton` on CUDA (the fused kernel), `streamed` on the

@@ -16,9 +16,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@torch.inference_mode()
 def interleaved_median_ms(fns: dict, device: torch.device, iters: int, warmup: int = 1) -> dict[str, float]:
     """Median ms of each function, timed round-robin (one call of each per round) so that a
-    shared machine's drift hits every provider alike."""
+    shared machine's drift hits every provider alike. Every call runs under inference mode:
+    no provider keeps autograd state (plain transformers would, and run out of memory on 3B)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -37,6 +39,7 @@ def median_ms(fn, device: torch.device, iters: int = 20, warmup: int = 3) -> flo
     return interleaved_median_ms({"fn": fn}, device, iters, warmup)["fn"]
 
 
+@torch.inference_mode()
 def peak_extra_mb(fn, device: torch.device) -> float | None:
     """Peak memory a call allocates beyond what was allocated before it (CUDA only)."""
     if device.type != "cuda":

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import median_ms  # noqa: E402
 
-from rematch_fast.kernels.similarity import topk_similarity_triton  # noqa: E402
+from rematch_fast.kernels.similarity import topk_keys_triton  # noqa: E402
 
 
 def main():
@@ -32,7 +32,7 @@ def main():
     c = F.normalize(torch.randn(args.n, args.d, device=dev), dim=-1).bfloat16()
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     for Q, BQ in [(1, 16), (1024, 128), (64, 64), (1024, 64)]:
-        q = F.normalize(torch.randn(Q, args.d, device=dev), dim=-1)
+        q = F.normalize(torch.randn(Q, args.d, device=dev), dim=-1).bfloat16()  # rounded as the index rounds it
         for BN, warps, fill, BD, stages in itertools.product([128, 256], [4, 8], [2, 8], [64], [3]):
             if time.perf_counter() - start > args.budget_s:
                 return
@@ -41,7 +41,7 @@ def main():
             blocks = dict(BQ=BQ, BN=BN, BD=BD, num_warps=warps, num_stages=stages)
             splits = max(1, fill * sms // -(-Q // BQ))
             try:
-                ms = median_ms(lambda: topk_similarity_triton(q, c, args.k, splits=splits, blocks=blocks), dev, iters=5, warmup=1)
+                ms = median_ms(lambda: topk_keys_triton(q, c, args.k, splits=splits, blocks=blocks), dev, iters=5, warmup=1)
             except Exception as e:  # out of resources: skip the config
                 print(f"Q={Q} {blocks} fill={fill}: {type(e).__name__}", flush=True)
                 continue

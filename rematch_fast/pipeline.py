@@ -66,16 +66,18 @@ def prepare_items(model, items: Seq, first: int = 0, on_error: str = "raise") ->
             raise type(e)(f"item {i}: {e}") from None
         out.rejected.append(Rejected(i, str(e)))
 
-    checked = []
+    checked, bad_item = {}, {}
     for i, x in enumerate(items, start=first):
         try:
-            checked.append((i, as_item(x)))
+            checked[i] = as_item(x)
         except InputError as e:
-            fail(i, e)
-    texts = pre.tok.encode_texts([pre.text_of(x) for _, x in checked])  # one batched tokenization
-    for (i, x), ids in zip(checked, texts):
+            bad_item[i] = e
+    texts = dict(zip(checked, pre.tok.encode_texts([pre.text_of(x) for x in checked.values()])))  # one batch
+    for i in range(first, first + len(items)):  # in input order: "raise" names the first bad item
         try:
-            p = pre.prepare(x, ids)
+            if i in bad_item:
+                raise bad_item[i]
+            p = pre.prepare(checked[i], texts[i])
             if p.pixel_values is not None and "image" not in backend.inputs:
                 raise InputError(f"backend {backend.name!r} takes no images")
         except InputError as e:

@@ -44,3 +44,13 @@ def random_image(w, h, seed, mode="RGB"):
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
     return Image.fromarray(a, "RGB") if mode == "RGB" else Image.fromarray(a, "RGB").convert(mode)
+
+
+# Benchmarks time things rather than test them: run them only when asked (pytest --benchmark-only).
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("benchmark_only", False):
+        return
+    timed = [item for item in items if "benchmark" in getattr(item, "fixturenames", ())]
+    if timed:
+        config.hook.pytest_deselected(items=timed)
+        items[:] = [item for item in items if item not in timed]

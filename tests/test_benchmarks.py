@@ -33,3 +33,44 @@ def test_bench_search_small(tmp_path):
     _script("bench_search").main(["--n", "3000", "--d", "32", "--q", "1", "5", "-k", "7", "--out", str(tmp_path)])
     rows = [json.loads(line) for line in (tmp_path / "search.jsonl").read_text().splitlines()]
     assert {(r["provider"], r["Q"]) for r in rows} == {(p, q) for p in ("torch", "streamed") for q in (1, 5)}
+
+
+def test_gpu_suite_limits_each_part_and_goes_on(tmp_path):
+    """A hanging part is killed at its own limit and a failing one reported; the others still run
+    and print their tables. Checked with stand-ins for python3 and nvidia-smi."""
+    import os
+    import subprocess
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: stand-in'\n")
+    (bin_dir / "python3").write_text(
+        '#!/bin/bash\n'
+        'case "$*" in\n'
+        '  *bench_pooling*) echo "# pooling ran"; echo "| provider |" > "${@: -1}/pooling.md" ;;\n'
+        '  *bench_search*) exec sleep 60 ;;\n'
+        '  *bench_embed*) echo boom; exit 3 ;;\n'
+        'esac\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LIMIT_SEARCH": "1"}
+    start = time.monotonic()
+    run = subprocess.run(["bash", str(BENCH / "gpu_suite.sh"), str(tmp_path / "out")], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert time.monotonic() - start < 30
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "search: TIMED OUT after 1 s" in run.stdout
+    assert "embed: failed with status 3" in run.stdout and "boom" in run.stdout
+    assert "# pooling ran" in run.stdout and "| provider |" in run.stdout
+
+
+def test_every_provider_is_timed_under_inference_mode():
+    harness = _script("harness")
+    import torch
+
+    seen = []
+    harness.interleaved_median_ms({"a": lambda: seen.append(torch.is_inference_mode_enabled()),
+                                   "b": lambda: seen.append(torch.is_inference_mode_enabled())},
+                                  torch.device("cpu"), iters=2, warmup=1)
+    assert seen == [True] * 6

@@ -40,3 +40,29 @@ def test_latency_buckets_replay_cuda_graphs(tiny_paths, dtype, tol):
             torch.testing.assert_close(graphs.embed(queries[:n]), plain.embed(queries[:n]), atol=tol, rtol=0)
     captured = graphs.backend.latency.static
     assert {B for B, _ in captured} == {1, 2, 4, 8} and all("graph" in s for s in captured.values())
+
+
+def test_auto_kernels_on_cuda_equal_the_torch_references(tiny_paths, arch):
+    """kernels="auto" builds the model with the custom ops (Triton on CUDA); "torch" with the references."""
+    from rematch_fast import ops
+
+    auto = ReMatch.from_pretrained(tiny_paths[arch], backend="fast", device="cuda")
+    plain = ReMatch.from_pretrained(tiny_paths[arch], backend="fast", device="cuda", kernels="torch")
+    assert auto.backend.ops is ops.CUSTOM_OPS and plain.backend.ops is ops.TORCH_OPS
+    torch.testing.assert_close(auto.embed(ITEMS), plain.embed(ITEMS), atol=1e-4, rtol=0)
+
+
+def test_the_reference_backend_never_runs_a_kernel(tiny_paths, monkeypatch):
+    """The oracle must not share the kernels it checks: with every Triton entry point broken,
+    the reference backend still embeds on CUDA."""
+    import importlib
+
+    for module, fn in [("pooling", "pool_learnable_triton"), ("rms_norm", "rms_norm_triton"),
+                       ("silu_mul", "silu_mul_triton"), ("rope", "rope_triton"), ("similarity", "topk_keys_triton")]:
+        monkeypatch.setattr(importlib.import_module(f"rematch_fast.kernels.{module}"), fn,
+                            lambda *a, **k: (_ for _ in ()).throw(AssertionError("a kernel ran")))
+    ref = ReMatch.from_pretrained(tiny_paths["qwen2.5-vl"], device="cuda")
+    assert ref.embed(ITEMS).shape == (len(ITEMS), ref.dim)
+    fast = ReMatch.from_pretrained(tiny_paths["qwen2.5-vl"], backend="fast", device="cuda")
+    with pytest.raises(AssertionError, match="a kernel ran"):  # while the fast path does run them
+        fast.embed(ITEMS)

@@ -1,0 +1,95 @@
+"""The one dispatch rule: custom ops with a torch reference, a CUDA kernel and a fake; kernels
+or references chosen once per model or index; kernels/ files are leaves."""
+import ast
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import rematch_fast
+from rematch_fast import Index, InputError, ReMatch, ops, similarity
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _op_cases():
+    rows = ops.learnable_rows_packed(torch.tensor([0, 12, 30, 47]), 5)
+    angles = _rand(9, 8, seed=4) * 20
+    angles = torch.cat([angles, angles], dim=-1)
+    q, c = _rand(3, 24, seed=5), _rand(70, 24, seed=6)
+    c8, scale = similarity.quantize_int8_rows(c)
+    return {
+        "pool_learnable": (ops.pool_learnable_op, (_rand(47, 32, seed=1), rows)),
+        "rms_norm": (ops.rms_norm_op, (_rand(7, 48, seed=2), _rand(48, seed=3), 1e-6)),
+        "silu_mul": (ops.silu_mul_op, (_rand(5, 2 * 40, seed=7),)),
+        "rope": (ops.rope_op, (_rand(9, 3, 16, seed=8), angles.cos(), angles.sin())),
+        "topk_keys": (similarity.topk_keys_op, (q, c, None, 10, 32)),
+        "topk_keys int8": (similarity.topk_keys_op, (q.half(), c8, scale, 10, 32)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_op_cases()))
+def test_custom_op_registration_schema_and_fake(name):
+    """torch.library's own checks: schema, fake (shapes for compile/export), no aliasing of inputs."""
+    op, args = _op_cases()[name]
+    torch.library.opcheck(op, args)
+
+
+def test_custom_ops_equal_their_references_on_the_cpu():
+    cases = _op_cases()
+    refs = {"pool_learnable": ops.pool_learnable_torch, "rms_norm": ops.rms_norm_torch,
+            "silu_mul": ops.silu_mul_torch, "rope": ops.rope_torch}
+    for name, ref in refs.items():
+        op, args = cases[name]
+        got, want = op(*args), ref(*args)
+        for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            assert torch.equal(g, w), name
+    q, c, _, k, chunk = cases["topk_keys"][1]
+    assert torch.equal(similarity.topk_keys_op(q, c, None, k, chunk), similarity.topk_keys_torch(q, c, k, None, chunk))
+
+
+def test_the_choice_is_made_once_by_device_and_kernels():
+    assert ops.select_ops("torch", "cuda") is ops.TORCH_OPS  # the reference's rule, on every device
+    assert ops.select_ops("torch", "cpu") is ops.TORCH_OPS
+    assert ops.select_ops("auto", torch.device("cuda", 0)) is ops.CUSTOM_OPS
+    assert ops.select_ops("auto", "cpu") is ops.TORCH_OPS
+    mine = ops.Ops("mine", *(lambda *a: None,) * 4)
+    assert ops.select_ops(mine, "cpu") is mine
+    with pytest.raises(InputError, match="kernels must be one of"):
+        ops.select_ops("triton", "cpu")
+    assert similarity.select_topk("auto", "cpu") is similarity.topk_keys_torch
+    assert similarity.select_topk("torch", "cuda") is similarity.topk_keys_torch
+    assert similarity.select_topk("auto", "cuda") is not similarity.topk_keys_torch
+
+
+def test_models_and_indexes_hold_the_ops_they_were_built_with(tiny_paths):
+    fast = ReMatch.from_pretrained(tiny_paths["qwen2.5-vl"], backend="fast", kernels="torch")
+    layers = [m for m in fast.backend.model.modules() if hasattr(m, "ops")]
+    assert layers and all(m.ops is ops.TORCH_OPS for m in layers)
+    with pytest.raises(InputError, match="kernels must be one of"):
+        ReMatch.from_pretrained(tiny_paths["qwen2.5-vl"], backend="fast", kernels="fastest")
+    with pytest.raises(InputError, match="kernels must be one of"):
+        Index(torch.randn(4, 8), kernels="cuda")
+
+
+def test_kernel_files_are_leaves():
+    """kernels/ imports nothing from rematch_fast (no import loop between ops and kernels)."""
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith("rematch_fast"), f"{path.name} imports {node.module}"
+                assert node.level == 0 or node.module == "_launch", f"{path.name} imports .{node.module}"
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("rematch_fast") for a in node.names), path.name
+
+
+def test_search_is_a_function_and_no_module_shadows_it():
+    assert callable(rematch_fast.search) and rematch_fast.search is similarity.search
+    assert importlib.util.find_spec("rematch_fast.search") is None
+    scores, rows = rematch_fast.search(torch.eye(3)[1:], torch.eye(3), k=1)
+    assert rows.flatten().tolist() == [1, 2] and torch.allclose(scores, torch.ones(2, 1))

@@ -1,0 +1,45 @@
+"""The one chunked prepare-and-embed loop: on_error="raise" | "reject", order, truncation."""
+import pytest
+import torch
+
+from conftest import random_image
+from rematch_fast import ImageError, InputError, Item, TruncationWarning, pipeline
+
+
+def test_reject_keeps_every_good_item_in_order_and_names_the_bad(models, monkeypatch):
+    m = models["qwen2.5-vl"]
+    monkeypatch.setattr(pipeline, "PREPARE_CHUNK", 3)  # several chunks, prepared on the worker thread
+    items = ["one", Item(image="/nonexistent.png"), "three", 42, {"text": "five", "image": random_image(50, 70, 1)},
+             {"text": "   "}, "seven"]
+    items.append("word " * (m.config.max_text_tokens + 5))
+    with pytest.warns(TruncationWarning):
+        out = pipeline.embed_items(m, items, "document", on_error="reject")
+    assert out.kept == [0, 2, 4, 6, 7]
+    assert [r.index for r in out.rejected] == [1, 3, 5]
+    assert "not found" in out.rejected[0].reason and "str, a dict" in out.rejected[1].reason
+    assert "empty" in out.rejected[2].reason
+    assert out.truncated == [7]
+    whole = m.encode([items[i] for i in out.kept], side="document")
+    torch.testing.assert_close(out.embeddings.unit, whole.unit, atol=1e-6, rtol=0)
+
+
+def test_raise_names_the_first_bad_item(models):
+    m = models["qwen2-vl"]
+    with pytest.raises(ImageError, match="item 2: image file not found"):
+        pipeline.embed_items(m, ["a", "b", Item(image="/nonexistent.png"), 7])
+    with pytest.raises(InputError, match="item 1: an item is a str"):
+        m.encode(["a", 3.5])
+    with pytest.raises(InputError, match="on_error must be one of"):
+        pipeline.embed_items(m, ["a"], on_error="skip")
+
+
+def test_rows_become_rejects_with_their_lines(models, tmp_path):
+    from rematch_fast.jsonl import read_rows
+
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "image": "missing.png"}\n{"id": "c", "text": "ok"}\n')
+    rows, bad = read_rows(path)
+    logged = []
+    ids, emb, rejects = pipeline.embed_rows(models["qwen2-vl"], rows, "document", log=logged.append)
+    assert ids == ["a", "c"] and len(emb) == 2 and not bad and not logged
+    assert [(r.line, r.id) for r in rejects] == [(2, "b")] and "not found" in rejects[0].reason
