@@ -18,6 +18,7 @@ which calls the Triton kernels directly (the CPU tests run them in Triton's inte
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,6 +30,23 @@ from .errors import InputError
 KERNEL_CHOICES = ("auto", "torch")
 
 
+def define_op(name: str, reference: Callable, fake: Callable, cuda: Callable):
+    """The custom op rematch_fast::<name>: `reference` (annotated, so that torch infers the schema)
+    runs on every device but CUDA, where `cuda` runs; `fake` gives the output shapes."""
+    op = torch.library.custom_op(f"rematch_fast::{name}", reference, mutates_args=())
+    op.register_kernel("cuda")(cuda)
+    op.register_fake(fake)
+    return op
+
+
+def triton_kernel(module: str, function: str) -> Callable:
+    """A kernel of rematch_fast.kernels, imported on its first call (only CUDA calls reach it)."""
+    def call(*args):
+        return getattr(importlib.import_module(f"{__package__}.kernels.{module}"), function)(*args)
+
+    return call
+
+
 # -- learnable-token pooling ---------------------------------------------------
 def pool_learnable_torch(hidden: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [T, d], rows [B, K] (row indices of the K learnable tokens of each sequence)
@@ -38,22 +56,11 @@ def pool_learnable_torch(hidden: torch.Tensor, rows: torch.Tensor) -> tuple[torc
     return pooled / norm.clamp_min(1e-12)[:, None], norm
 
 
-@torch.library.custom_op("rematch_fast::pool_learnable", mutates_args=())
-def pool_learnable_op(hidden: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return pool_learnable_torch(hidden, rows)
-
-
-@pool_learnable_op.register_kernel("cuda")
-def _(hidden, rows):
-    from .kernels.pooling import pool_learnable_triton
-
-    return pool_learnable_triton(hidden, rows)
-
-
-@pool_learnable_op.register_fake
-def _(hidden, rows):
-    B, d = rows.shape[0], hidden.shape[1]
-    return hidden.new_empty((B, d), dtype=torch.float32), hidden.new_empty((B,), dtype=torch.float32)
+pool_learnable_op = define_op(
+    "pool_learnable", pool_learnable_torch,
+    lambda hidden, rows: (hidden.new_empty((rows.shape[0], hidden.shape[1]), dtype=torch.float32),
+                          hidden.new_empty((rows.shape[0],), dtype=torch.float32)),
+    triton_kernel("pooling", "pool_learnable_triton"))
 
 
 def learnable_rows_packed(cu_seqlens: torch.Tensor, K: int) -> torch.Tensor:
@@ -77,21 +84,10 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return weight * h.to(x.dtype)
 
 
-@torch.library.custom_op("rematch_fast::rms_norm", mutates_args=())
-def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return rms_norm_torch(x, weight, eps)
-
-
-@rms_norm_op.register_kernel("cuda")
-def _(x, weight, eps):
-    from .kernels.rms_norm import rms_norm_triton
-
-    return rms_norm_triton(x, weight, eps)
-
-
-@rms_norm_op.register_fake
-def _(x, weight, eps):
-    return torch.empty_like(x, dtype=torch.promote_types(x.dtype, weight.dtype))
+rms_norm_op = define_op(
+    "rms_norm", rms_norm_torch,
+    lambda x, weight, eps: torch.empty_like(x, dtype=torch.promote_types(x.dtype, weight.dtype)),
+    triton_kernel("rms_norm", "rms_norm_triton"))
 
 
 def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
@@ -100,21 +96,10 @@ def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-@torch.library.custom_op("rematch_fast::silu_mul", mutates_args=())
-def silu_mul_op(gate_up: torch.Tensor) -> torch.Tensor:
-    return silu_mul_torch(gate_up)
-
-
-@silu_mul_op.register_kernel("cuda")
-def _(gate_up):
-    from .kernels.silu_mul import silu_mul_triton
-
-    return silu_mul_triton(gate_up)
-
-
-@silu_mul_op.register_fake
-def _(gate_up):
-    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+silu_mul_op = define_op(
+    "silu_mul", silu_mul_torch,
+    lambda gate_up: gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2)),
+    triton_kernel("silu_mul", "silu_mul_triton"))
 
 
 def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -125,21 +110,10 @@ def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
 
 
-@torch.library.custom_op("rematch_fast::rope", mutates_args=())
-def rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return rope_torch(x, cos, sin)
-
-
-@rope_op.register_kernel("cuda")
-def _(x, cos, sin):
-    from .kernels.rope import rope_triton
-
-    return rope_triton(x, cos, sin)
-
-
-@rope_op.register_fake
-def _(x, cos, sin):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+rope_op = define_op(
+    "rope", rope_torch,
+    lambda x, cos, sin: torch.empty(x.shape, dtype=x.dtype, device=x.device),
+    triton_kernel("rope", "rope_triton"))
 
 
 # -- choosing once -----------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .ops import check_kernels
+from .ops import check_kernels, define_op
 
 _LOW = 0xFFFFFFFF
 MAX_K = 1024  # the CUDA kernel's largest k (its running top-k buffer)
@@ -91,31 +91,24 @@ def topk_keys_torch(queries: torch.Tensor, corpus: torch.Tensor, k: int, scale: 
     return best
 
 
-@torch.library.custom_op("rematch_fast::topk_keys", mutates_args=())
-def topk_keys_op(queries: torch.Tensor, corpus: torch.Tensor, scale: torch.Tensor | None, k: int,
-                 chunk_rows: int) -> torch.Tensor:
-    return topk_keys_torch(queries, corpus, k, scale, chunk_rows)
-
-
-@topk_keys_op.register_kernel("cuda")
-def _(queries, corpus, scale, k, chunk_rows):
+def _topk_keys_cuda(queries, corpus, k, scale, chunk_rows):
     from .kernels.similarity import topk_keys_triton
 
-    return topk_keys_triton(queries, corpus, k, scale)
+    return topk_keys_triton(queries, corpus, k, scale)  # one pass: the kernel needs no chunks
 
 
-@topk_keys_op.register_fake
-def _(queries, corpus, scale, k, chunk_rows):
-    return queries.new_empty((queries.shape[0], min(k, corpus.shape[0])), dtype=torch.int64)
+topk_keys_op = define_op(
+    "topk_keys", topk_keys_torch,
+    lambda queries, corpus, k, scale, chunk_rows: queries.new_empty((queries.shape[0], min(k, corpus.shape[0])),
+                                                                    dtype=torch.int64),
+    _topk_keys_cuda)
 
 
 def select_topk(kernels, device: torch.device | str) -> Callable:
     """The top-k keys function for a corpus on `device`: (queries, corpus, k, scale, chunk_rows) -> keys.
     "auto": the custom op on CUDA (the Triton kernel), the reference elsewhere; "torch": the reference."""
     check_kernels(kernels)
-    if kernels == "auto" and torch.device(device).type == "cuda":
-        return lambda q, c, k, scale, chunk_rows: topk_keys_op(q, c, scale, k, chunk_rows)
-    return topk_keys_torch
+    return topk_keys_op if kernels == "auto" and torch.device(device).type == "cuda" else topk_keys_torch
 
 
 def topk_similarity_torch(queries: torch.Tensor, corpus: torch.Tensor, k: int, scale: torch.Tensor | None = None,
