@@ -27,6 +27,19 @@ PREPROCESSOR_CONFIG = "preprocessor_config.json"
 # config.json's model_type -> our architecture name
 ARCHITECTURES = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl"}
 ARCHES = tuple(ARCHITECTURES.values())
+# our architecture name -> transformers' model and config classes
+TRANSFORMERS_CLASSES = {
+    "qwen2-vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLConfig"),
+    "qwen2.5-vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig"),
+}
+
+
+def transformers_classes(arch: str) -> tuple[type, type]:
+    """(model class, config class) of transformers for one of ARCHES (imported on first use)."""
+    import transformers
+
+    model, config = TRANSFORMERS_CLASSES[arch]
+    return getattr(transformers, model), getattr(transformers, config)
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,12 @@ def text_config_of(model_config: dict) -> dict:
     return model_config.get("text_config") or model_config
 
 
+def tie_word_embeddings_of(model_config: dict) -> bool:
+    """Whether the LM head is the embedding matrix: set at the top level, or in the text part."""
+    top = model_config.get("tie_word_embeddings")
+    return bool(top if top is not None else text_config_of(model_config).get("tie_word_embeddings", False))
+
+
 @dataclass
 class Checkpoint:
     path: Path
@@ -77,8 +96,7 @@ class Checkpoint:
 
     @property
     def tie_word_embeddings(self) -> bool:
-        top = self.model_config.get("tie_word_embeddings")
-        return bool(top if top is not None else self.text_config.get("tie_word_embeddings", False))
+        return tie_word_embeddings_of(self.model_config)
 
     @functools.cached_property
     def tokenizers(self) -> Tokenizers:

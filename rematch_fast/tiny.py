@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import (ARCHES, ARCHITECTURES, PREPROCESSOR_CONFIG, REMATCH_CONFIG, open_checkpoint, save_head,
-                         text_config_of)
+                         tie_word_embeddings_of, transformers_classes)
 from .config import ReMatchConfig
 from .errors import InputError
 from .head import ReMatchHead
@@ -63,27 +63,17 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [t, h, half - t - h]
 
 
-def _config_class(arch: str):
-    if arch == "qwen2-vl":
-        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-        return Qwen2VLForConditionalGeneration, Qwen2VLConfig
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    return Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig
-
-
 def _hf_config(arch: str, s: dict, like: dict | None):
     """The model class and its config: the published one (`like`, read by transformers itself) or
     the default structure, with every size replaced by the tiny sizes `s`."""
     head_dim = s["hidden_size"] // s["num_attention_heads"]
     if head_dim % 4 or s["hidden_size"] % s["num_attention_heads"]:
         raise InputError("hidden_size / num_attention_heads must be a whole multiple of 4")
-    model_cls, config_cls = _config_class(arch)
+    model_cls, config_cls = transformers_classes(arch)
     if like is not None:
         published = config_cls.from_dict(like)
         text, vision = published.text_config.to_dict(), published.vision_config.to_dict()
-        tie = like.get("tie_word_embeddings", text_config_of(like).get("tie_word_embeddings", False))
+        tie = tie_word_embeddings_of(like)
         ids = {k: like[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
                if k in like}
     else:

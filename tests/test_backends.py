@@ -72,3 +72,7 @@ def test_deprecated_names_still_work_and_warn():
     with pytest.warns(DeprecationWarning, match="from_pooled"):
         again = Embeddings.from_fused(e.pooled)
     torch.testing.assert_close(again.unit, e.unit)
+    from rematch_fast.backends import backend_class
+
+    with pytest.warns(DeprecationWarning, match="backend_factory"):
+        assert backend_class("reference").__name__ == "ReferenceBackend"

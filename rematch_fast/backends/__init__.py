@@ -5,4 +5,14 @@ from .base import Backend, backend_factory, create_backend, register_backend, re
 register_backend("reference", "rematch_fast.backends.reference:ReferenceBackend")
 register_backend("fast", "rematch_fast.backends.fast:FastBackend")
 
+
+
+def backend_class(name: str):
+    """Deprecated: use backend_factory (or create_backend)."""
+    import warnings
+
+    warnings.warn("backend_class is now backend_factory", DeprecationWarning, stacklevel=2)
+    return backend_factory(name)
+
+
 __all__ = ["Backend", "backend_factory", "create_backend", "register_backend", "registered_backends"]

@@ -11,21 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, transformers_classes
 from ..embeddings import Embeddings
 from ..ops import pool_learnable_torch
 from ..sequence import Sequence
 from .base import INPUT_KINDS
-
-
-def _model_class(arch: str):
-    if arch == "qwen2-vl":
-        from transformers import Qwen2VLForConditionalGeneration
-
-        return Qwen2VLForConditionalGeneration
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    return Qwen2_5_VLForConditionalGeneration
 
 
 class ReferenceBackend:
@@ -36,7 +26,7 @@ class ReferenceBackend:
 
     def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
-        model = _model_class(ckpt.arch).from_pretrained(
+        model = transformers_classes(ckpt.arch)[0].from_pretrained(
             str(ckpt.path), dtype=dtype, attn_implementation="sdpa", use_safetensors=True
         )
         self.model = model.to(device).eval()

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed (pip install pytest-benchmark)")
 
-from rematch_fast.ops import CUSTOM_OPS, TORCH_OPS, learnable_rows_packed  # noqa: E402
+from rematch_fast.ops import learnable_rows_packed, select_ops  # noqa: E402
 from rematch_fast.similarity import (  # noqa: E402
-    DEFAULT_CHUNK_ROWS, compute_dtype, quantize_int8_rows, topk_keys_op, topk_keys_torch, unpack_keys,
+    DEFAULT_CHUNK_ROWS, compute_dtype, quantize_int8_rows, select_topk, unpack_keys,
 )
 
 DEVICES = [
@@ -28,7 +28,8 @@ DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
 
 
 def _ops(device):
-    return TORCH_OPS if device == "cpu" else CUSTOM_OPS
+    # what a model built with kernels="auto" runs: the torch references on the CPU, the custom ops on CUDA
+    return select_ops("auto", device)
 
 
 def _randn(*shape, seed, device, dtype=torch.float32):
@@ -89,7 +90,8 @@ def test_bench_rms_norm(benchmark, device):
     w = (1 + 0.1 * _randn(D, seed=4, device=device)).to(dtype)
     nbytes = 2 * N * D * x.element_size() + D * w.element_size()
 
-    y = _run(benchmark, _ops(device).rms_norm, x, w, eps, device=device, shape=f"x[{N},{D}]", dtype=dtype, nbytes=nbytes)
+    y = _run(benchmark, _ops(device).rms_norm, x, w, eps, device=device, shape=f"x[{N},{D}]", dtype=dtype,
+             nbytes=nbytes)
 
     assert y.shape == (N, D) and y.dtype == dtype
     i = N // 2 + 7
@@ -106,7 +108,8 @@ def test_bench_silu_mul(benchmark, device):
     gate_up = _randn(N, 2 * I, seed=5, device=device, dtype=dtype)
     nbytes = 3 * N * I * gate_up.element_size()  # read gate and up, write one [N, I]
 
-    y = _run(benchmark, _ops(device).silu_mul, gate_up, device=device, shape=f"gate_up[{N},{2 * I}]", dtype=dtype, nbytes=nbytes)
+    y = _run(benchmark, _ops(device).silu_mul, gate_up, device=device, shape=f"gate_up[{N},{2 * I}]", dtype=dtype,
+             nbytes=nbytes)
 
     assert y.shape == (N, I) and y.dtype == dtype
     i = N - 5
@@ -128,7 +131,8 @@ def test_bench_rope(benchmark, device):
     cos, sin = angle.cos().float().to(device), angle.sin().float().to(device)
     nbytes = 2 * T * H * D * x.element_size() + 2 * T * D * 4
 
-    y = _run(benchmark, _ops(device).rope, x, cos, sin, device=device, shape=f"x[{T},{H},{D}]", dtype=dtype, nbytes=nbytes)
+    y = _run(benchmark, _ops(device).rope, x, cos, sin, device=device, shape=f"x[{T},{H},{D}]", dtype=dtype,
+             nbytes=nbytes)
 
     assert y.shape == (T, H, D) and y.dtype == dtype
     t, h = 1234, 5
@@ -152,11 +156,9 @@ def test_bench_topk_search(benchmark, device, corpus_kind, Q):
     q = queries.to(compute_dtype(corpus.dtype))  # rounded once, as the index does before the search
     nbytes = N * d * corpus.element_size() + (N * 4 if scale is not None else 0) + q.numel() * q.element_size()
 
-    if device == "cpu":
-        fn, args = topk_keys_torch, (q, corpus, k, scale)
-    else:
-        fn, args = topk_keys_op, (q, corpus, scale, k, DEFAULT_CHUNK_ROWS)
-    keys = _run(benchmark, fn, *args, device=device, shape=f"queries[{Q},{d}] corpus[{N},{d}] k={k}", dtype=corpus.dtype, nbytes=nbytes)
+    topk = select_topk("auto", device)  # as an Index picks it: the reference on the CPU, the custom op on CUDA
+    keys = _run(benchmark, topk, q, corpus, k, scale, DEFAULT_CHUNK_ROWS, device=device,
+                shape=f"queries[{Q},{d}] corpus[{N},{d}] k={k}", dtype=corpus.dtype, nbytes=nbytes)
 
     scores, rows = unpack_keys(keys)
     assert keys.shape == (Q, k) and keys.dtype == torch.int64
