@@ -19,8 +19,10 @@ from .errors import ConfigError, InputError
 FORMAT_VERSION = 1
 SIDES = ("query", "document")
 VIEWS = ("raw", "feat")
-MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-INDEX_DTYPES = {**MODEL_DTYPES, "int8": torch.int8}  # an index may also hold a per-row quantized corpus
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                "float64": torch.float64}  # float64: the reference as an exact oracle for low-precision tests
+# what the search kernel reads: float32/16, bfloat16, or a per-row quantized int8 corpus
+INDEX_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
 
 # The Qwen2 chat frame both templates use. `{instruction}` and `{item}` are
 # filled per side for embedding; `{query}` and `{document}` for matching.

@@ -76,3 +76,10 @@ def test_deprecated_names_still_work_and_warn():
 
     with pytest.warns(DeprecationWarning, match="backend_factory"):
         assert backend_class("reference").__name__ == "ReferenceBackend"
+
+
+def test_dtypes_by_name_or_torch_dtype(tiny_paths):
+    m = ReMatch.from_pretrained(tiny_paths["qwen2-vl"], dtype="float64")
+    assert next(m.backend.model.parameters()).dtype == torch.float64 and m.embed(["x"]).dtype == torch.float32
+    with pytest.raises(InputError, match=r"the model dtype must be one of \['bfloat16', 'float16', 'float32', 'float64'\]"):
+        ReMatch.from_pretrained(tiny_paths["qwen2-vl"], dtype=torch.int8)
