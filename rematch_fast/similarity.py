@@ -13,7 +13,7 @@ reference streams the corpus in chunks on any device, the Triton kernel runs on 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional  # Optional: the custom op's schema reads it on every torch version
 
 import torch
 
@@ -71,7 +71,7 @@ def _chunk_topk_keys(s: torch.Tensor, k: int, start: int) -> torch.Tensor:
     return keys
 
 
-def topk_keys_torch(queries: torch.Tensor, corpus: torch.Tensor, k: int, scale: torch.Tensor | None = None,
+def topk_keys_torch(queries: torch.Tensor, corpus: torch.Tensor, k: int, scale: Optional[torch.Tensor] = None,
                     chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
     """Reference: packed keys of the top-k of queries @ corpus.T, best first, int64 [Q, min(k, N)].
 
