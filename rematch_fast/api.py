@@ -8,13 +8,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import pipeline
+from .pipeline import check_finite
 from .backends import create_backend
 from .checkpoint import open_checkpoint
-from .config import MODEL_DTYPES, check_view, parse_dtype
+from .config import MODEL_DTYPES, check_view, parse_device, parse_dtype
 from .embeddings import Embeddings
 from .errors import InputError
 from .images import ImageProcessor
-from .items import ItemLike, as_item
+from .items import Item, ItemLike, as_item
 from .scheduler import plan_batches
 from .sequence import PreparedItem, Preprocessor
 
@@ -34,9 +35,9 @@ class ReMatch:
                         dtype: torch.dtype | str = torch.float32, **backend_options) -> ReMatch:
         """backend: a registered name (rematch_fast.backends.registered_backends()); backend_options
         go to it, e.g. latency_buckets=(64, 128, 256) or kernels="torch" for "fast"."""
-        ckpt = open_checkpoint(path)
-        device = torch.device(device)
+        device = parse_device(device)
         dtype = parse_dtype(dtype, MODEL_DTYPES, "the model dtype")
+        ckpt = open_checkpoint(path)
         impl = create_backend(backend, ckpt, device, dtype, **backend_options)
         head = ckpt.load_head(device, dtype)
         pre = Preprocessor(ckpt.config, ckpt.tokenizers, ImageProcessor(ckpt.image_settings), ckpt.special_tokens)
@@ -80,10 +81,9 @@ class ReMatch:
 
     def embed(self, items: Iterable[ItemLike] | ItemLike, side: str = "query", batch_size: int = 64,
               batch_tokens: int = 8192, progress: bool = False) -> torch.Tensor:
-        """float32 [n, dim] embeddings, unit norm (E* itself if the config sets normalize=false)."""
-        if isinstance(items, (str, dict)) or not isinstance(items, Iterable):
-            items = [items]
-        e = self.encode(items, side, batch_size, batch_tokens, progress)
+        """float32 [n, dim] embeddings, unit norm (E* itself if the config sets normalize=false).
+        A lone item (a str, a dict or an Item) is embedded as a list of one."""
+        e = self.encode(_as_list(items), side, batch_size, batch_tokens, progress)
         return e.unit if self.config.normalize else e.pooled
 
     # -- matching -------------------------------------------------------------
@@ -99,6 +99,9 @@ class ReMatch:
     def _project(self, e: Embeddings) -> torch.Tensor:  # [n, d] in the model's dtype
         if e.dim != self.dim:
             raise InputError(f"embeddings have dimension {e.dim}, the model needs {self.dim}")
+        bad = (~torch.isfinite(e.unit).all(dim=1) | ~torch.isfinite(e.norm)).nonzero().flatten()
+        if len(bad):
+            raise InputError(f"embedding row {int(bad[0])} holds NaN or infinite values ({len(bad)} such rows)")
         p = next(self.head.parameters())
         return self.head.projector(e.pooled.to(p.device, p.dtype))
 
@@ -108,8 +111,9 @@ class ReMatch:
         """p(yes) that each candidate matches the query: float32 [n] in (0, 1).
 
         `query` is an item (or, for query_view="feat", an Embeddings of one
-        row); `candidates` a list of items or, for doc_view="feat", an
-        Embeddings read from a store (the documents are then never re-read).
+        row); `candidates` the items `embed` accepts (a list, or a lone item) or,
+        for doc_view="feat", an Embeddings read from a store (the documents are
+        then never re-read).
         """
         check_view(query_view, "query_view")
         check_view(doc_view, "doc_view")
@@ -118,6 +122,8 @@ class ReMatch:
         q = self._view(query, "query", query_view)
         if query_view == "feat":
             q = q[0]
+        if not isinstance(candidates, Embeddings):
+            candidates = _as_list(candidates)
         if isinstance(candidates, Embeddings):
             if doc_view != "feat":
                 raise InputError("candidates given as Embeddings need doc_view='feat'")
@@ -134,6 +140,14 @@ class ReMatch:
         with tqdm(total=len(seqs), desc="match", unit="cand", disable=not progress) as bar:
             for batch in self._batches([len(s) for s in seqs], batch_tokens, batch_size):
                 logits = self.backend.answer_logits([seqs[i] for i in batch], self.preprocessor.answer_ids)
+                check_finite(logits, batch, "the answer logits of candidate")
                 probs[batch] = torch.softmax(logits, dim=-1)[:, 0].cpu()
                 bar.update(len(batch))
         return probs
+
+
+def _as_list(items) -> list:
+    """What embed and match take: a lone item (str, dict, Item) or an iterable of items."""
+    if isinstance(items, (str, dict, Item)) or not isinstance(items, Iterable):
+        return [items]
+    return list(items)

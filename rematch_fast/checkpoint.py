@@ -10,6 +10,7 @@ special token ids from config.json checked against tokenizer.json.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ PREPROCESSOR_CONFIG = "preprocessor_config.json"
 # config.json's model_type -> our architecture name
 ARCHITECTURES = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl"}
 ARCHES = tuple(ARCHITECTURES.values())
+_SAMPLE = 1 << 20  # bytes of a weight file read at each of three places for the fingerprint
 # our architecture name -> transformers' model and config classes
 TRANSFORMERS_CLASSES = {
     "qwen2-vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLConfig"),
@@ -119,6 +121,24 @@ class Checkpoint:
                              pad=self.tokenizers.special_id("<|endoftext|>"))
 
     @functools.cached_property
+    def fingerprint(self) -> str:
+        """A content fingerprint recorded in every index built with this checkpoint, so that a
+        search never mixes checkpoints: the config, tokenizer and head files in full, and each
+        weight file's size, header and three sampled blocks (hashing gigabytes in full would
+        take seconds on every run; any re-save or retrain changes the sampled bytes)."""
+        digest = hashlib.sha256()
+        for name in ("config.json", REMATCH_CONFIG, PREPROCESSOR_CONFIG, "tokenizer.json", REMATCH_HEAD):
+            digest.update(name.encode() + b"\0" + (self.path / name).read_bytes())
+        for f in sorted(self.path.glob("model*.safetensors")):
+            size = f.stat().st_size
+            digest.update(f"{f.name}\0{size}".encode())
+            with f.open("rb") as fh:
+                for at in (0, size // 2, max(0, size - _SAMPLE)):
+                    fh.seek(at)
+                    digest.update(fh.read(_SAMPLE))
+        return "sha256:" + digest.hexdigest()
+
+    @functools.cached_property
     def image_settings(self) -> ImageSettings:
         return image_settings(self.preprocessor_config, self.vision_config, self.config, self.path)
 
@@ -179,7 +199,23 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             f"{ckpt.text_config.get('hidden_size')}"
         )
     ckpt.image_settings  # noqa: B018 - checked now, so that a bad file fails at open, not at the first image
+    check_model_files(ckpt)
     return ckpt
+
+
+def check_model_files(ckpt: Checkpoint) -> None:
+    """config.json gives a complete model, and the safetensors files hold every tensor it implies
+    with the right shape (headers only: fast). Both backends rely on it: transformers would
+    otherwise fill missing layers with random weights, silently."""
+    from .model.config import model_config
+    from .model.loader import check_weights
+
+    try:
+        cfg = model_config(ckpt)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt.path}/config.json does not describe a complete {ckpt.arch} model: "
+                              f"{type(e).__name__} {e}") from None
+    check_weights(ckpt.path, cfg)
 
 
 def _read_json(path: Path) -> dict:

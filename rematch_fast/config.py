@@ -72,6 +72,8 @@ class ReMatchConfig:
     extra: dict = field(default_factory=dict)  # unknown keys of a newer writer, kept on save
 
     def __post_init__(self):
+        if self.projector is not None and not isinstance(self.projector, (dict, ProjectorConfig)):
+            raise ConfigError(f"projector must be an object with hidden_size and activation, got {self.projector!r}")
         if isinstance(self.projector, dict):
             try:
                 self.projector = ProjectorConfig(**self.projector)
@@ -88,7 +90,7 @@ class ReMatchConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
 
-        for name in ("hidden_size", "num_learnable_tokens", "max_text_tokens"):
+        for name in ("hidden_size", "num_learnable_tokens", "max_text_tokens", "format_version"):
             positive_int(name)
         for name in ("min_pixels", "max_pixels"):
             if getattr(self, name) is not None:
@@ -146,9 +148,9 @@ class ReMatchConfig:
     @classmethod
     def load(cls, path: str | Path) -> ReMatchConfig:
         try:
-            d = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+            d = json.loads(Path(path).read_bytes().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not valid JSON text: {e}") from None
         return cls.from_dict(d)
 
 
@@ -169,6 +171,23 @@ def parse_dtype(dtype: str | torch.dtype, table: dict[str, torch.dtype], what: s
     if dtype not in table.values():
         raise InputError(f"{what} must be one of {sorted(table)}, got {dtype}")
     return dtype
+
+
+def parse_device(device) -> torch.device:
+    """A torch device that exists on this machine; otherwise an InputError listing those that do."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"device {device!r} is not a torch device ({e}); available: {available_devices()}") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda" and torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count():
+        return dev
+    raise InputError(f"device {device!r} is not available on this machine; available: {available_devices()}")
+
+
+def available_devices() -> list[str]:
+    return ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
 
 
 def check_side(side: str) -> None:

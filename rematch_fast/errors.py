@@ -25,5 +25,9 @@ class ImageError(InputError):
     """An image is missing, unreadable, or has an unusable shape."""
 
 
+class NonFiniteError(ReMatchError, ValueError):
+    """A model output (an embedding, answer logits) is NaN or infinite; never returned silently."""
+
+
 class TruncationWarning(UserWarning):
     """A text was longer than the configured limit and was cut."""

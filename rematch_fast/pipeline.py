@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .config import check_side
 from .embeddings import Embeddings
-from .errors import InputError
+from .errors import InputError, NonFiniteError
 from .items import as_item
 from .scheduler import plan_batches, prefetched
 from .sequence import PreparedItem
@@ -48,6 +48,14 @@ class EmbedOutput:
     kept: list[int]  # input positions embedded
     rejected: list[Rejected]  # input positions left out, with the reason
     truncated: list[int]  # input positions whose text was cut to max_text_tokens
+
+
+def check_finite(rows: torch.Tensor, positions: Seq[int], what: str) -> None:
+    """NonFiniteError naming the first of `rows` (at input `positions`) that holds NaN or Inf."""
+    bad = (~torch.isfinite(rows.reshape(rows.shape[0], -1)).all(dim=1)).nonzero().flatten()
+    if len(bad):
+        raise NonFiniteError(f"{what} {positions[int(bad[0])]} is NaN or infinite (the model's numbers "
+                             f"overflowed: try dtype float32 or bfloat16)")
 
 
 def check_on_error(on_error: str) -> None:
@@ -90,9 +98,11 @@ def prepare_items(model, items: Seq, first: int = 0, on_error: str = "raise") ->
 
 @torch.inference_mode()
 def embed_prepared(model, prepared: Seq[PreparedItem], side: str, batch_size: int = 64, batch_tokens: int = 8192,
-                   bar: tqdm | None = None) -> Embeddings:
+                   bar: tqdm | None = None, positions: Seq[int] | None = None) -> Embeddings:
     """Embed prepared items in batches of at most `batch_size` items and `batch_tokens` tokens
-    (ordered as the backend prefers); rows come back in input order, on the CPU."""
+    (ordered as the backend prefers); rows come back in input order, on the CPU. A model output
+    that is not finite raises NonFiniteError naming the item by its input position
+    (`positions[i]` for prepared[i]; by default i)."""
     check_side(side)
     if batch_size < 1 or batch_tokens < 1:
         raise InputError(f"batch_size and batch_tokens must be >= 1, got {batch_size}, {batch_tokens}")
@@ -104,6 +114,7 @@ def embed_prepared(model, prepared: Seq[PreparedItem], side: str, batch_size: in
 
     def collect(batch, pooled: Embeddings):  # waits for this batch's device work
         unit[batch], norm[batch] = pooled.unit.cpu(), pooled.norm.cpu()
+        check_finite(unit[batch], [positions[i] if positions else i for i in batch], "the embedding of item")
         if bar is not None:
             bar.update(len(batch))
 
@@ -136,7 +147,7 @@ def embed_items(model, items: Seq, side: str = "query", batch_size: int = 64, ba
         for chunk in chunks:
             bar.update(len(chunk.rejected))
             if chunk.items:
-                parts.append(embed_prepared(model, chunk.items, side, batch_size, batch_tokens, bar))
+                parts.append(embed_prepared(model, chunk.items, side, batch_size, batch_tokens, bar, chunk.kept))
             kept += chunk.kept
             rejected += chunk.rejected
             truncated += [i for i, p in zip(chunk.kept, chunk.items) if p.truncated]

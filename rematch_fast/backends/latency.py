@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..embeddings import Embeddings
+from ..errors import InputError
 from ..sequence import Sequence
 
 MAX_BATCH = 8
@@ -23,7 +24,10 @@ MAX_BATCH = 8
 class LatencyBuckets:
     def __init__(self, model, lengths, pad_id: int, device: torch.device):
         self.model = model
-        self.lengths = sorted(int(n) for n in lengths)
+        lengths = list(lengths)
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths):
+            raise InputError(f"latency_buckets must be positive token counts, e.g. (64, 128, 256); got {tuple(lengths)}")
+        self.lengths = sorted(set(lengths))
         self.pad_id = pad_id
         self.device = device
         self.static: dict[tuple[int, int], dict] = {}  # (B, L) -> buffers (and its graph on CUDA)

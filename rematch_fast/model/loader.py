@@ -5,10 +5,11 @@ and transformers 5's (`model.language_model...`, `model.visual...`).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import CheckpointError
@@ -60,41 +61,64 @@ def _fused_parts(model: nn.Module) -> dict[str, tuple[str, slice]]:
     return out
 
 
-def load_model(path: str | Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, ops: Ops) -> QwenVL:
-    """The model built with `ops` (rematch_fast.ops.select_ops) and filled from the safetensors in `path`."""
+def _placements(path: str | Path, model: QwenVL, device: str = "cpu"):
+    """Match every checkpoint tensor to its place in `model`, reading headers only; yields
+    (open file, key, destination view) and raises CheckpointError for a tensor with no place,
+    a wrong shape, a missing one, or a file that cannot be read (truncated, not safetensors)."""
     files = sorted(Path(path).glob("model*.safetensors"))
     if not files:
         raise CheckpointError(f"{path} has no model*.safetensors weights")
-    with torch.device("meta"):
-        model = QwenVL(cfg, ops)
-    model = model.to_empty(device=device).to(dtype)
+    tied = model.cfg.text.tie_word_embeddings
     params = model.state_dict()
     fused = _fused_parts(model)
     # every checkpoint tensor we need: our own names, with fused ones replaced by their parts
     targets = {n: (n, slice(None)) for n in params if n not in {t for t, _ in fused.values()}} | fused
     seen = set()
-    with torch.no_grad():
-        for f in files:
-            with safe_open(str(f), framework="pt", device=str(device)) as sf:
-                for key in sf.keys():
-                    name = _our_name(key)
-                    if name is None or (name == "lm_head.weight" and cfg.text.tie_word_embeddings):
-                        continue
-                    if name not in targets:
-                        raise CheckpointError(f"{f.name}: weight {key!r} has no place in the {cfg.arch} model")
-                    t = sf.get_tensor(key)
-                    if name == "visual.patch_embed.weight":
-                        t = t.reshape(t.shape[0], -1)  # Conv3d kernel == stride: a plain matmul
-                    target, rows = targets[name]
-                    dest = params[target][rows]
-                    if t.shape != dest.shape:
-                        raise CheckpointError(f"{f.name}: {key} has shape {tuple(t.shape)}, "
-                                              f"the config needs {tuple(dest.shape)}")
-                    dest.copy_(t)
-                    seen.add(name)
+    for f in files:
+        try:
+            sf = safe_open(str(f), framework="pt", device=device)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f} cannot be read as safetensors (truncated or damaged?): {e}") from None
+        with sf:
+            for key in sf.keys():
+                name = _our_name(key)
+                if name is None or (name == "lm_head.weight" and tied):
+                    continue
+                if name not in targets:
+                    raise CheckpointError(f"{f.name}: weight {key!r} has no place in the {model.cfg.arch} model")
+                target, rows = targets[name]
+                dest = params[target][rows]
+                shape = sf.get_slice(key).get_shape()
+                if name == "visual.patch_embed.weight":  # Conv3d kernel == stride: a plain matmul
+                    shape = [shape[0], math.prod(shape[1:])]
+                if tuple(shape) != tuple(dest.shape):
+                    raise CheckpointError(f"{f.name}: {key} has shape {tuple(shape)}, the config needs {tuple(dest.shape)}")
+                seen.add(name)
+                yield sf, key, dest
     missing = sorted(set(targets) - seen)
     if missing:
-        raise CheckpointError(f"{path}: weights missing from the safetensors files: {missing[:8]}")
+        raise CheckpointError(f"{path}: {len(missing)} weights the config needs are missing from the safetensors "
+                              f"files, e.g. {missing[:4]}: is config.json the one these weights were saved with?")
+
+
+def check_weights(path: str | Path, cfg: ModelConfig) -> None:
+    """Every tensor the config implies is present with the right shape (headers only; no weights read)."""
+    from ..ops import TORCH_OPS
+
+    with torch.device("meta"):
+        model = QwenVL(cfg, TORCH_OPS)
+    for _ in _placements(path, model):
+        pass
+
+
+def load_model(path: str | Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, ops: Ops) -> QwenVL:
+    """The model built with `ops` (rematch_fast.ops.select_ops) and filled from the safetensors in `path`."""
+    with torch.device("meta"):
+        model = QwenVL(cfg, ops)
+    model = model.to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for sf, key, dest in _placements(path, model, str(device)):
+            dest.copy_(sf.get_tensor(key).reshape(dest.shape))
     model.visual.reset_buffers()
     model.decoder.reset_buffers()
     return model.eval()
