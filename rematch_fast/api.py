@@ -14,7 +14,7 @@ from .checkpoint import open_checkpoint
 from .config import MODEL_DTYPES, check_view, parse_device, parse_dtype
 from .embeddings import Embeddings
 from .errors import InputError
-from .images import ImageProcessor
+from .images import DEFAULT_DECODE_LIMIT, ImageProcessor
 from .items import Item, ItemLike, as_item
 from .scheduler import plan_batches
 from .sequence import PreparedItem, Preprocessor
@@ -32,15 +32,19 @@ class ReMatch:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, backend: str = "reference", device="cpu",
-                        dtype: torch.dtype | str = torch.float32, **backend_options) -> ReMatch:
+                        dtype: torch.dtype | str = torch.float32, max_image_pixels: int | None = DEFAULT_DECODE_LIMIT,
+                        **backend_options) -> ReMatch:
         """backend: a registered name (rematch_fast.backends.registered_backends()); backend_options
-        go to it, e.g. latency_buckets=(64, 128, 256) or kernels="torch" for "fast"."""
+        go to it, e.g. latency_buckets=(64, 128, 256) or kernels="torch" for "fast".
+        max_image_pixels: the largest image file (width x height, read from its header) decoded at
+        all; a larger one is an ImageError before any decoding (None: no limit)."""
         device = parse_device(device)
         dtype = parse_dtype(dtype, MODEL_DTYPES, "the model dtype")
         ckpt = open_checkpoint(path)
         impl = create_backend(backend, ckpt, device, dtype, **backend_options)
         head = ckpt.load_head(device, dtype)
-        pre = Preprocessor(ckpt.config, ckpt.tokenizers, ImageProcessor(ckpt.image_settings), ckpt.special_tokens)
+        images = ImageProcessor(ckpt.image_settings, decode_limit=max_image_pixels)
+        pre = Preprocessor(ckpt.config, ckpt.tokenizers, images, ckpt.special_tokens)
         return cls(ckpt, impl, head, pre)
 
     @property

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ReMatchConfig
+from .config import ARCHES, ARCHITECTURES, ReMatchConfig  # noqa: F401 - ARCHES re-exported
 from .errors import CheckpointError, ConfigError
 from .head import ReMatchHead
 from .tokenizer import Tokenizers
@@ -25,9 +25,6 @@ from .tokenizer import Tokenizers
 REMATCH_CONFIG = "rematch_config.json"
 REMATCH_HEAD = "rematch_head.safetensors"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
-# config.json's model_type -> our architecture name
-ARCHITECTURES = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl"}
-ARCHES = tuple(ARCHITECTURES.values())
 _SAMPLE = 1 << 20  # bytes of a weight file read at each of three places for the fingerprint
 # our architecture name -> transformers' model and config classes
 TRANSFORMERS_CLASSES = {
@@ -220,9 +217,9 @@ def check_model_files(ckpt: Checkpoint) -> None:
 
 def _read_json(path: Path) -> dict:
     try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+        d = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON text: {e}") from None
     if not isinstance(d, dict):
         raise CheckpointError(f"{path} must hold a JSON object")
     return d

@@ -1,12 +1,20 @@
 """The `rematch-fast` command line: init-tiny, embed, search, rerank, demo.
 
-Exit status: 0 done; 1 error (nothing written); 2 bad command line;
-3 done, but some rows were rejected (listed with their reasons in the rejects file).
+Exit status:
+  0  done
+  1  error: no output was written (when rows were rejected, the rejects file says why)
+  2  bad command line: a bad value, an unknown backend or device; checked before any work
+  3  done, but some rows were rejected (listed with their reasons in the rejects file)
+An input with no usable row (empty, or every row rejected) is an error (1). The rejects file
+is always written, empty when nothing was rejected. No output or checkpoint is replaced
+unless --overwrite is given.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -14,11 +22,15 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .backends import registered_backends
-from .checkpoint import ARCHES
-from .config import INDEX_DTYPES, MODEL_DTYPES
+from .config import ARCHES, INDEX_DTYPES, MODEL_DTYPES
 from .errors import InputError, ReMatchError, TruncationWarning
+from .images import DEFAULT_DECODE_LIMIT
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REJECTS = 0, 1, 2, 3
+
+
+class UsageError(Exception):
+    """A bad command-line value (exit 2)."""
 
 
 def _log(msg: str) -> None:
@@ -28,32 +40,94 @@ def _log(msg: str) -> None:
 def _load_model(args):
     from .api import ReMatch
 
-    return ReMatch.from_pretrained(args.checkpoint, backend=args.backend, device=args.device, dtype=args.dtype)
+    return ReMatch.from_pretrained(args.checkpoint, backend=args.backend, device=args.device, dtype=args.dtype,
+                                   max_image_pixels=args.max_image_pixels or None)
 
 
-def _finish(rejects, rejects_path: Path, what: str) -> int:
+# -- outputs: checked before any work, never replaced without --overwrite ------------------
+def _writable_dir(folder: Path) -> None:
+    """The nearest existing folder at or above `folder` accepts new files."""
+    at = folder
+    while not at.exists():
+        at = at.parent
+    if not at.is_dir():
+        raise InputError(f"{folder} cannot be created: {at} is a file")
+    if not os.access(at, os.W_OK | os.X_OK):
+        raise InputError(f"{at} is not writable")
+
+
+def _check_output(path: Path, kind: str, overwrite: bool) -> None:
+    """`path` may be written as a `kind` ("file" or "folder")."""
+    if path.exists():
+        if (kind == "file") != path.is_file():
+            raise InputError(f"{path} is a {'folder' if path.is_dir() else 'file'}; a {kind} is needed here")
+        if kind == "folder" and not any(path.iterdir()):
+            return  # an empty folder holds nothing to lose
+        if not overwrite:
+            raise InputError(f"{path} exists; pass --overwrite to replace it")
+    _writable_dir(path.parent if kind == "file" else path)
+
+
+def _file_outputs(args) -> tuple[Path, Path]:
+    """--out (a file, replaced only with --overwrite) and its rejects file, checked before any work."""
+    out = Path(args.out)
+    rejects_path = Path(args.rejects or str(out) + ".rejects.jsonl")
+    _check_output(out, "file", args.overwrite)
+    _check_output(rejects_path, "file", overwrite=True)  # a run's rejects always replace the last run's
+    return out, rejects_path
+
+
+def _finish(rejects, rejects_path: Path, what: str, done: bool) -> int:
+    """Write the rejects file (always: empty when nothing was rejected) and pick the exit status."""
     from .jsonl import write_jsonl
 
-    if not rejects:
-        if rejects_path.exists():
-            rejects_path.unlink()  # a stale file from an earlier run would mislead
-        return EXIT_OK
+    rejects = sorted(rejects, key=lambda r: r.line)
+    rejects_path.parent.mkdir(parents=True, exist_ok=True)  # checked writable before the work
     write_jsonl(rejects_path, [r.to_json() for r in rejects])
-    _log(f"{len(rejects)} {what} rejected; reasons in {rejects_path}")
-    return EXIT_REJECTS
+    if rejects:
+        _log(f"{len(rejects)} {what} rejected; reasons in {rejects_path}")
+    if not done:
+        return EXIT_ERROR
+    return EXIT_REJECTS if rejects else EXIT_OK
+
+
+def _nothing_usable(source, rejects, rejects_path: Path, what: str) -> int:
+    _log(f"error: no {what} of {source} could be used ({len(rejects)} rejected); nothing written")
+    return _finish(rejects, rejects_path, what, done=False)
+
+
+def _index_store(folder, checkpoint, allow_mismatch: bool):
+    """The embedding store an index or a feature view reads, refused when another checkpoint or the
+    query side wrote it (unless --allow-index-mismatch)."""
+    from .checkpoint import open_checkpoint
+    from .store import EmbeddingStore
+
+    store = EmbeddingStore.load(folder)
+    fingerprint = open_checkpoint(checkpoint).fingerprint
+    problems = []
+    if store.side != "document":
+        problems.append(f"it holds {store.side!r} embeddings, not 'document' ones")
+    if not store.fingerprint:
+        problems.append("it records no checkpoint fingerprint (written by an older rematch_fast)")
+    elif store.fingerprint != fingerprint:
+        problems.append(f"another checkpoint wrote it ({store.checkpoint or 'unknown path'})")
+    if problems and not allow_mismatch:
+        raise InputError(f"{folder} cannot be searched with {checkpoint}: " + "; ".join(problems)
+                         + " (pass --allow-index-mismatch to use it anyway)")
+    for problem in problems:
+        _log(f"warning: {folder}: {problem}; used anyway (--allow-index-mismatch)")
+    return store
 
 
 # -- commands ----------------------------------------------------------------
 def cmd_init_tiny(args) -> int:
     from .tiny import make_tiny_checkpoint
 
-    overrides = {}
-    for kv in args.set or []:
-        key, sep, value = kv.partition("=")
-        if not sep or not value.strip().lstrip("-").isdigit():
-            raise InputError(f"--set takes KEY=INTEGER, got {kv!r}")
-        overrides[key] = int(value)
-    path = make_tiny_checkpoint(args.dir, arch=args.arch, seed=args.seed, **overrides)
+    out = Path(args.dir)
+    _check_output(out, "folder", args.overwrite)
+    if out.exists() and args.overwrite:
+        shutil.rmtree(out)
+    path = make_tiny_checkpoint(out, arch=args.arch, seed=args.seed, **args.sizes)
     print(f"tiny {args.arch} checkpoint (random weights, seed {args.seed}) written to {path}")
     return EXIT_OK
 
@@ -61,17 +135,26 @@ def cmd_init_tiny(args) -> int:
 def cmd_embed(args) -> int:
     from .jsonl import read_rows
     from .pipeline import embed_rows
-    from .store import EmbeddingStore
+    from .store import IDS, TENSORS, EmbeddingStore
 
-    rows, rejects = read_rows(args.corpus)
+    out = Path(args.out)
+    rejects_path = Path(args.rejects) if args.rejects else out / "rejects.jsonl"
+    _check_output(out, "folder", args.overwrite)
+    _check_output(rejects_path, "file", overwrite=True)  # a run's rejects always replace the last run's
+    rows, rejects = read_rows(args.corpus, image_root=args.image_root)
     model = _load_model(args)
     ids, emb, more = embed_rows(model, rows, args.side, args.batch_size, not args.quiet, _log)
     rejects += more
     if not ids:
-        raise InputError(f"no row of {args.corpus} could be embedded ({len(rejects)} rejected)")
-    EmbeddingStore(ids, emb, args.side, str(Path(args.checkpoint).resolve())).save(args.out)
-    print(f"embedded {len(ids)} rows ({args.side}) into {args.out}")
-    return _finish(sorted(rejects, key=lambda r: r.line), Path(args.rejects or Path(args.out) / "rejects.jsonl"), "rows")
+        return _nothing_usable(args.corpus, rejects, rejects_path, "rows")
+    store = EmbeddingStore(ids, emb, args.side, str(Path(args.checkpoint).resolve()),
+                           fingerprint=model.checkpoint.fingerprint)
+    store.save(out)
+    for stale in set(out.iterdir()) - {out / TENSORS, out / IDS, rejects_path}:
+        if stale.name == "rejects.jsonl":  # an earlier run's, now written elsewhere: it would mislead
+            stale.unlink()
+    print(f"embedded {len(ids)} rows ({args.side}) into {out}")
+    return _finish(rejects, rejects_path, "rows", done=True)
 
 
 def cmd_search(args) -> int:
@@ -79,48 +162,50 @@ def cmd_search(args) -> int:
     from .jsonl import read_rows, write_jsonl
     from .pipeline import embed_rows
 
-    index = Index.from_store(args.index, device=args.device, dtype=args.index_dtype)
-    rows, rejects = read_rows(args.queries)
+    out, rejects_path = _file_outputs(args)
+    store = _index_store(args.index, args.checkpoint, args.allow_index_mismatch)
+    index = Index(store.embeddings.unit, store.ids, device=args.device, dtype=args.index_dtype)
+    rows, rejects = read_rows(args.queries, image_root=args.image_root)
     model = _load_model(args)
     qids, q, more = embed_rows(model, rows, "query", args.batch_size, not args.quiet, _log)
     rejects += more
+    if not qids:
+        return _nothing_usable(args.queries, rejects, rejects_path, "queries")
+    if q.dim != index.dim:
+        raise InputError(f"{args.index} holds {index.dim}-dimensional embeddings; {args.checkpoint} makes {q.dim}")
     k = min(args.k, len(index))
     if k < args.k:
         _log(f"the index holds {len(index)} vectors: returning top {k}, not {args.k}")
-    records = []
-    if qids:
-        scores, rows_ = index.search(q.unit, k)
-        for qid, s, ids in zip(qids, scores.tolist(), index.ids_of(rows_)):
-            records.append({"query_id": qid, "hits": [{"id": i, "score": round(v, 6)} for v, i in zip(s, ids)]})
-    write_jsonl(args.out, records)
-    print(f"searched {len(records)} queries, top {k}, into {args.out}")
-    return _finish(sorted(rejects, key=lambda r: r.line), Path(args.rejects or str(args.out) + ".rejects.jsonl"), "queries")
+    scores, hit_rows = index.search(q.unit, k)
+    records = [{"query_id": qid, "hits": [{"id": i, "score": round(v, 6)} for v, i in zip(s, ids)]}
+               for qid, s, ids in zip(qids, scores.tolist(), index.ids_of(hit_rows))]
+    write_jsonl(out, records)
+    print(f"searched {len(records)} queries, top {k}, into {out}")
+    return _finish(rejects, rejects_path, "queries", done=True)
 
 
 def cmd_rerank(args) -> int:
     from .jsonl import Reject, read_rows, write_jsonl
-    from .store import EmbeddingStore
 
-    queries, query_rejects = read_rows(args.queries)
+    out, rejects_path = _file_outputs(args)
+    queries, query_rejects = read_rows(args.queries, image_root=args.image_root)
     query_by_id = {r.id: r for r in queries}
     bad_query = {r.id: r.reason for r in query_rejects if r.id is not None}  # matters only if a hit row needs it
-    rejects = []
     docs_by_id, stored = {}, None
     if args.doc_view == "feat" and args.index:
-        stored = EmbeddingStore.load(args.index)
-        if stored.side != "document":
-            raise InputError(f"{args.index} holds {stored.side!r} embeddings; the document view needs 'document'")
+        stored = _index_store(args.index, args.checkpoint, args.allow_index_mismatch)
         stored_row = {d: i for i, d in enumerate(stored.ids)}
-    elif args.corpus:
-        docs, doc_rejects = read_rows(args.corpus)
+    else:
+        docs, doc_rejects = read_rows(args.corpus, image_root=args.image_root)
         docs_by_id = {r.id: r for r in docs}
         if doc_rejects:
             _log(f"{len(doc_rejects)} corpus rows are malformed and cannot be candidates")
-    else:
-        raise InputError("rerank needs --corpus (or, with --doc-view feat, --index)")
-    hits, hit_rejects = _read_hits(args.hits)
-    rejects += hit_rejects
+    hits, rejects = _read_hits(args.hits)
+    if not hits:
+        return _nothing_usable(args.hits, rejects, rejects_path, "hits rows")
     model = _load_model(args)
+    if stored is not None and stored.embeddings.dim != model.dim:  # once, not once per query
+        raise InputError(f"{args.index} holds {stored.embeddings.dim}-dimensional embeddings; the model's are {model.dim}")
     records = []
     for line, raw, h in tqdm(hits, desc="rerank", unit="query", disable=args.quiet):
         try:
@@ -139,15 +224,17 @@ def cmd_rerank(args) -> int:
                 raise InputError(f"candidate ids {missing} are not in the corpus")
             p = model.match(query_by_id[h["query_id"]].item, candidates, args.query_view, args.doc_view, args.batch_size)
         except InputError as e:
-            rejects.append(Reject(line, h.get("query_id") if isinstance(h, dict) else None, str(e), raw))
+            rejects.append(Reject(line, h["query_id"], str(e), raw))
             continue
         ranked = sorted(
             ({**c, "p_yes": round(float(v), 6)} for c, v in zip(h["hits"], p.tolist())), key=lambda c: -c["p_yes"]
         )
         records.append({"query_id": h["query_id"], "hits": ranked})
-    write_jsonl(args.out, records)
-    print(f"reranked {len(records)} queries into {args.out}")
-    return _finish(sorted(rejects, key=lambda r: r.line), Path(args.rejects or str(args.out) + ".rejects.jsonl"), "queries")
+    if not records:
+        return _nothing_usable(args.hits, rejects, rejects_path, "hits rows")
+    write_jsonl(out, records)
+    print(f"reranked {len(records)} queries into {out}")
+    return _finish(rejects, rejects_path, "queries", done=True)
 
 
 def _read_hits(path):
@@ -156,7 +243,7 @@ def _read_hits(path):
     good, bad = [], []
     for n, line, h in json_lines(path, "hits file"):
         try:
-            if isinstance(h, json.JSONDecodeError):
+            if isinstance(h, Exception):  # a line that is not JSON (or not UTF-8)
                 raise InputError(str(h))
             if not isinstance(h, dict) or "query_id" not in h or not isinstance(h.get("hits"), list):
                 raise InputError("a hits row needs 'query_id' and a list 'hits'")
@@ -179,10 +266,31 @@ def cmd_demo(args) -> int:
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="reference",
                    help=f"implementation to run, one of {registered_backends()} (default: reference)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda or cuda:1 (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(MODEL_DTYPES), help="model dtype (default: float32)")
     p.add_argument("--batch-size", type=int, default=64, help="most sequences per forward pass (default: 64)")
+    p.add_argument("--image-root", help="confine image paths to this folder (for untrusted corpora): relative "
+                                        "paths resolve against it and a path that leaves it is rejected "
+                                        "(default: paths relative to the JSONL file, any path allowed)")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_DECODE_LIMIT, metavar="N",
+                   help="largest image file (width x height, from its header) decoded at all; a larger one is "
+                        f"rejected before decoding; 0: no limit (default: {DEFAULT_DECODE_LIMIT} = 16384 x 16384)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _overwrite(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true", help=f"replace an existing {what}")
+
+
+def _scoring_options(p: argparse.ArgumentParser, out_help: str) -> None:
+    """search and rerank: a JSONL output with its rejects, the index check, the model."""
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--rejects", help="where rejected queries go (default: OUT.rejects.jsonl)")
+    _overwrite(p, "output file")
+    _model_options(p)
+    p.add_argument("--allow-index-mismatch", action="store_true",
+                   help="use an index written by another checkpoint, by the query side or by an older rematch_fast "
+                        "(refused by default: its scores would mean nothing)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="qwen2.5-vl", choices=ARCHES)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="KEY=INT", help="size override, e.g. --set hidden_size=128")
+    _overwrite(p, "checkpoint folder")
     p.set_defaults(func=cmd_init_tiny)
 
     p = sub.add_parser("embed", help="embed a JSONL corpus into an embedding folder")
@@ -202,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="embedding folder to write")
     p.add_argument("--side", default="document", choices=["query", "document"])
     p.add_argument("--rejects", help="where rejected rows go (default: OUT/rejects.jsonl)")
+    _overwrite(p, "embedding folder")
     _model_options(p)
     p.set_defaults(func=cmd_embed)
 
@@ -209,12 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("queries")
     p.add_argument("--index", required=True, help="embedding folder written by `embed`")
-    p.add_argument("--out", required=True, help="hits JSONL to write")
-    p.add_argument("-k", "--k", type=int, default=10)
+    p.add_argument("-k", "--k", type=int, default=10, help="hits per query, >= 1 (default: 10)")
     p.add_argument("--index-dtype", default="float32", choices=sorted(INDEX_DTYPES),
                    help="how the index holds the corpus on --device (int8: per-row quantized; default float32)")
-    p.add_argument("--rejects", help="where rejected queries go (default: OUT.rejects.jsonl)")
-    _model_options(p)
+    _scoring_options(p, "hits JSONL to write")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("rerank", help="score each query's hits with generative matching, p(yes)")
@@ -225,29 +333,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", help="document embedding folder (used by --doc-view feat)")
     p.add_argument("--query-view", default="raw", choices=["raw", "feat"])
     p.add_argument("--doc-view", default="raw", choices=["raw", "feat"])
-    p.add_argument("--out", required=True)
-    p.add_argument("--rejects", help="where rejected queries go (default: OUT.rejects.jsonl)")
-    _model_options(p)
+    _scoring_options(p, "reranked hits JSONL to write")
     p.set_defaults(func=cmd_rerank)
 
     p = sub.add_parser("demo", help="tiny end-to-end run: build, embed, search, rerank")
     p.add_argument("--arch", default="qwen2.5-vl", choices=ARCHES)
     p.add_argument("--cache-dir", default="~/.cache/rematch_fast", help="where the tiny checkpoint is kept")
-    p.add_argument("--out", default="demo_out", help="folder for the demo corpus and results")
+    p.add_argument("--out", default="demo_out", help="folder for the demo corpus and results (rewritten on every run)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_demo)
     return ap
 
 
+def check_usage(args) -> None:
+    """Every command-line value that can be judged before any work (UsageError: exit 2)."""
+    from .config import parse_device
+
+    if getattr(args, "batch_size", 1) < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if getattr(args, "max_image_pixels", 0) < 0:
+        raise UsageError(f"--max-image-pixels must be >= 0 (0: no limit), got {args.max_image_pixels}")
+    if getattr(args, "k", 1) < 1:
+        raise UsageError(f"-k must be >= 1, got {args.k}")
+    if getattr(args, "backend", "reference") not in registered_backends():
+        raise UsageError(f"unknown backend {args.backend!r}; registered: {registered_backends()}")
+    try:
+        parse_device(getattr(args, "device", "cpu"))
+    except InputError as e:
+        raise UsageError(str(e)) from None
+    if args.command == "rerank" and not (args.corpus or (args.index and args.doc_view == "feat")):
+        raise UsageError("rerank needs --corpus (or, with --doc-view feat, --index)")
+    if args.command == "init-tiny":
+        from .tiny import TINY_SIZES
+
+        args.sizes = {}
+        for kv in args.set or []:
+            key, sep, value = kv.partition("=")
+            if not sep or not value.strip().isdigit() or int(value) < 1:
+                raise UsageError(f"--set takes KEY=POSITIVE_INTEGER, got {kv!r}")
+            if key not in TINY_SIZES:
+                raise UsageError(f"--set {key}: not a size; choose from {sorted(TINY_SIZES)}")
+            args.sizes[key] = int(value)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        check_usage(args)
+    except UsageError as e:
+        _log(f"rematch-fast {args.command}: error: {e}")
+        return EXIT_USAGE
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # this process's own output: keep only our progress bars
     warnings.simplefilter("ignore", TruncationWarning)  # reported per row instead, with its line
-    if getattr(args, "batch_size", 1) < 1:
-        _log("error: --batch-size must be >= 1")
-        return EXIT_USAGE
     try:
         return args.func(args)
     except ReMatchError as e:

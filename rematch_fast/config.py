@@ -17,6 +17,9 @@ import torch
 from .errors import ConfigError, InputError
 
 FORMAT_VERSION = 1
+# config.json's model_type -> our architecture name
+ARCHITECTURES = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl"}
+ARCHES = tuple(ARCHITECTURES.values())
 SIDES = ("query", "document")
 VIEWS = ("raw", "feat")
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -45,7 +48,7 @@ class ProjectorConfig:
     activation: str = "gelu"
 
     def validate(self) -> None:
-        if not isinstance(self.hidden_size, int) or self.hidden_size < 1:
+        if isinstance(self.hidden_size, bool) or not isinstance(self.hidden_size, int) or self.hidden_size < 1:
             raise ConfigError(f"projector.hidden_size must be a positive integer, got {self.hidden_size!r}")
         if self.activation not in ("gelu", "gelu_tanh", "silu", "relu"):
             raise ConfigError(f"projector.activation {self.activation!r} is not one of gelu, gelu_tanh, silu, relu")
@@ -173,21 +176,29 @@ def parse_dtype(dtype: str | torch.dtype, table: dict[str, torch.dtype], what: s
     return dtype
 
 
+def available_devices() -> list[str]:
+    """The devices this machine can run on, e.g. ["cpu", "cuda:0"]."""
+    acc = getattr(torch, "accelerator", None)  # torch >= 2.6; older: CUDA only
+    if acc is not None and acc.is_available():
+        kind = acc.current_accelerator().type
+        return ["cpu"] + [f"{kind}:{i}" for i in range(acc.device_count())]
+    if torch.cuda.is_available():
+        return ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return ["cpu"]
+
+
 def parse_device(device) -> torch.device:
-    """A torch device that exists on this machine; otherwise an InputError listing those that do."""
+    """A torch device this machine has; otherwise an InputError listing those it has (torch itself
+    would fail later, with a bare AssertionError or RuntimeError, when a tensor moves there)."""
+    here = available_devices()
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InputError(f"device {device!r} is not a torch device ({e}); available: {available_devices()}") from None
-    if dev.type == "cpu":
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"device {device!r} is not a torch device; available here: {', '.join(here)}") from None
+    if dev.type == "cpu" or (f"{dev.type}:{dev.index}" in here if dev.index is not None
+                             else any(d.startswith(dev.type + ":") for d in here)):
         return dev
-    if dev.type == "cuda" and torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count():
-        return dev
-    raise InputError(f"device {device!r} is not available on this machine; available: {available_devices()}")
-
-
-def available_devices() -> list[str]:
-    return ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+    raise InputError(f"device {str(dev)!r} is not available on this machine; available here: {', '.join(here)}")
 
 
 def check_side(side: str) -> None:

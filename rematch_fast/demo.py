@@ -95,7 +95,7 @@ def run_demo(arch: str, cache_dir: Path, out: Path, device: str = "cpu") -> None
     t = time.perf_counter()
     ids, emb, rejects = embed_rows(model, docs, "document", batch_size=8, progress=False)
     timings[f"embed {len(ids)} documents"] = time.perf_counter() - t
-    EmbeddingStore(ids, emb, "document", str(ckpt)).save(out / "index")
+    EmbeddingStore(ids, emb, "document", str(ckpt), fingerprint=model.checkpoint.fingerprint).save(out / "index")
 
     qrows, _ = read_rows(queries)
     t = time.perf_counter()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .config import INDEX_DTYPES, parse_dtype
+from .config import INDEX_DTYPES, parse_device, parse_dtype
 from .embeddings import Embeddings
 from .errors import InputError
 from .similarity import MAX_K, MAX_ROWS, compute_dtype, quantize_int8_rows, select_topk, topk_keys_torch, unpack_keys
@@ -29,11 +29,24 @@ def _as_matrix(x, name: str) -> torch.Tensor:
         x = x[None]
     if x.dim() != 2:
         raise InputError(f"{name} must be [n, d], got shape {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise InputError(f"{name} have dimension 0: there is nothing to compare")
     if not x.is_floating_point():
         raise InputError(f"{name} must hold floating-point values, got {x.dtype}")
     if not bool(torch.isfinite(x).all()):
         raise InputError(f"{name} holds NaN or infinite values")
     return x
+
+
+def _ids(ids, n: int) -> list | None:
+    if ids is None:
+        return None
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise InputError(f"ids must be a list, got {type(ids).__name__}")
+    ids = list(ids)
+    if len(ids) != n:
+        raise InputError(f"{len(ids)} ids for {n} vectors")
+    return ids
 
 
 class Index:
@@ -47,17 +60,15 @@ class Index:
         if x.shape[0] >= MAX_ROWS:
             raise InputError(f"an index holds fewer than {MAX_ROWS} vectors, got {x.shape[0]}")
         dtype = parse_dtype(dtype or x.dtype, INDEX_DTYPES, "the index dtype")
-        self.device = torch.device(device) if device is not None else x.device
+        self.device = parse_device(device) if device is not None else x.device
         self._topk = select_topk(kernels, self.device)
+        self.ids = _ids(ids, x.shape[0])  # checked before the corpus moves: fail fast, copy nothing
         self.scale = None
         if dtype == torch.int8:
             data, scale = quantize_int8_rows(x.to(self.device))
             self.data, self.scale = data, scale
         else:
             self.data = x.to(self.device, dtype).contiguous()
-        if ids is not None and len(ids) != x.shape[0]:
-            raise InputError(f"{len(ids)} ids for {x.shape[0]} vectors")
-        self.ids = list(ids) if ids is not None else None
 
     @classmethod
     def from_store(cls, folder: str | Path, **kwargs) -> Index:
@@ -87,6 +98,9 @@ class Index:
             raise InputError(f"k must be an integer in [1, {len(self)}] (the index size), got {k!r}")
         if self._topk is not topk_keys_torch and k > MAX_K:
             raise InputError(f"the CUDA top-k kernel returns at most k={MAX_K}, got k={k}")
+        if q.shape[0] == 0:  # no queries, no work (and no chunk size to divide by)
+            return (torch.empty(0, k, dtype=torch.float32, device=self.device),
+                    torch.empty(0, k, dtype=torch.int64, device=self.device))
         q = q.to(self.device, compute_dtype(self.data.dtype))
         chunk = max(1024, _CHUNK_FLOATS // q.shape[0])
         return unpack_keys(self._topk(q, self.data, k, self.scale, chunk))

@@ -15,7 +15,7 @@ import torch
 from .checkpoint import SpecialTokens
 from .config import ReMatchConfig, check_side
 from .errors import ConfigError, ImageError, TruncationWarning
-from .images import ImageProcessor, load_image
+from .images import ImageProcessor
 from .items import Item
 from .tokenizer import Tokenizers
 
@@ -139,7 +139,7 @@ class Preprocessor:
             ids = ids[: self.config.max_text_tokens]
         pixels = grid = None
         if item.image is not None:
-            pixels, grid = self.images(load_image(item.image))
+            pixels, grid = self.images(self.images.load(item.image))
             if grid[0] * grid[1] * grid[2] == 0:
                 raise ImageError("image produced no patches")
         return PreparedItem(ids, pixels, grid, truncated)

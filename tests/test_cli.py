@@ -10,7 +10,7 @@ import torch
 import rematch_fast
 from conftest import random_image
 from rematch_fast import Item
-from rematch_fast.cli import EXIT_ERROR, EXIT_OK, EXIT_REJECTS, main
+from rematch_fast.cli import EXIT_ERROR, EXIT_OK, EXIT_REJECTS, EXIT_USAGE, main
 from rematch_fast.store import EmbeddingStore
 
 
@@ -126,7 +126,7 @@ def test_init_tiny_and_all_rows_bad(tmp_path, capsys):
     d = tmp_path / "tiny"
     assert main(["init-tiny", str(d), "--arch", "qwen2-vl", "--seed", "3", "--set", "num_hidden_layers=1"]) == EXIT_OK
     assert json.loads((d / "config.json").read_text())["text_config"]["num_hidden_layers"] == 1
-    assert main(["init-tiny", str(tmp_path / "t2"), "--set", "hidden_size"]) == EXIT_ERROR
+    assert main(["init-tiny", str(tmp_path / "t2"), "--set", "hidden_size"]) == EXIT_USAGE
     bad = _jsonl(tmp_path / "bad.jsonl", ['{"id": 1, "text": ""}', "nonsense"])
     assert main(["embed", str(d), str(bad), "--out", str(tmp_path / "o"), "--quiet"]) == EXIT_ERROR
     assert "no row" in capsys.readouterr().err
