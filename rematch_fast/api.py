@@ -11,10 +11,10 @@ from . import pipeline
 from .pipeline import check_finite
 from .backends import create_backend
 from .checkpoint import open_checkpoint
-from .config import MODEL_DTYPES, check_view, parse_device, parse_dtype
+from .config import DEFAULT_DECODE_LIMIT, MODEL_DTYPES, check_view, parse_device, parse_dtype
 from .embeddings import Embeddings
 from .errors import InputError
-from .images import DEFAULT_DECODE_LIMIT, ImageProcessor
+from .images import ImageProcessor
 from .items import Item, ItemLike, as_item
 from .scheduler import plan_batches
 from .sequence import PreparedItem, Preprocessor

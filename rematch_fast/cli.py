@@ -22,9 +22,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .backends import registered_backends
-from .config import ARCHES, INDEX_DTYPES, MODEL_DTYPES
+from .config import ARCHES, DEFAULT_DECODE_LIMIT, INDEX_DTYPES, MODEL_DTYPES
 from .errors import InputError, ReMatchError, TruncationWarning
-from .images import DEFAULT_DECODE_LIMIT
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REJECTS = 0, 1, 2, 3
 
@@ -345,6 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _quiet_transformers() -> None:
+    """This process's output keeps only our progress bars: transformers' own ("Loading weights") are
+    off. Imported already (a caller's process): switch them off; otherwise transformers reads the
+    setting when first imported, and the command line starts without importing it at all."""
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    else:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def check_usage(args) -> None:
     """Every command-line value that can be judged before any work (UsageError: exit 2)."""
     from .config import parse_device
@@ -383,9 +394,7 @@ def main(argv=None) -> int:
     except UsageError as e:
         _log(f"rematch-fast {args.command}: error: {e}")
         return EXIT_USAGE
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # this process's own output: keep only our progress bars
+    _quiet_transformers()
     warnings.simplefilter("ignore", TruncationWarning)  # reported per row instead, with its line
     try:
         return args.func(args)

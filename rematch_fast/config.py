@@ -12,9 +12,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError, InputError
+
+if TYPE_CHECKING:  # torch is imported where a dtype or device is parsed: the CLI starts without it
+    import torch
 
 FORMAT_VERSION = 1
 # config.json's model_type -> our architecture name
@@ -22,10 +25,11 @@ ARCHITECTURES = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl"}
 ARCHES = tuple(ARCHITECTURES.values())
 SIDES = ("query", "document")
 VIEWS = ("raw", "feat")
-MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                "float64": torch.float64}  # float64: the reference as an exact oracle for low-precision tests
+# dtypes by their torch names; float64: the reference as an exact oracle for low-precision tests
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
 # what the search kernel reads: float32/16, bfloat16, or a per-row quantized int8 corpus
-INDEX_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
+INDEX_DTYPES = ("float32", "float16", "bfloat16", "int8")
+DEFAULT_DECODE_LIMIT = 16384 * 16384  # the largest image file decoded at all, in pixels (rematch_fast.images)
 
 # The Qwen2 chat frame both templates use. `{instruction}` and `{item}` are
 # filled per side for embedding; `{query}` and `{document}` for matching.
@@ -165,19 +169,20 @@ def _check_fields(template: str, name: str, fields: tuple[str, ...]) -> None:
             raise ConfigError(f"{name} must contain {f} exactly once, found {template.count(f)}")
 
 
-def parse_dtype(dtype: str | torch.dtype, table: dict[str, torch.dtype], what: str = "dtype") -> torch.dtype:
-    """A dtype given by name ("bfloat16") or as a torch.dtype, checked against `table`."""
-    if isinstance(dtype, str):
-        if dtype not in table:
-            raise InputError(f"{what} must be one of {sorted(table)}, got {dtype!r}")
-        return table[dtype]
-    if dtype not in table.values():
-        raise InputError(f"{what} must be one of {sorted(table)}, got {dtype}")
-    return dtype
+def parse_dtype(dtype: str | torch.dtype, names: tuple[str, ...], what: str = "dtype") -> torch.dtype:
+    """A dtype given by name ("bfloat16") or as a torch.dtype, one of `names`."""
+    import torch
+
+    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    if name not in names or not isinstance(getattr(torch, name, None), torch.dtype):
+        raise InputError(f"{what} must be one of {sorted(names)}, got {dtype!r}")
+    return getattr(torch, name)
 
 
 def available_devices() -> list[str]:
     """The devices this machine can run on, e.g. ["cpu", "cuda:0"]."""
+    import torch
+
     acc = getattr(torch, "accelerator", None)  # torch >= 2.6; older: CUDA only
     if acc is not None and acc.is_available():
         kind = acc.current_accelerator().type
@@ -190,6 +195,8 @@ def available_devices() -> list[str]:
 def parse_device(device) -> torch.device:
     """A torch device this machine has; otherwise an InputError listing those it has (torch itself
     would fail later, with a bare AssertionError or RuntimeError, when a tensor moves there)."""
+    import torch
+
     here = available_devices()
     try:
         dev = torch.device(device)

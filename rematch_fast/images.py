@@ -1,6 +1,7 @@
 """Images in: open, convert any mode to RGB, bound the size, cut into Qwen2-VL patches."""
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from contextlib import contextmanager
@@ -10,16 +11,17 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
 
+from .config import DEFAULT_DECODE_LIMIT
 from .errors import ImageError
 
 MAX_ASPECT = 200  # Qwen2-VL's resize refuses longer/shorter side ratios above this
 
-# The largest image, in pixels (width x height as its header states, read before any decoding),
-# that load_image agrees to decode at all: a 16384 x 16384 image. Formats that cannot be decoded
+# DEFAULT_DECODE_LIMIT (rematch_fast.config) is the largest image, in pixels (width x height as its
+# header states, read before any decoding), that load_image agrees to decode at all: a 16384 x 16384
+# image. Formats that cannot be decoded
 # at reduced size (PNG, TIFF, WebP, GIF, ...) are held whole in memory while decoded, at 4 bytes
 # a pixel for RGB or RGBA in PIL, so this bounds their decode at about 1 GiB (RGBA briefly twice
 # that while it is reduced). Raise it per call (decode_limit=) for trusted files; None: no limit.
-DEFAULT_DECODE_LIMIT = 16384 * 16384
 
 # Cheap integer shrinking stops at HEADROOM x max_pixels: the exact resize to the patch grid that
 # follows (bicubic, antialiased) is then still a real downscale, by at least 2 per side, so the
@@ -205,22 +207,23 @@ class ImageProcessor:
         """settings: the checkpoint's ImageSettings (rematch_fast.checkpoint): pixel bounds, patch,
         temporal patch and merge sizes, mean and std, all from its preprocessor_config.json.
         decode_limit: the largest image file, in pixels, that `load` decodes (see load_image)."""
-        from transformers import Qwen2VLImageProcessorPil
-
         self.settings = settings
-        self.hf = Qwen2VLImageProcessorPil(
-            size={"shortest_edge": settings.min_pixels, "longest_edge": settings.max_pixels},
-            patch_size=settings.patch_size,
-            temporal_patch_size=settings.temporal_patch_size,
-            merge_size=settings.merge_size,
-            image_mean=list(settings.image_mean),
-            image_std=list(settings.image_std),
-        )
         self.max_pixels = settings.max_pixels
         self.decode_limit = decode_limit
         self.merge_size = settings.merge_size
         # Beyond this ratio even a one-unit-high resize would break max_pixels (or Qwen2-VL's own limit).
         self.max_aspect = max(1, min(MAX_ASPECT, settings.max_pixels // (settings.patch_size * settings.merge_size) ** 2))
+
+    @functools.cached_property
+    def hf(self):
+        """transformers' processor, built at the first image (text-only work never imports transformers)."""
+        from transformers import Qwen2VLImageProcessorPil
+
+        s = self.settings
+        return Qwen2VLImageProcessorPil(
+            size={"shortest_edge": s.min_pixels, "longest_edge": s.max_pixels}, patch_size=s.patch_size,
+            temporal_patch_size=s.temporal_patch_size, merge_size=s.merge_size,
+            image_mean=list(s.image_mean), image_std=list(s.image_std))
 
     def load(self, src: str | Path | Image.Image) -> Image.Image:
         """load_image for this model: a very large image is decoded at reduced size."""

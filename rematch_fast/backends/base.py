@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
 
-import torch
-
-from ..embeddings import Embeddings
 from ..errors import InputError
-from ..sequence import Sequence
+
+if TYPE_CHECKING:  # the registry is read by the command line before torch is needed
+    import torch
+
+    from ..embeddings import Embeddings
+    from ..sequence import Sequence
 
 INPUT_KINDS = ("text", "image", "soft")  # soft: rows given as embeddings (learnable tokens, feature views)
 

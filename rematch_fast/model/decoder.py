@@ -39,11 +39,13 @@ class Decoder(nn.Module):
     def __init__(self, cfg: TextConfig, ops: Ops):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # no random init (the loader fills it; a normal_ init on meta would also import torch._dynamo: ~1 s)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
-        self.reset_buffers()
+        if self.inv_freq.device.type != "meta":  # built on meta, the loader fills them once placed
+            self.reset_buffers()
 
     def reset_buffers(self) -> None:
         hd = self.cfg.head_dim

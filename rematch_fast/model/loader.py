@@ -111,11 +111,23 @@ def check_weights(path: str | Path, cfg: ModelConfig) -> None:
         pass
 
 
+def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Give every meta parameter and buffer uninitialized storage on `device` (parameters in `dtype`).
+    Plain torch.empty, not Module.to_empty: that goes through torch's Python meta kernels, whose
+    first use imports about half a second of modules."""
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            module._parameters[name] = nn.Parameter(torch.empty(param.shape, dtype=dtype, device=device),
+                                                    requires_grad=False)
+        for name, buf in module.named_buffers(recurse=False):
+            module._buffers[name] = torch.empty(buf.shape, dtype=buf.dtype, device=device)
+
+
 def load_model(path: str | Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, ops: Ops) -> QwenVL:
     """The model built with `ops` (rematch_fast.ops.select_ops) and filled from the safetensors in `path`."""
     with torch.device("meta"):
         model = QwenVL(cfg, ops)
-    model = model.to_empty(device=device).to(dtype)
+    _materialize(model, device, dtype)
     with torch.no_grad():
         for sf, key, dest in _placements(path, model, str(device)):
             dest.copy_(sf.get_tensor(key).reshape(dest.shape))

@@ -71,7 +71,8 @@ class VisionTower(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(cfg, ops) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg, ops)
         self.register_buffer("inv_freq", torch.empty(cfg.dim // cfg.num_heads // 4), persistent=False)
-        self.reset_buffers()
+        if self.inv_freq.device.type != "meta":  # built on meta, the loader fills them once placed
+            self.reset_buffers()
 
     def reset_buffers(self) -> None:
         # 2D rotary: a quarter of each head's dims per axis (h, w), each used twice (cos/sin halves)
