@@ -1,6 +1,7 @@
 """The public model API. Every backend implements it unchanged."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence as Seq
 
@@ -9,7 +10,7 @@ from tqdm.auto import tqdm
 
 from . import pipeline
 from .pipeline import check_finite
-from .backends import create_backend
+from .backends import PrefixBackend, create_backend
 from .checkpoint import open_checkpoint
 from .config import DEFAULT_DECODE_LIMIT, MODEL_DTYPES, check_view, parse_device, parse_dtype
 from .embeddings import Embeddings
@@ -109,7 +110,6 @@ class ReMatch:
         p = next(self.head.parameters())
         return self.head.projector(e.pooled.to(p.device, p.dtype))
 
-    @torch.inference_mode()
     def match(self, query, candidates, query_view: str = "raw", doc_view: str = "raw", batch_size: int = 64,
               batch_tokens: int = 8192, progress: bool = False) -> torch.Tensor:
         """p(yes) that each candidate matches the query: float32 [n] in (0, 1).
@@ -117,8 +117,18 @@ class ReMatch:
         `query` is an item (or, for query_view="feat", an Embeddings of one
         row); `candidates` the items `embed` accepts (a list, or a lone item) or,
         for doc_view="feat", an Embeddings read from a store (the documents are
-        then never re-read).
+        then never re-read). See `score` for which path runs.
         """
+        return self.score(query, candidates, query_view, doc_view, batch_size, batch_tokens, progress).p_yes
+
+    @torch.inference_mode()
+    def score(self, query, candidates, query_view: str = "raw", doc_view: str = "raw", batch_size: int = 64,
+              batch_tokens: int = 8192, progress: bool = False, share_prefix: bool = True) -> MatchResult:
+        """`match`, saying which path ran. "shared-prefix": the query's part of the prompt is
+        computed once and every candidate continues it (a backend with `prefill`, such as "fast",
+        and a query-first match_template); "full": every candidate's whole prompt runs (the
+        reference, a document-first template, or share_prefix=False). The query is prepared,
+        and for the feat view embedded, once."""
         check_view(query_view, "query_view")
         check_view(doc_view, "doc_view")
         if isinstance(query, Embeddings) and len(query) != 1:
@@ -137,17 +147,33 @@ class ReMatch:
                                                            batch_tokens)))
         else:
             docs = self._prepare_all(candidates)
+        shared = share_prefix and self.config.query_first and isinstance(self.backend, PrefixBackend)
+        path = "shared-prefix" if shared else "full"
         if not docs:
-            return torch.empty(0)
-        seqs = [self.preprocessor.match_sequence(q, d) for d in docs]
+            return MatchResult(torch.empty(0), path)
+        pre, answers = self.preprocessor, self.preprocessor.answer_ids
+        if shared:
+            prefix_seq, next_pos = pre.match_prefix(q)
+            prefix = self.backend.prefill(prefix_seq)
+            seqs = [pre.match_suffix(d, next_pos) for d in docs]
+            run = lambda part: self.backend.answer_logits(part, answers, prefix=prefix)  # noqa: E731
+        else:
+            seqs = [pre.match_sequence(q, d) for d in docs]
+            run = lambda part: self.backend.answer_logits(part, answers)  # noqa: E731
         probs = torch.empty(len(seqs))
         with tqdm(total=len(seqs), desc="match", unit="cand", disable=not progress) as bar:
             for batch in self._batches([len(s) for s in seqs], batch_tokens, batch_size):
-                logits = self.backend.answer_logits([seqs[i] for i in batch], self.preprocessor.answer_ids)
+                logits = run([seqs[i] for i in batch])
                 check_finite(logits, batch, "the answer logits of candidate")
                 probs[batch] = torch.softmax(logits, dim=-1)[:, 0].cpu()
                 bar.update(len(batch))
-        return probs
+        return MatchResult(probs, path)
+
+
+@dataclass
+class MatchResult:
+    p_yes: torch.Tensor  # float32 [n] in (0, 1), one per candidate, in input order
+    path: str  # "shared-prefix" or "full" (see ReMatch.score)
 
 
 def _as_list(items) -> list:

@@ -1,6 +1,7 @@
 """The model ops and the one rule that dispatches them.
 
-Each op (learnable-token pooling, RMSNorm, SwiGLU gate, rotary embedding) is a
+Each op (learnable-token pooling, RMSNorm, SwiGLU gate, rotary embedding, the cascade
+attention merge) is a
 `torch.library` custom op `rematch_fast::<op>` with three parts: its torch reference
 (the `*_torch` function here, also the op's default implementation), a Triton kernel
 registered for CUDA (from `rematch_fast.kernels`, imported on first use), and a fake
@@ -116,6 +117,27 @@ rope_op = define_op(
     triton_kernel("rope", "rope_triton"))
 
 
+# -- cascade attention: merging two partial results ---------------------------------
+def merge_state_torch(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
+                      lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention over two disjoint key sets from the two partial results: o [T, H, D] (o_a's
+    dtype) and lse [T, H] fp32, all log-sum-exps in natural log with the scale included."""
+    la, lb = lse_a.float(), lse_b.float()
+    m = torch.maximum(la, lb)
+    m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)  # both parts empty: weights 0
+    wa, wb = torch.exp(la - m), torch.exp(lb - m)
+    total = wa + wb
+    o = (wa[..., None] * o_a.float() + wb[..., None] * o_b.float()) / total.clamp_min(1e-30)[..., None]
+    return o.to(o_a.dtype), m + torch.log(total)
+
+
+merge_state_op = define_op(
+    "merge_state", merge_state_torch,
+    lambda o_a, lse_a, o_b, lse_b: (torch.empty(o_a.shape, dtype=o_a.dtype, device=o_a.device),
+                                    lse_a.new_empty(lse_a.shape, dtype=torch.float32)),
+    triton_kernel("merge_state", "merge_state_triton"))
+
+
 # -- choosing once -----------------------------------------------------------------
 @dataclass(frozen=True)
 class Ops:
@@ -126,10 +148,11 @@ class Ops:
     rms_norm: Callable  # (x [..., D], weight [D], eps) -> [..., D]
     silu_mul: Callable  # (gate_up [N, 2I]) -> [N, I]
     rope: Callable  # (x [T, H, D], cos [T, D], sin [T, D]) -> [T, H, D]
+    merge_state: Callable  # (o_a, lse_a, o_b, lse_b) -> (o [T, H, D], lse [T, H]): cascade attention
 
 
-TORCH_OPS = Ops("torch", pool_learnable_torch, rms_norm_torch, silu_mul_torch, rope_torch)
-CUSTOM_OPS = Ops("custom", pool_learnable_op, rms_norm_op, silu_mul_op, rope_op)
+TORCH_OPS = Ops("torch", pool_learnable_torch, rms_norm_torch, silu_mul_torch, rope_torch, merge_state_torch)
+CUSTOM_OPS = Ops("custom", pool_learnable_op, rms_norm_op, silu_mul_op, rope_op, merge_state_op)
 
 
 def triton_ops() -> Ops:
@@ -137,9 +160,10 @@ def triton_ops() -> Ops:
     from .kernels.pooling import pool_learnable_triton
     from .kernels.rms_norm import rms_norm_triton
     from .kernels.rope import rope_triton
+    from .kernels.merge_state import merge_state_triton
     from .kernels.silu_mul import silu_mul_triton
 
-    return Ops("triton", pool_learnable_triton, rms_norm_triton, silu_mul_triton, rope_triton)
+    return Ops("triton", pool_learnable_triton, rms_norm_triton, silu_mul_triton, rope_triton, merge_state_triton)
 
 
 def check_kernels(kernels: str | Ops) -> None:

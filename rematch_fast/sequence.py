@@ -47,11 +47,11 @@ class Sequence:
 class _Builder:
     """Appends text, image blocks and soft rows, tracking M-RoPE positions."""
 
-    def __init__(self, merge_size: int):
+    def __init__(self, merge_size: int, next_pos: int = 0):
         self.merge = merge_size
         self.ids: list[int] = []
         self.pos: list[torch.Tensor] = []
-        self.next_pos = 0
+        self.next_pos = next_pos  # M-RoPE position of the next token (a suffix continues its prefix's)
         self.pixels: list[torch.Tensor] = []
         self.grids: list[tuple[int, int, int]] = []
         self.soft_pos: list[int] = []
@@ -184,6 +184,27 @@ class Preprocessor:
         b.text(mid)
         self._side(b, second)
         b.text(end)
+        return b.build(readout=[len(b.ids) - 1])
+
+    def match_prefix(self, query: PreparedItem | torch.Tensor) -> tuple[Sequence, int]:
+        """The part of a query-first matching prompt shared by every candidate: the template up to
+        the document, with the query view. Returns it and the M-RoPE position its suffixes start at."""
+        if not self.config.query_first:
+            raise ConfigError("match_template shows the document first: there is no shared query prefix")
+        b = _Builder(self.images.merge_size)
+        a, mid, _ = self._match_parts
+        b.text(a)
+        self._side(b, query)
+        b.text(mid)
+        return b.build(readout=[]), b.next_pos
+
+    def match_suffix(self, document: PreparedItem | torch.Tensor, next_pos: int) -> Sequence:
+        """One candidate's part of the prompt after the shared prefix: the document view and the
+        assistant header, with the M-RoPE positions it has in the full sequence (from `next_pos`),
+        read out at its end. Its soft rows and readout are numbered within the suffix."""
+        b = _Builder(self.images.merge_size, next_pos)
+        self._side(b, document)
+        b.text(self._match_parts[2])
         return b.build(readout=[len(b.ids) - 1])
 
     def _side(self, b: _Builder, x: PreparedItem | torch.Tensor) -> None:

@@ -1,6 +1,6 @@
 """Backends: one contract (`base.Backend`), one registry. The built-in ones register here,
 imported only when first used."""
-from .base import Backend, backend_factory, create_backend, register_backend, registered_backends
+from .base import Backend, PrefixBackend, backend_factory, create_backend, register_backend, registered_backends
 
 register_backend("reference", "rematch_fast.backends.reference:ReferenceBackend")
 register_backend("fast", "rematch_fast.backends.fast:FastBackend")
@@ -15,4 +15,4 @@ def backend_class(name: str):
     return backend_factory(name)
 
 
-__all__ = ["Backend", "backend_factory", "create_backend", "register_backend", "registered_backends"]
+__all__ = ["Backend", "PrefixBackend", "backend_factory", "create_backend", "register_backend", "registered_backends"]

@@ -43,6 +43,20 @@ class Backend(Protocol):
         ...
 
 
+@runtime_checkable
+class PrefixBackend(Backend, Protocol):
+    """A backend that scores many sequences continuing one shared prefix without recomputing it
+    (generative matching: a query's part of the prompt, then each candidate)."""
+
+    def prefill(self, prefix: Sequence):
+        """The prefix's state (e.g. its keys and values per layer), computed once."""
+        ...
+
+    def answer_logits(self, seqs: list[Sequence], answer_ids: tuple[int, int], prefix=None) -> torch.Tensor:
+        """As Backend.answer_logits; with `prefix`, each sequence is the suffix that follows it."""
+        ...
+
+
 _REGISTRY: dict[str, Callable | str] = {}
 
 

@@ -16,6 +16,7 @@ import torch
 
 from ..embeddings import Embeddings
 from ..errors import InputError
+from ..model.batch import AttentionPlan
 from ..sequence import Sequence
 
 MAX_BATCH = 8
@@ -46,20 +47,19 @@ class LatencyBuckets:
     def _forward(self, s: dict) -> torch.Tensor:
         embeds = self.model.decoder.embed_tokens(s["ids"])  # [B*L, d]
         embeds = embeds.index_put((s["soft_rows"],), s["soft_embeds"].to(embeds.dtype))
-        hidden = self.model.decoder(embeds, s["positions"], s["cu_seqlens"], s["L"])
+        hidden = self.model.decoder(embeds, s["positions"], s["plan"])
         return self.model.ops.pool_learnable(hidden, s["readout"])  # unit [B, d], norm [B] fp32
 
     def _buffers(self, B: int, L: int, first: Sequence) -> dict:
         if (B, L) not in self.static:
             dev, (K, d) = self.device, first.soft_embeds.shape
             self.static[(B, L)] = dict(
-                L=L,
                 ids=torch.full((B * L,), self.pad_id, dtype=torch.long, device=dev),
                 positions=torch.zeros(3, B * L, dtype=torch.long, device=dev),
                 soft_rows=torch.zeros(B * K, dtype=torch.long, device=dev),
                 soft_embeds=torch.zeros(B * K, d, dtype=first.soft_embeds.dtype, device=dev),
                 readout=torch.zeros(B, first.readout.shape[0], dtype=torch.long, device=dev),
-                cu_seqlens=torch.arange(B + 1, device=dev) * L,
+                plan=AttentionPlan(torch.arange(B + 1, device=dev) * L, L),
             )
         return self.static[(B, L)]
 

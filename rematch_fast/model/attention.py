@@ -73,6 +73,22 @@ def _length_groups(lens: list[int], slack: float = 1.25) -> list[tuple[int, int,
     return groups
 
 
+def padder(cu_seqlens: torch.Tensor, max_seqlen: int, T: int, device):
+    """For a packed batch: pad(x [T, h, D]) -> [B, h, L, D] (right-padded with zeros), and the
+    (sequence, position) of each packed row, to gather results back with out[seq, :, pos]."""
+    lens = cu_seqlens.diff().to(device)
+    B = lens.shape[0]
+    seq = torch.repeat_interleave(torch.arange(B, device=device), lens)  # [T]
+    pos = torch.arange(T, device=device) - cu_seqlens.to(device)[seq]  # [T]
+
+    def pad(x):
+        out = x.new_zeros(B, max_seqlen, *x.shape[1:])
+        out[seq, pos] = x
+        return out.transpose(1, 2)
+
+    return pad, seq, pos
+
+
 def _padded_sdpa(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool) -> torch.Tensor:
     """Exact varlen attention through SDPA: scatter into [B, H, L, D], attend, gather back.
 
@@ -81,15 +97,8 @@ def _padded_sdpa(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, causal: boo
     length, so short sequences are not padded to the batch's longest.
     """
     lens = cu_seqlens.diff()
-    B, L, T = lens.shape[0], max_seqlen, q.shape[0]
-    seq = torch.repeat_interleave(torch.arange(B, device=q.device), lens.to(q.device))  # [T]
-    pos = torch.arange(T, device=q.device) - cu_seqlens.to(q.device)[seq]  # [T]
-
-    def pad(x):  # [T, h, D] -> [B, h, L, D]
-        out = x.new_zeros(B, L, *x.shape[1:])
-        out[seq, pos] = x
-        return out.transpose(1, 2)
-
+    B, L = lens.shape[0], max_seqlen
+    pad, seq, pos = padder(cu_seqlens, max_seqlen, q.shape[0], q.device)
     qp, kp, vp = pad(q), pad(k), pad(v)
     gqa = q.shape[1] != k.shape[1]
     keep = None if causal else torch.arange(L, device=q.device)[None, :] < lens.to(q.device)[:, None]  # [B, L] real keys

@@ -1,5 +1,7 @@
 """The Qwen2 decoder over a packed batch: M-RoPE (t, h, w position sections), GQA, causal
-attention within each sequence, no padding anywhere."""
+attention within each sequence, no padding anywhere. With a `PrefixKV`, every sequence of the
+batch continues one shared prefix (cascade attention, model/cascade.py); with `capture`, the
+layers' keys and values are recorded to serve as such a prefix."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +9,8 @@ from torch import nn
 
 from ..ops import Ops
 from .attention import varlen_attention
+from .batch import AttentionPlan
+from .cascade import PrefixKV, cascade_attention
 from .config import TextConfig
 from .layers import FusedLinear, GatedMLP, RMSNorm
 
@@ -22,16 +26,23 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, ops)
         self.mlp = GatedMLP(d, cfg.intermediate_size, "silu", bias=False, ops=ops)
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
-        self.rope = ops.rope
+        self.rope, self.merge_state = ops.rope, ops.merge_state
 
-    def forward(self, x, cos, sin, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:  # x [T, d]
+    def forward(self, x, cos, sin, plan: AttentionPlan, prefix: tuple | None = None,
+                capture: PrefixKV | None = None) -> torch.Tensor:  # x [T, d]
         T = x.shape[0]
         h = self.input_layernorm(x)
         q, k, v = self.qkv_proj.split(h)
         q = self.rope(q.reshape(T, self.heads, self.head_dim), cos, sin)  # [T, H, Dh]
         k = self.rope(k.reshape(T, self.kv_heads, self.head_dim), cos, sin)  # [T, Hkv, Dh]
         v = v.reshape(T, self.kv_heads, self.head_dim).contiguous()  # varlen kernels want dense rows
-        x = x + self.o_proj(varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True).reshape(T, -1))
+        if capture is not None:
+            capture.layers.append((k, v))
+        if prefix is None:
+            attn = varlen_attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, causal=True)
+        else:
+            attn = cascade_attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, *prefix, self.merge_state)
+        x = x + self.o_proj(attn.reshape(T, -1))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -59,11 +70,14 @@ class Decoder(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)
         return angles.cos(), angles.sin()
 
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor,
-                max_seqlen: int) -> torch.Tensor:
-        """embeds [T, d] (packed), positions [3, T] -> last-layer hidden states [T, d]."""
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, plan: AttentionPlan,
+                prefix: PrefixKV | None = None, capture: PrefixKV | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """embeds [T, d] (packed), positions [3, T] -> last-layer hidden states [T, d], or only
+        those of `rows` (the final norm then runs on them alone). `prefix`: the sequences continue
+        that shared prefix; `capture`: record each layer's keys and values into it."""
         cos, sin = self.rope(positions)
         x = embeds
-        for layer in self.layers:
-            x = layer(x, cos, sin, cu_seqlens, max_seqlen)
-        return self.norm(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, plan, prefix.layers[i] if prefix is not None else None, capture)
+        return self.norm(x if rows is None else x[rows])

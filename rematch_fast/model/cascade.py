@@ -1,0 +1,86 @@
+"""Cascade attention for shared-prefix scoring (the plan/run split of FlashInfer's cascade).
+
+A batch of suffixes (the candidates of one query) shares one prefix (the query's part of the
+matching prompt), whose keys and values were computed once (`PrefixKV`). Every suffix token
+attends to the whole prefix and, causally, to its own suffix: two disjoint key sets, each
+attended to separately with its log-sum-exp, then merged exactly by the `merge_state` op.
+The prefix is never copied per candidate. Log-sum-exps are natural logs with the softmax
+scale included. These are torch computations in fp32 (any device); the merge runs through
+the model's ops (Triton on CUDA).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import _length_groups, padder
+
+_SCORES_PER_CHUNK = 1 << 24  # fp32 attention scores held at once by the prefix part (64 MB)
+
+
+@dataclass
+class PrefixKV:
+    """Per-layer keys and values of a prefix (after rotary embedding): computed once, read by every
+    suffix batch scored against it."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (k, v) [P, Hkv, D]
+
+    @property
+    def length(self) -> int:
+        return int(self.layers[0][0].shape[0]) if self.layers else 0
+
+
+def _expand(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Grouped-query keys/values [.., Hkv, ..] repeated to the query heads (dim 1 of [B, H, L, D])."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def _attend(q, k, v, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, H, Lq, D], k/v [B, H, Lk, D], mask [.., Lq, Lk] (True: may attend) -> o [B, H, Lq, D],
+    lse [B, H, Lq] (fp32)."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None].clamp_min(-1e30))  # a fully masked row: zeros, not NaN
+    return probs @ v.float(), lse
+
+
+def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query row q [T, H, D] attends to all prefix keys k/v [P, Hkv, D] (they all come
+    before it): o [T, H, D] fp32 and lse [T, H], in row chunks that bound the scores' memory."""
+    T, H, _ = q.shape
+    kp, vp = _expand(k.transpose(0, 1)[None], H), _expand(v.transpose(0, 1)[None], H)  # [1, H, P, D]
+    rows = max(1, _SCORES_PER_CHUNK // (H * max(1, k.shape[0])))
+    outs, lses = [], []
+    for start in range(0, T, rows):
+        o, lse = _attend(q[start: start + rows].transpose(0, 1)[None], kp, vp)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(lse[0].transpose(0, 1))
+    return torch.cat(outs), torch.cat(lses)
+
+
+def suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention within each packed suffix: q [T, H, D], k/v [T, Hkv, D] -> o [T, H, D]
+    fp32 and lse [T, H]. Suffixes of similar length share one padded computation."""
+    T, H, D = q.shape
+    pad, seq, pos = padder(cu_seqlens, max_seqlen, T, q.device)
+    qp, kp, vp = pad(q), _expand(pad(k), H), _expand(pad(v), H)  # [B, H, L, D]
+    out = torch.zeros(qp.shape, dtype=torch.float32, device=q.device)
+    lse = torch.zeros(qp.shape[:3], dtype=torch.float32, device=q.device)
+    causal = torch.ones(max_seqlen, max_seqlen, dtype=torch.bool, device=q.device).tril()
+    for a, b, n in _length_groups(cu_seqlens.diff().tolist()):
+        # right padding: a real query's causal window holds real keys only
+        out[a:b, :, :n], lse[a:b, :, :n] = _attend(qp[a:b, :, :n], kp[a:b, :, :n], vp[a:b, :, :n], causal[:n, :n])
+    return out.transpose(1, 2)[seq, pos], lse.transpose(1, 2)[seq, pos]
+
+
+def cascade_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, prefix_k: torch.Tensor,
+                      prefix_v: torch.Tensor, merge_state) -> torch.Tensor:
+    """Suffix tokens over [shared prefix ; own causal suffix], exactly: [T, H, D] in q's dtype."""
+    o_p, lse_p = prefix_attention(q, prefix_k, prefix_v)
+    o_s, lse_s = suffix_attention(q, k, v, cu_seqlens, max_seqlen)
+    o, _ = merge_state(o_p.to(q.dtype), lse_p, o_s.to(q.dtype), lse_s)
+    return o
