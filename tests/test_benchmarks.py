@@ -74,3 +74,13 @@ def test_every_provider_is_timed_under_inference_mode():
                                    "b": lambda: seen.append(torch.is_inference_mode_enabled())},
                                   torch.device("cpu"), iters=2, warmup=1)
     assert seen == [True] * 6
+
+
+def test_bench_match_small(tmp_path):
+    _script("bench_match").main(["--model", "tiny", "--scale", "0.1", "--iters", "1", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "match.jsonl").read_text().splitlines()]
+    got = {(r["workload"], r["provider"]) for r in rows}
+    for wl in ("W3", "W3s"):
+        assert {(wl, p) for p in ("hf-naive", "hf-prefix", "reference", "fast-noshare", "fast")} <= got
+    assert {("W3f", p) for p in ("reference", "fast-noshare", "fast")} <= got
+    assert all(r["ms"] > 0 and 0 < r["of_floor"] for r in rows)
