@@ -63,7 +63,7 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [t, h, half - t - h]
 
 
-def _hf_config(arch: str, s: dict, like: dict | None):
+def _hf_config(arch: str, s: dict, like: dict | None, tie: bool | None):
     """The model class and its config: the published one (`like`, read by transformers itself) or
     the default structure, with every size replaced by the tiny sizes `s`."""
     head_dim = s["hidden_size"] // s["num_attention_heads"]
@@ -73,7 +73,7 @@ def _hf_config(arch: str, s: dict, like: dict | None):
     if like is not None:
         published = config_cls.from_dict(like)
         text, vision = published.text_config.to_dict(), published.vision_config.to_dict()
-        tie = tie_word_embeddings_of(like)
+        tie = tie_word_embeddings_of(like) if tie is None else tie
         ids = {k: like[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
                if k in like}
     else:
@@ -81,7 +81,7 @@ def _hf_config(arch: str, s: dict, like: dict | None):
                     bos_token_id=_special_id("<|endoftext|>"), eos_token_id=_special_id("<|im_end|>"))
         vision = dict(QWEN_IMAGE_SETTINGS, spatial_merge_size=2)
         del vision["merge_size"], vision["image_mean"], vision["image_std"]
-        tie = True
+        tie = True if tie is None else tie
         ids = dict(image_token_id=_special_id("<|image_pad|>"), video_token_id=_special_id("<|video_pad|>"),
                    vision_start_token_id=_special_id("<|vision_start|>"), vision_end_token_id=_special_id("<|vision_end|>"))
     text.update(hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
@@ -120,7 +120,8 @@ def _read_like(like) -> tuple[str, dict, dict | None]:
 
 
 def make_tiny_checkpoint(path: str | Path, arch: str = "qwen2.5-vl", seed: int = 0, dtype: torch.dtype = torch.float32,
-                         device="cpu", like: str | Path | None = None, **size_overrides) -> Path:
+                         device="cpu", like: str | Path | None = None, tie_word_embeddings: bool | None = None,
+                         **size_overrides) -> Path:
     """Write a random-weight ReMatch checkpoint to `path` and return it.
 
     `size_overrides` may change any key of TINY_SIZES (e.g. hidden_size=128,
@@ -129,7 +130,8 @@ def make_tiny_checkpoint(path: str | Path, arch: str = "qwen2.5-vl", seed: int =
     reproducible for one seed, dtype and device. The caller's torch RNG is untouched.
     `like`: a folder with a published config.json (its architecture replaces `arch`) and
     optionally its preprocessor_config.json, written as is (the tiny pixel bounds then
-    narrow it from rematch_config.json).
+    narrow it from rematch_config.json). `tie_word_embeddings`: False gives the model an LM head
+    of its own (default: tied, like the published 2B/3B; or as `like` has it).
     """
     like_config = like_pre = None
     if like is not None:
@@ -143,7 +145,7 @@ def make_tiny_checkpoint(path: str | Path, arch: str = "qwen2.5-vl", seed: int =
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
 
-    model_cls, hf_config = _hf_config(arch, sizes, like_config)
+    model_cls, hf_config = _hf_config(arch, sizes, like_config, tie_word_embeddings)
     # pixel bounds: in the preprocessor file of a model of our own; as a narrowing of a published one
     narrow = like_pre is not None
     rematch_config = ReMatchConfig(

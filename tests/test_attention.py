@@ -27,7 +27,8 @@ def naive(q, k, v, lens, causal):
 
 
 @pytest.mark.parametrize("device, dtype, tol", CASES)
-@pytest.mark.parametrize("lens", [[37], [48, 48, 48], [1, 64, 5, 130], [200, 3, 3]])
+@pytest.mark.parametrize("lens", [[37], [48, 48, 48], [1, 64, 5, 130], [200, 3, 3],
+                                  [30, 29, 28, 27], [9, 10, 11]])  # the last two: one padded group, mixed lengths
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
 def test_varlen_attention_matches_per_sequence(device, dtype, tol, lens, causal, heads):
@@ -40,6 +41,14 @@ def test_varlen_attention_matches_per_sequence(device, dtype, tol, lens, causal,
     got = varlen_attention(q, k, v, cu, max(lens), causal)
     assert got.shape == q.shape and got.dtype == dtype
     torch.testing.assert_close(got.double(), naive(q, k, v, lens, causal), atol=tol, rtol=0)
+
+
+def test_mixed_length_groups_exist_in_the_cases_above():
+    """The padded path's key mask only matters when one group holds several lengths."""
+    from rematch_fast.model.attention import _length_groups
+
+    for lens in ([30, 29, 28, 27], [9, 10, 11]):
+        assert _length_groups(lens) == [(0, len(lens), max(lens))]
 
 
 def test_length_groups_bound_padding_and_cover_every_sequence():

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import random_image
 from rematch_fast import CheckpointError, ImageError, Item, ReMatch
+from rematch_fast.tiny import make_tiny_checkpoint
 
 ATOL = 1e-4
 
@@ -71,7 +72,7 @@ def test_many_batches_come_back_in_input_order(pair, limits):
 def test_triton_kernels_in_the_whole_model(tiny_paths, models, arch):
     """Pooling, RMSNorm, SwiGLU and rotary embedding through their Triton kernels (the CPU interpreter
     here, as on a GPU) inside the whole model: text and small images of odd sizes, packed together."""
-    pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+    import triton  # noqa: F401 - the test extra installs it: missing, this test fails rather than skips
     from rematch_fast import ops
 
     if torch.cuda.is_available():
@@ -184,3 +185,19 @@ def test_prefetched_chunks_keep_input_order(fast_models, monkeypatch):
     torch.testing.assert_close(chunked.unit, whole.unit, atol=1e-6, rtol=0)
     with pytest.raises(ImageError, match="item 5"):
         m.encode(items[:5] + [Item(image="/nonexistent.png")])
+
+
+def test_untied_lm_head(tmp_path, arch):
+    """A checkpoint whose LM head is not the embedding matrix (as 7B-class models have): the fast
+    backend loads lm_head.weight and reads the Yes/No rows from it, as the reference does."""
+    path = make_tiny_checkpoint(tmp_path / "untied", arch=arch, seed=4, tie_word_embeddings=False)
+    state = load_file(str(path / "model.safetensors"))
+    assert "lm_head.weight" in state
+    ref, fast = ReMatch.from_pretrained(path), ReMatch.from_pretrained(path, backend="fast")
+    head = fast.backend.model.output_rows(fast.preprocessor.answer_ids)
+    assert torch.equal(head, state["lm_head.weight"][list(fast.preprocessor.answer_ids)])
+    assert not torch.equal(head, fast.backend.model.decoder.embed_tokens.weight[list(fast.preprocessor.answer_ids)])
+    docs = ["one document", Item(image=random_image(60, 90, 4)), "another, longer document " * 5]
+    for share in (True, False):
+        torch.testing.assert_close(fast.score("a query", docs, share_prefix=share).p_yes, ref.match("a query", docs),
+                                   atol=ATOL, rtol=0)

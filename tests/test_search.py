@@ -99,3 +99,28 @@ def test_search_errors():
         Index(c, dtype="int4")
     with pytest.raises(InputError, match="ids"):
         Index(c, ids=["a"])
+
+
+@pytest.mark.parametrize("kernels", ["torch", "auto"])
+def test_negative_zero_and_tied_scores_keep_their_order(kernels):
+    """The order-preserving key packing across signs: negative, -0.0, +0.0 and tied scores come
+    back best first with their exact values (ties to the lower row)."""
+    corpus = torch.tensor([[-0.5], [-0.1], [0.3], [0.0], [-0.0], [-0.5], [-2.0], [1e-30], [-1e-30]])
+    scores, rows = Index(corpus, kernels=kernels).search(torch.ones(1, 1), k=9)
+    assert rows[0].tolist() == [2, 7, 3, 4, 8, 1, 0, 5, 6]
+    assert torch.equal(scores[0], corpus[[2, 7, 3, 4, 8, 1, 0, 5, 6], 0] + 0.0)  # exact (-0.0 reads as 0.0)
+    scores, rows = Index(corpus, kernels=kernels).search(-torch.ones(1, 1), k=3)  # the sign flipped
+    assert rows[0].tolist() == [6, 0, 5] and scores[0].tolist() == [2.0, 0.5, 0.5]
+
+
+def test_packing_round_trips_every_sign():
+    from rematch_fast.similarity import pack_keys, unpack_keys
+
+    g = torch.Generator().manual_seed(3)
+    s = torch.cat([torch.randn(500, generator=g) * 10, torch.tensor([0.0, -0.0, 1e-38, -1e-38, 3e38, -3e38])])
+    rows = torch.randint(0, 1 << 31, s.shape, generator=g)
+    keys = pack_keys(s, rows)
+    back, back_rows = unpack_keys(keys)
+    assert torch.equal(back, s + 0.0) and torch.equal(back_rows, rows)
+    order = torch.argsort(keys, descending=True)
+    assert (s[order].diff() <= 0).all()  # key order is score order
