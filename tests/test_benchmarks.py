@@ -84,3 +84,18 @@ def test_bench_match_small(tmp_path):
         assert {(wl, p) for p in ("hf-naive", "hf-prefix", "reference", "fast-noshare", "fast")} <= got
     assert {("W3f", p) for p in ("reference", "fast-noshare", "fast")} <= got
     assert all(r["ms"] > 0 and 0 < r["of_floor"] for r in rows)
+
+
+def test_bench_pooling_small_and_its_tight_baseline(tmp_path):
+    import torch
+
+    from rematch_fast import ops
+
+    bench = _script("bench_pooling")
+    hidden = torch.randn(60, 24, generator=torch.Generator().manual_seed(2))
+    rows = ops.learnable_rows_packed(torch.tensor([0, 20, 45, 60]), 4)
+    for got, want in zip(bench.tight_torch_pooling(hidden, rows), ops.pool_learnable_torch(hidden, rows)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    bench.main(["--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "pooling.jsonl").read_text().splitlines()]
+    assert rows and all(r["ms"] > 0 for r in rows)
