@@ -6,6 +6,8 @@
              learnable tokens, no tokenizing or image preprocessing inside the timing
   reference  rematch_fast backend="reference" (transformers modules, padded batches, full ReMatch input)
   fast       rematch_fast backend="fast" (own model, packed batches, token-budget scheduler)
+  fast-noshare  (W1e, W5) the same with share_prefix=False: the embed template's part before the item
+             recomputed in every sequence instead of computed once and shared
   fast-buckets  (W5 only) the same with latency_buckets: static shapes, captured as CUDA graphs on a GPU
 
 W1: ragged texts (16..256 tokens, arrival order), useful tokens/s. W1e: all 128 tokens.
@@ -157,6 +159,8 @@ def main(argv=None) -> str:
             ref = ReMatch.from_pretrained(ckpt, backend="reference", device=dev, dtype=dtype)
             fast = ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype)
             buckets = ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, latency_buckets=(64, 128, 256))
+            # the same engine with the embed template's prefix recomputed in every sequence (the gain of sharing it)
+            noshare = ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, share_prefix=False)
         lm_params, vision_params = parameter_counts(fast)
         iters = args.iters or (CPU_TINY_ITERS if name == "tiny" and not args.gpu else scale["iters"])
         tok = fast.preprocessor.tok.text
@@ -184,6 +188,8 @@ def main(argv=None) -> str:
             providers = {"hf": hf_text_runner(ref, texts, scale["hf_text_batch"], dev),
                          "reference": lambda: ref.encode(texts, side="document"),
                          "fast": lambda: fast.encode(texts, side="document")}
+            if wl == "W1e":
+                providers["fast-noshare"] = lambda: noshare.encode(texts, side="document")
             if args.gpu and not args.with_reference:
                 del providers["reference"]
             ms = interleaved_median_ms(providers, dev, iters=iters, warmup=0)
@@ -208,10 +214,11 @@ def main(argv=None) -> str:
             "hf": hf_text_runner(ref, query, 1, dev),
             "reference": lambda: ref.embed(query),
             "fast": lambda: fast.embed(query),
+            "fast-noshare": lambda: noshare.embed(query),
             "fast-buckets": lambda: buckets.embed(query),
         }, dev, iters=30, warmup=3)
         record("W5", 1, ms, "ms", weights_ms, ms)
-        del ref, fast, buckets
+        del ref, fast, buckets, noshare
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     table = res.markdown(["model", "workload", "provider", "items", "value", "unit", "x_hf", "x_reference", "of_ceiling"])

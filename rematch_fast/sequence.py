@@ -39,9 +39,20 @@ class Sequence:
     soft_positions: torch.Tensor  # [S] int64
     soft_embeds: torch.Tensor | None  # [S, d]
     readout: torch.Tensor  # [R] int64: positions whose last hidden states are read
+    # leading tokens that every sequence of its kind repeats (the embed template before the item):
+    # plain template text, which a backend may compute once and share (see `tail`)
+    shared_prefix: int = 0
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
+
+    def tail(self, n: int) -> Sequence:
+        """The sequence without its first n tokens, positions kept: what continues a shared prefix of
+        n template tokens (which hold no image and no soft row)."""
+        if n > self.shared_prefix or (len(self.soft_positions) and int(self.soft_positions.min()) < n):
+            raise ValueError(f"the first {n} tokens are not a shared template prefix of this sequence")
+        return Sequence(self.input_ids[n:], self.positions[:, n:], self.pixel_values, self.grid_thw,
+                        self.soft_positions - n, self.soft_embeds, self.readout - n, 0)
 
 
 class _Builder:
@@ -172,7 +183,9 @@ class Preprocessor:
         b.text(after)
         b.soft_rows(learnable, self.pad_id)
         n = len(b.ids)
-        return b.build(readout=list(range(n - learnable.shape[0], n)))
+        seq = b.build(readout=list(range(n - learnable.shape[0], n)))
+        seq.shared_prefix = len(before)
+        return seq
 
     def match_sequence(self, query: PreparedItem | torch.Tensor, document: PreparedItem | torch.Tensor) -> Sequence:
         """The matching prompt; a tensor [d] stands for a feature view Z* (one soft row)."""

@@ -23,7 +23,8 @@ def test_bench_embed_small(tmp_path):
     got = {(r["workload"], r["provider"]) for r in rows}
     for wl in ("W1", "W1e", "W2"):
         assert {(wl, p) for p in ("hf", "reference", "fast")} <= got
-    assert {("W5", p) for p in ("hf", "reference", "fast", "fast-buckets")} <= got
+    assert {("W5", p) for p in ("hf", "reference", "fast", "fast-noshare", "fast-buckets")} <= got
+    assert ("W1e", "fast-noshare") in got
     assert all(r["value"] > 0 and 0 < r["of_ceiling"] for r in rows)
     assert all(r["x_hf"] == 1 for r in rows if r["provider"] == "hf")
     assert (tmp_path / "embed.md").read_text().strip() == table

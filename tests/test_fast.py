@@ -201,3 +201,20 @@ def test_untied_lm_head(tmp_path, arch):
     for share in (True, False):
         torch.testing.assert_close(fast.score("a query", docs, share_prefix=share).p_yes, ref.match("a query", docs),
                                    atol=ATOL, rtol=0)
+
+
+def test_embed_template_prefix_is_computed_once_per_side(models, tiny_paths, arch, monkeypatch):
+    """The template before the item is prefilled once per side and shared by every batch; the
+    embeddings equal the reference's and the unshared engine's."""
+    fast = ReMatch.from_pretrained(tiny_paths[arch], backend="fast")
+    plain = ReMatch.from_pretrained(tiny_paths[arch], backend="fast", share_prefix=False)
+    calls = []
+    prefill = fast.backend.prefill
+    monkeypatch.setattr(fast.backend, "prefill", lambda seq: calls.append(len(seq)) or prefill(seq))
+    items = _items(seed=91)["mixed"] + _items(seed=92)["text only"]
+    for side in ("query", "document"):
+        got = fast.encode(items, side=side, batch_size=2)  # several batches
+        torch.testing.assert_close(got.unit, models[arch].encode(items, side=side).unit, atol=ATOL, rtol=0)
+        torch.testing.assert_close(got.unit, plain.encode(items, side=side).unit, atol=ATOL, rtol=0)
+    assert len(calls) == 2 and len(fast.backend._template_prefixes) == 2  # one per side
+    assert calls[0] == fast.preprocessor.embed_sequence(fast.prepare("x"), "query", fast.head.query_tokens).shared_prefix

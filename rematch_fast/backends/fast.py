@@ -28,11 +28,15 @@ class FastBackend:
     inputs = frozenset(INPUT_KINDS)
 
     def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, latency_buckets=(),
-                 kernels="auto"):
+                 kernels="auto", share_prefix: bool = True):
         """latency_buckets: sequence lengths (e.g. (64, 128, 256)) for which a single text query, or
         a small batch of them, runs with static shapes, as a CUDA graph on CUDA (see latency.py).
-        kernels: "auto" (Triton kernels on CUDA, torch elsewhere) or "torch" (torch references everywhere)."""
+        kernels: "auto" (Triton kernels on CUDA, torch elsewhere) or "torch" (torch references everywhere).
+        share_prefix: compute the embed template's part before the item once per side and let every
+        embedding batch continue it (False: every sequence from its first token, for comparison)."""
         self.device, self.dtype = device, dtype
+        self.share_prefix = share_prefix
+        self._template_prefixes: dict[tuple[int, ...], PrefixKV] = {}  # template ids -> their keys/values
         self.ops = select_ops(kernels, device)
         self.cfg = model_config(ckpt)
         self.model = load_model(ckpt.path, self.cfg, device, dtype, self.ops)
@@ -65,8 +69,24 @@ class FastBackend:
     def pooled(self, seqs: list[Sequence]) -> Embeddings:
         if self.latency is not None and self.latency.bucket_for(seqs) is not None:
             return self.latency.pooled(seqs)
+        prefix = self._template_prefix(seqs) if self.share_prefix else None
+        if prefix is not None:
+            seqs = [s.tail(seqs[0].shared_prefix) for s in seqs]
         batch = PackedBatch(seqs, self.device, self.image_token_id)
-        return Embeddings(*self.ops.pool_learnable(self.last_hidden(batch), batch.readout))
+        return Embeddings(*self.ops.pool_learnable(self.last_hidden(batch, prefix=prefix), batch.readout))
+
+    def _template_prefix(self, seqs: list[Sequence]) -> PrefixKV | None:
+        """The keys/values of the template prefix all `seqs` share, computed at its first use."""
+        n = seqs[0].shared_prefix
+        key = tuple(seqs[0].input_ids[:n].tolist())
+        if not n or any(s.shared_prefix != n or tuple(s.input_ids[:n].tolist()) != key for s in seqs):
+            return None
+        if key not in self._template_prefixes:
+            head = seqs[0]
+            self._template_prefixes[key] = self.prefill(Sequence(head.input_ids[:n], head.positions[:, :n], None,
+                                                                 head.grid_thw[:0], head.soft_positions[:0], None,
+                                                                 head.readout[:0]))
+        return self._template_prefixes[key]
 
     def answer_logits(self, seqs: list[Sequence], answer_ids: tuple[int, int],
                       prefix: PrefixKV | None = None) -> torch.Tensor:

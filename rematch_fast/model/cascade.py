@@ -5,8 +5,9 @@ matching prompt), whose keys and values were computed once (`PrefixKV`). Every s
 attends to the whole prefix and, causally, to its own suffix: two disjoint key sets, each
 attended to separately with its log-sum-exp, then merged exactly by the `merge_state` op.
 The prefix is never copied per candidate. Log-sum-exps are natural logs with the softmax
-scale included. These are torch computations in fp32 (any device); the merge runs through
-the model's ops (Triton on CUDA).
+scale included. Each part is a fused attention that returns its log-sum-exp (torch's flash
+kernels: on the CPU, and on CUDA for fp16/bf16), or plain fp32 math elsewhere; the merge runs
+through the model's ops (Triton on CUDA).
 """
 from __future__ import annotations
 
@@ -47,15 +48,28 @@ def _attend(q, k, v, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
     return probs @ v.float(), lse
 
 
+def _attend_lse(q, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with its log-sum-exp: q, k, v [B, H, L, D] -> o [B, H, Lq, D], lse [B, H, Lq] fp32.
+    torch's flash kernels return the LSE (SDPA does not); both are exact, as `_attend` is."""
+    if q.device.type == "cpu":
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)[:2]
+        return o, lse.float()
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)[:2]
+        return o, lse.float()
+    mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril() if causal else None
+    return _attend(q, k, v, mask)
+
+
 def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every query row q [T, H, D] attends to all prefix keys k/v [P, Hkv, D] (they all come
-    before it): o [T, H, D] fp32 and lse [T, H], in row chunks that bound the scores' memory."""
+    before it): o [T, H, D] and lse [T, H] fp32, in row chunks that bound the scores' memory."""
     T, H, _ = q.shape
     kp, vp = _expand(k.transpose(0, 1)[None], H), _expand(v.transpose(0, 1)[None], H)  # [1, H, P, D]
     rows = max(1, _SCORES_PER_CHUNK // (H * max(1, k.shape[0])))
     outs, lses = [], []
     for start in range(0, T, rows):
-        o, lse = _attend(q[start: start + rows].transpose(0, 1)[None], kp, vp)
+        o, lse = _attend_lse(q[start: start + rows].transpose(0, 1)[None].contiguous(), kp, vp, causal=False)
         outs.append(o[0].transpose(0, 1))
         lses.append(lse[0].transpose(0, 1))
     return torch.cat(outs), torch.cat(lses)
@@ -64,16 +78,15 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple
 def suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention within each packed suffix: q [T, H, D], k/v [T, Hkv, D] -> o [T, H, D]
-    fp32 and lse [T, H]. Suffixes of similar length share one padded computation."""
+    and lse [T, H] fp32. Suffixes of similar length share one padded computation."""
     T, H, D = q.shape
     pad, seq, pos = padder(cu_seqlens, max_seqlen, T, q.device)
     qp, kp, vp = pad(q), _expand(pad(k), H), _expand(pad(v), H)  # [B, H, L, D]
-    out = torch.zeros(qp.shape, dtype=torch.float32, device=q.device)
+    out = torch.zeros(qp.shape, dtype=q.dtype, device=q.device)
     lse = torch.zeros(qp.shape[:3], dtype=torch.float32, device=q.device)
-    causal = torch.ones(max_seqlen, max_seqlen, dtype=torch.bool, device=q.device).tril()
     for a, b, n in _length_groups(cu_seqlens.diff().tolist()):
         # right padding: a real query's causal window holds real keys only
-        out[a:b, :, :n], lse[a:b, :, :n] = _attend(qp[a:b, :, :n], kp[a:b, :, :n], vp[a:b, :, :n], causal[:n, :n])
+        out[a:b, :, :n], lse[a:b, :, :n] = _attend_lse(*(x[a:b, :, :n].contiguous() for x in (qp, kp, vp)), causal=True)
     return out.transpose(1, 2)[seq, pos], lse.transpose(1, 2)[seq, pos]
 
 
