@@ -6,8 +6,9 @@ Exit status:
   2  bad command line: a bad value, an unknown backend or device; checked before any work
   3  done, but some rows were rejected (listed with their reasons in the rejects file)
 An input with no usable row (empty, or every row rejected) is an error (1). The rejects file
-is always written, empty when nothing was rejected. No output or checkpoint is replaced
-unless --overwrite is given.
+is always written (replaced on every run, empty when nothing was rejected, never one of the
+run's inputs or outputs). No output or checkpoint is replaced unless --overwrite is given
+(`demo` rewrites its own --out folder on every run). Interrupted (Ctrl-C): 130.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -60,20 +62,29 @@ def _check_output(path: Path, kind: str, overwrite: bool) -> None:
     if path.exists():
         if (kind == "file") != path.is_file():
             raise InputError(f"{path} is a {'folder' if path.is_dir() else 'file'}; a {kind} is needed here")
-        if kind == "folder" and not any(path.iterdir()):
-            return  # an empty folder holds nothing to lose
+        if kind == "folder" and {p.name for p in path.iterdir()} <= {"rejects.jsonl"}:
+            return  # empty, or only the rejects of a run that wrote nothing: nothing to lose
         if not overwrite:
             raise InputError(f"{path} exists; pass --overwrite to replace it")
     _writable_dir(path.parent if kind == "file" else path)
 
 
+def _rejects_path(args, default: Path, out: Path) -> Path:
+    """Where this run's rejects go (replaced on every run: they describe the last run). Never one of
+    the run's inputs or its output: a typo there must not overwrite a corpus or the results."""
+    path = Path(args.rejects) if args.rejects else default
+    others = [out] + [Path(v) for k in ("corpus", "queries", "hits") if (v := getattr(args, k, None))]
+    if any(path.resolve() == o.resolve() for o in others):
+        raise InputError(f"--rejects {path} is also an input or the output of this run; choose another file")
+    _check_output(path, "file", overwrite=True)
+    return path
+
+
 def _file_outputs(args) -> tuple[Path, Path]:
     """--out (a file, replaced only with --overwrite) and its rejects file, checked before any work."""
     out = Path(args.out)
-    rejects_path = Path(args.rejects or str(out) + ".rejects.jsonl")
     _check_output(out, "file", args.overwrite)
-    _check_output(rejects_path, "file", overwrite=True)  # a run's rejects always replace the last run's
-    return out, rejects_path
+    return out, _rejects_path(args, Path(str(out) + ".rejects.jsonl"), out)
 
 
 def _finish(rejects, rejects_path: Path, what: str, done: bool) -> int:
@@ -124,10 +135,23 @@ def cmd_init_tiny(args) -> int:
 
     out = Path(args.dir)
     _check_output(out, "folder", args.overwrite)
-    if out.exists() and args.overwrite:
-        shutil.rmtree(out)
-    path = make_tiny_checkpoint(out, arch=args.arch, seed=args.seed, **args.sizes)
-    print(f"tiny {args.arch} checkpoint (random weights, seed {args.seed}) written to {path}")
+    replace = out.exists() and any(out.iterdir())
+    if replace and (out.is_symlink() or not (out / "rematch_config.json").is_file()):
+        raise InputError(f"{out} is not a rematch_fast checkpoint folder; --overwrite replaces only those")
+    # built beside, then swapped in: a failed build leaves the old checkpoint as it was
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        make_tiny_checkpoint(staging, arch=args.arch, seed=args.seed, **args.sizes)
+        if replace:
+            shutil.rmtree(out)
+        elif out.exists():
+            out.rmdir()  # empty
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(staging), str(out))
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    print(f"tiny {args.arch} checkpoint (random weights, seed {args.seed}) written to {out}")
     return EXIT_OK
 
 
@@ -137,9 +161,8 @@ def cmd_embed(args) -> int:
     from .store import IDS, TENSORS, EmbeddingStore
 
     out = Path(args.out)
-    rejects_path = Path(args.rejects) if args.rejects else out / "rejects.jsonl"
     _check_output(out, "folder", args.overwrite)
-    _check_output(rejects_path, "file", overwrite=True)  # a run's rejects always replace the last run's
+    rejects_path = _rejects_path(args, out / "rejects.jsonl", out)
     rows, rejects = read_rows(args.corpus, image_root=args.image_root)
     model = _load_model(args)
     ids, emb, more = embed_rows(model, rows, args.side, args.batch_size, not args.quiet, _log)
@@ -237,7 +260,7 @@ def cmd_rerank(args) -> int:
 
 
 def _read_hits(path):
-    from .jsonl import Reject, json_lines
+    from .jsonl import Reject, id_problem, json_lines
 
     good, bad = [], []
     for n, line, h in json_lines(path, "hits file"):
@@ -248,6 +271,9 @@ def _read_hits(path):
                 raise InputError("a hits row needs 'query_id' and a list 'hits'")
             if not all(isinstance(c, dict) and "id" in c for c in h["hits"]):
                 raise InputError("every hit needs an 'id'")
+            for what, value in [("query_id", h["query_id"])] + [("hit id", c["id"]) for c in h["hits"]]:
+                if problem := id_problem(value):
+                    raise InputError(f"{what} is {problem}; an id is a non-empty string or an integer")
             good.append((n, line, h))
         except InputError as e:
             bad.append(Reject(n, None, f"bad hits row: {e}", line))
@@ -375,16 +401,23 @@ def check_usage(args) -> None:
     if args.command == "rerank" and not (args.corpus or (args.index and args.doc_view == "feat")):
         raise UsageError("rerank needs --corpus (or, with --doc-view feat, --index)")
     if args.command == "init-tiny":
-        from .tiny import TINY_SIZES
+        from .tiny import TINY_SIZES, check_sizes
 
         args.sizes = {}
         for kv in args.set or []:
             key, sep, value = kv.partition("=")
-            if not sep or not value.strip().isdigit() or int(value) < 1:
+            value = value.strip()
+            if not sep or not (value.isascii() and value.isdigit()) or int(value) < 1:
                 raise UsageError(f"--set takes KEY=POSITIVE_INTEGER, got {kv!r}")
             if key not in TINY_SIZES:
                 raise UsageError(f"--set {key}: not a size; choose from {sorted(TINY_SIZES)}")
             args.sizes[key] = int(value)
+        try:
+            check_sizes({**TINY_SIZES, **args.sizes})
+        except InputError as e:
+            raise UsageError(str(e)) from None
+    if getattr(args, "image_root", None) and not Path(args.image_root).is_dir():
+        raise UsageError(f"--image-root {args.image_root} is not a folder")
 
 
 def main(argv=None) -> int:

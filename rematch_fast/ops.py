@@ -43,7 +43,9 @@ def define_op(name: str, reference: Callable, fake: Callable, cuda: Callable):
 def triton_kernel(module: str, function: str) -> Callable:
     """A kernel of rematch_fast.kernels, imported on its first call (only CUDA calls reach it)."""
     def call(*args):
-        return getattr(importlib.import_module(f"{__package__}.kernels.{module}"), function)(*args)
+        kernel = getattr(importlib.import_module(f"{__package__}.kernels.{module}"), function)
+        with torch.cuda.device(args[0].device):  # Triton launches on the current device, not the tensors'
+            return kernel(*args)
 
     return call
 

@@ -94,7 +94,8 @@ def topk_keys_torch(queries: torch.Tensor, corpus: torch.Tensor, k: int, scale: 
 def _topk_keys_cuda(queries, corpus, k, scale, chunk_rows):
     from .kernels.similarity import topk_keys_triton
 
-    return topk_keys_triton(queries, corpus, k, scale)  # one pass: the kernel needs no chunks
+    with torch.cuda.device(corpus.device):  # Triton launches on the current device, not the tensors'
+        return topk_keys_triton(queries, corpus, k, scale)  # one pass: the kernel needs no chunks
 
 
 topk_keys_op = define_op(

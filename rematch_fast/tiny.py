@@ -63,12 +63,21 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [t, h, half - t - h]
 
 
+def check_sizes(s: dict) -> None:
+    """Sizes a real Qwen2-VL could have: heads that divide their widths into rotary-friendly parts."""
+    for width, heads in (("hidden_size", "num_attention_heads"), ("vision_hidden_size", "vision_num_heads")):
+        if s[width] % s[heads] or (s[width] // s[heads]) % 4:
+            raise InputError(f"{width} / {heads} must be a whole multiple of 4, got {s[width]} / {s[heads]}")
+    if s["num_attention_heads"] % s["num_key_value_heads"]:
+        raise InputError(f"num_key_value_heads ({s['num_key_value_heads']}) must divide num_attention_heads "
+                         f"({s['num_attention_heads']})")
+
+
 def _hf_config(arch: str, s: dict, like: dict | None, tie: bool | None):
     """The model class and its config: the published one (`like`, read by transformers itself) or
     the default structure, with every size replaced by the tiny sizes `s`."""
+    check_sizes(s)
     head_dim = s["hidden_size"] // s["num_attention_heads"]
-    if head_dim % 4 or s["hidden_size"] % s["num_attention_heads"]:
-        raise InputError("hidden_size / num_attention_heads must be a whole multiple of 4")
     model_cls, config_cls = transformers_classes(arch)
     if like is not None:
         published = config_cls.from_dict(like)

@@ -262,3 +262,62 @@ def test_image_root_confines_paths(tiny_paths, tmp_path):
     assert [r["id"] for r in reasons] == ["up", "abs"] and all("image root" in r["reason"] for r in reasons)
     # without --image-root (the default) the same corpus is read as before
     assert main(["embed", str(tiny_paths["qwen2-vl"]), str(corpus), "--out", str(tmp_path / "all"), "--quiet"]) == EXIT_OK
+
+
+# -- found by review: data loss and tracebacks ---------------------------------------------------------
+def test_init_tiny_overwrite_replaces_only_a_checkpoint(tmp_path, capsys):
+    user = tmp_path / "userdata"
+    user.mkdir()
+    (user / "thesis.txt").write_text("precious")
+    assert main(["init-tiny", str(user), "--overwrite"]) == EXIT_ERROR
+    assert "not a rematch_fast checkpoint folder" in capsys.readouterr().err
+    assert (user / "thesis.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("bad", ["hidden_size=6", "num_key_value_heads=3", "vision_num_heads=3", "hidden_size=²"])
+def test_impossible_sizes_exit_2_and_keep_the_old_checkpoint(tiny_paths, tmp_path, bad):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(tiny_paths["qwen2-vl"], dst)
+    before = (dst / "model.safetensors").read_bytes()
+    assert main(["init-tiny", str(dst), "--overwrite", "--set", bad]) == EXIT_USAGE
+    assert (dst / "model.safetensors").read_bytes() == before
+
+
+def test_rejects_may_not_overwrite_an_input_or_the_output(tiny_paths, files, tmp_path, capsys):
+    corpus, queries = files
+    text = corpus.read_text()
+    assert main(["embed", str(tiny_paths["qwen2-vl"]), str(corpus), "--out", str(tmp_path / "i"), "--quiet",
+                 "--rejects", str(corpus)]) == EXIT_ERROR
+    assert corpus.read_text() == text and "also an input or the output" in capsys.readouterr().err
+    hits = tmp_path / "h.jsonl"
+    assert main(["embed", str(tiny_paths["qwen2-vl"]), str(corpus), "--out", str(tmp_path / "i"), "--quiet"]) == EXIT_OK
+    assert main(["search", str(tiny_paths["qwen2-vl"]), str(queries), "--index", str(tmp_path / "i"), "--out",
+                 str(hits), "--rejects", str(hits), "--quiet"]) == EXIT_ERROR
+    assert not hits.exists()
+
+
+def test_a_failed_run_does_not_block_the_next(tiny_paths, files, tmp_path):
+    bad = _jsonl(tmp_path / "bad.jsonl", ["nonsense"])
+    out = tmp_path / "index"
+    assert main(["embed", str(tiny_paths["qwen2-vl"]), str(bad), "--out", str(out), "--quiet"]) == EXIT_ERROR
+    assert (out / "rejects.jsonl").is_file()  # the reasons are kept
+    assert main(["embed", str(tiny_paths["qwen2-vl"]), str(files[0]), "--out", str(out), "--quiet"]) == EXIT_OK
+
+
+def test_hits_with_ids_that_are_not_ids_are_rejected(tiny_paths, files, tmp_path):
+    corpus, queries = files
+    hits = _jsonl(tmp_path / "hits.jsonl", [{"query_id": ["q1"], "hits": [{"id": "a"}]},
+                                            {"query_id": "q1", "hits": [{"id": ["a"]}]},
+                                            {"query_id": "q1", "hits": [{"id": "a"}, {"id": "b"}]}])
+    out = tmp_path / "rr.jsonl"
+    assert main(["rerank", str(tiny_paths["qwen2-vl"]), "--queries", str(queries), "--hits", str(hits),
+                 "--corpus", str(corpus), "--out", str(out), "--quiet"]) == EXIT_REJECTS
+    reasons = [json.loads(x)["reason"] for x in (tmp_path / "rr.jsonl.rejects.jsonl").read_text().splitlines()]
+    assert len(reasons) == 2 and all("a list" in r for r in reasons)
+    assert len(out.read_text().splitlines()) == 1
+
+
+def test_image_root_must_be_a_folder(tiny_paths, files, tmp_path, capsys):
+    assert main(["embed", str(tiny_paths["qwen2-vl"]), str(files[0]), "--out", str(tmp_path / "o"),
+                 "--image-root", str(tmp_path / "nowhere")]) == EXIT_USAGE
+    assert "is not a folder" in capsys.readouterr().err

@@ -97,6 +97,10 @@ class LatencyBuckets:
         if self.device.type != "cuda":
             unit, norm = self._forward(s)
             return Embeddings(unit[:n], norm[:n])
+        with torch.cuda.device(self.device):  # capture and replay on the model's device (cuda:1 too)
+            return self._replay(s, n)
+
+    def _replay(self, s: dict, n: int) -> Embeddings:
         if "graph" not in s:
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))

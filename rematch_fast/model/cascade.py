@@ -4,7 +4,8 @@ A batch of suffixes (the candidates of one query) shares one prefix (the query's
 matching prompt), whose keys and values were computed once (`PrefixKV`). Every suffix token
 attends to the whole prefix and, causally, to its own suffix: two disjoint key sets, each
 attended to separately with its log-sum-exp, then merged exactly by the `merge_state` op.
-The prefix is never copied per candidate. Log-sum-exps are natural logs with the softmax
+The prefix is never copied per candidate (grouped-query keys and values are expanded to the
+query heads once per batch). Log-sum-exps are natural logs with the softmax
 scale included. Each part is a fused attention that returns its log-sum-exp (torch's flash
 kernels: on the CPU, and on CUDA for fp16/bf16), or plain fp32 math elsewhere; the merge runs
 through the model's ops (Triton on CUDA).
@@ -54,7 +55,8 @@ def _attend_lse(q, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if q.device.type == "cpu":
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)[:2]
         return o, lse.float()
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 \
+            and torch.cuda.get_device_capability(q.device) >= (8, 0):  # torch's flash kernel: Ampere and newer
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)[:2]
         return o, lse.float()
     mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril() if causal else None

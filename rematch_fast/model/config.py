@@ -79,4 +79,10 @@ def model_config(ckpt: Checkpoint) -> ModelConfig:
                               v.get("temporal_patch_size", 2), v.get("spatial_merge_size", 2),
                               v.get("window_size", 112), tuple(v.get("fullatt_block_indexes", ())),
                               _rope(v).get("rope_theta", 10000.0))
+    for what, width, heads in (("decoder", text.num_heads * text.head_dim, text.num_heads),
+                               ("vision tower", vision.dim, vision.num_heads)):
+        if width % heads:
+            raise ValueError(f"the {what}'s width {width} does not divide into {heads} heads")
+    if text.num_heads % text.num_kv_heads:
+        raise ValueError(f"num_key_value_heads {text.num_kv_heads} does not divide num_attention_heads {text.num_heads}")
     return ModelConfig(arch, text, vision)
