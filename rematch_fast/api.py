@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import pipeline
-from .pipeline import check_finite
+from .pipeline import check_finite, nonfinite_rows
 from .backends import PrefixBackend, create_backend
 from .checkpoint import open_checkpoint
 from .config import DEFAULT_DECODE_LIMIT, MODEL_DTYPES, check_view, parse_device, parse_dtype
@@ -104,7 +104,7 @@ class ReMatch:
     def _project(self, e: Embeddings) -> torch.Tensor:  # [n, d] in the model's dtype
         if e.dim != self.dim:
             raise InputError(f"embeddings have dimension {e.dim}, the model needs {self.dim}")
-        bad = (~torch.isfinite(e.unit).all(dim=1) | ~torch.isfinite(e.norm)).nonzero().flatten()
+        bad = nonfinite_rows(e.unit, e.norm)
         if len(bad):
             raise InputError(f"embedding row {int(bad[0])} holds NaN or infinite values ({len(bad)} such rows)")
         p = next(self.head.parameters())

@@ -50,9 +50,15 @@ class EmbedOutput:
     truncated: list[int]  # input positions whose text was cut to max_text_tokens
 
 
+def nonfinite_rows(*tensors: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows (dim 0, shared by all `tensors`) that hold a NaN or an Inf anywhere."""
+    ok = torch.stack([torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1) for t in tensors]).all(dim=0)
+    return (~ok).nonzero().flatten()
+
+
 def check_finite(rows: torch.Tensor, positions: Seq[int], what: str) -> None:
     """NonFiniteError naming the first of `rows` (at input `positions`) that holds NaN or Inf."""
-    bad = (~torch.isfinite(rows.reshape(rows.shape[0], -1)).all(dim=1)).nonzero().flatten()
+    bad = nonfinite_rows(rows)
     if len(bad):
         raise NonFiniteError(f"{what} {positions[int(bad[0])]} is NaN or infinite (the model's numbers "
                              f"overflowed: try dtype float32 or bfloat16)")

@@ -46,10 +46,17 @@ class Sequence:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
-    def tail(self, n: int) -> Sequence:
-        """The sequence without its first n tokens, positions kept: what continues a shared prefix of
-        n template tokens (which hold no image and no soft row)."""
-        if n > self.shared_prefix or (len(self.soft_positions) and int(self.soft_positions.min()) < n):
+    def head(self) -> Sequence:
+        """The shared template prefix alone (text only, nothing read out): what a backend prefills."""
+        n = self.shared_prefix
+        return Sequence(self.input_ids[:n], self.positions[:, :n], None, self.grid_thw[:0],
+                        self.soft_positions[:0], None, self.readout[:0])
+
+    def tail(self) -> Sequence:
+        """The sequence after its shared template prefix, positions kept: what continues `head()`
+        (the prefix holds no image and no soft row)."""
+        n = self.shared_prefix
+        if len(self.soft_positions) and int(self.soft_positions.min()) < n:
             raise ValueError(f"the first {n} tokens are not a shared template prefix of this sequence")
         return Sequence(self.input_ids[n:], self.positions[:, n:], self.pixel_values, self.grid_thw,
                         self.soft_positions - n, self.soft_embeds, self.readout - n, 0)

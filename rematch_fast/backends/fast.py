@@ -71,7 +71,7 @@ class FastBackend:
             return self.latency.pooled(seqs)
         prefix = self._template_prefix(seqs) if self.share_prefix else None
         if prefix is not None:
-            seqs = [s.tail(seqs[0].shared_prefix) for s in seqs]
+            seqs = [s.tail() for s in seqs]
         batch = PackedBatch(seqs, self.device, self.image_token_id)
         return Embeddings(*self.ops.pool_learnable(self.last_hidden(batch, prefix=prefix), batch.readout))
 
@@ -82,10 +82,7 @@ class FastBackend:
         if not n or any(s.shared_prefix != n or tuple(s.input_ids[:n].tolist()) != key for s in seqs):
             return None
         if key not in self._template_prefixes:
-            head = seqs[0]
-            self._template_prefixes[key] = self.prefill(Sequence(head.input_ids[:n], head.positions[:, :n], None,
-                                                                 head.grid_thw[:0], head.soft_positions[:0], None,
-                                                                 head.readout[:0]))
+            self._template_prefixes[key] = self.prefill(seqs[0].head())
         return self._template_prefixes[key]
 
     def answer_logits(self, seqs: list[Sequence], answer_ids: tuple[int, int],

@@ -28,10 +28,6 @@ class PrefixKV:
 
     layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (k, v) [P, Hkv, D]
 
-    @property
-    def length(self) -> int:
-        return int(self.layers[0][0].shape[0]) if self.layers else 0
-
 
 def _expand(x: torch.Tensor, heads: int) -> torch.Tensor:
     """Grouped-query keys/values [.., Hkv, ..] repeated to the query heads (dim 1 of [B, H, L, D])."""
