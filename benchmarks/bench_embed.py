@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Results, ceilings, interleaved_median_ms  # noqa: E402
+from harness import profile_table, Results, ceilings, interleaved_median_ms  # noqa: E402
 
 from rematch_fast import ReMatch  # noqa: E402
 from rematch_fast.tiny import make_tiny_checkpoint  # noqa: E402
@@ -143,6 +143,8 @@ def main(argv=None) -> str:
     ap.add_argument("--iters", type=int, help="timed rounds of W1 / W1e (default: 3 on a GPU; 15 for tiny, 3 for "
                                               "larger models on the CPU); "
                                               "W2 takes at least 3, W5 30")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile `fast` on 512 W1e texts (embed_profile_<model>.txt)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if args.gpu else "cpu")
     dtype = torch.bfloat16 if args.gpu else torch.float32
@@ -193,6 +195,11 @@ def main(argv=None) -> str:
             if args.gpu and not args.with_reference:
                 del providers["reference"]
             ms = interleaved_median_ms(providers, dev, iters=iters, warmup=0)
+            if args.profile and wl == "W1e":
+                text = profile_table(lambda: fast.encode(texts[:512], side="document"), dev)
+                print(text)
+                if args.out:
+                    (Path(args.out) / f"embed_profile_{name}.txt").write_text(text)
             record(wl, len(texts), {p: useful / t * 1e3 for p, t in ms.items()}, "tokens/s",
                    flops_per_s / (2 * lm_params), ms)
 

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_embed import MODELS, parameter_counts, texts_of_lengths  # noqa: E402
-from harness import Results, ceilings, interleaved_median_ms  # noqa: E402
+from harness import Results, ceilings, interleaved_median_ms, profile_table  # noqa: E402
 
 from rematch_fast import ReMatch  # noqa: E402
 from rematch_fast.tiny import make_tiny_checkpoint  # noqa: E402
@@ -90,6 +90,7 @@ def main(argv=None) -> str:
     ap.add_argument("--workloads", nargs="+", help="subset of W3 W3s W3f")
     ap.add_argument("--iters", type=int, default=3, help="timed rounds (default: 3)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply the CPU workloads' sizes (tests: < 1)")
+    ap.add_argument("--profile", action="store_true", help="also profile one W3-like call of `fast` (match_profile.txt)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if args.gpu else "cpu")
@@ -129,6 +130,11 @@ def main(argv=None) -> str:
             suffix_tokens = sum(len(fast.preprocessor.match_suffix(fast.prepare(d), 0)) for d in docs)
         floor_ms = 2 * lm_params * (prefix_len + suffix_tokens) / (ceil["gemm_TFLOPs"] * 1e12) * 1e3
         ms = interleaved_median_ms(fns, dev, iters=args.iters, warmup=1)
+        if args.profile and wl == "W3":
+            text = profile_table(fns["fast"], dev)
+            print(text)
+            if args.out:
+                (Path(args.out) / "match_profile.txt").write_text(text)
         for provider, t in ms.items():
             res.add(model=name, workload=wl, provider=provider, query_tokens=prefix_len, candidates=n, ms=t,
                     candidates_per_s=n / t * 1e3, x_naive=ms.get("hf-naive", ms["reference"]) / t,

@@ -52,6 +52,21 @@ def peak_extra_mb(fn, device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+@torch.inference_mode()
+def profile_table(fn, device: torch.device, rows: int = 20) -> str:
+    """One call of fn under torch's profiler: the operators (and, on CUDA, kernels) that took the
+    most time, as text. For finding what bounds a provider, not for figures."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm: compiled kernels and caches are not what we look for
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
 def ceilings(device: torch.device) -> dict:
     """This card's copy bandwidth (GB/s) and dense GEMM rate (TFLOP/s), measured now."""
     big = 1 << 30 if device.type == "cuda" else 1 << 26

@@ -66,3 +66,55 @@ def test_the_reference_backend_never_runs_a_kernel(tiny_paths, monkeypatch):
     fast = ReMatch.from_pretrained(tiny_paths["qwen2.5-vl"], backend="fast", device="cuda")
     with pytest.raises(AssertionError, match="a kernel ran"):  # while the fast path does run them
         fast.embed(ITEMS)
+
+
+# -- shared-prefix matching and embedding on CUDA (the cascade's fp32 math and bf16 flash parts) ----------
+DOCS = ["river", "a much longer candidate about bread and the market " * 5, Item(image=random_image(61, 45, seed=43)),
+        Item(text="moon", image=random_image(97, 130, seed=44)), "seven blue engines"]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.02)])
+def test_shared_prefix_matching_on_cuda_equals_the_cpu_reference(models, tiny_paths, arch, dtype, tol):
+    """The Yes/No logit gap (sharper than p(yes) near 0.5 on random weights) of the shared-prefix
+    path on CUDA against the full-sequence reference on the CPU in fp32."""
+    fast = ReMatch.from_pretrained(tiny_paths[arch], backend="fast", device="cuda", dtype=dtype)
+    query = Item(text="a photo of a river", image=random_image(120, 77, seed=45))
+    got, want = fast.score(query, DOCS, batch_size=2), models[arch].score(query, DOCS)
+    assert got.path == "shared-prefix"
+    gap = lambda p: torch.logit(p.double())  # noqa: E731 - the logit gap is log(p / (1 - p))
+    torch.testing.assert_close(gap(got.p_yes.cpu()), gap(want.p_yes), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("H, Hkv, D", [(16, 2, 128), (4, 4, 16)])
+def test_cascade_on_cuda_equals_attention_over_the_concatenation(dtype, tol, H, Hkv, D):
+    """3B's head layout (16 query heads over 2 key heads, D = 128) and a small one; ragged suffixes,
+    against fp32 causal attention over each whole prefix+suffix."""
+    from rematch_fast.model import cascade
+
+    g = torch.Generator().manual_seed(46)
+    P, lens = 301, [5, 1, 130, 128, 7, 129]
+    T = sum(lens)
+    kp, vp = torch.randn(P, Hkv, D, generator=g), torch.randn(P, Hkv, D, generator=g)
+    q, k, v = torch.randn(T, H, D, generator=g), torch.randn(T, Hkv, D, generator=g), torch.randn(T, Hkv, D, generator=g)
+    cu = torch.tensor([0] + lens).cumsum(0)
+    from rematch_fast import ops
+    got = cascade.cascade_attention(*(x.to("cuda", dtype) for x in (q, k, v)), cu.cuda(), max(lens),
+                                    kp.to("cuda", dtype), vp.to("cuda", dtype), ops.CUSTOM_OPS.merge_state)
+    assert got.dtype == dtype and got.shape == (T, H, D)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        keys = torch.cat([kp, k[a:b]]).repeat_interleave(H // Hkv, dim=1).transpose(0, 1)
+        vals = torch.cat([vp, v[a:b]]).repeat_interleave(H // Hkv, dim=1).transpose(0, 1)
+        mask = torch.ones(b - a, P + b - a, dtype=torch.bool).tril(diagonal=P)
+        want = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), keys, vals, attn_mask=mask).transpose(0, 1)
+        torch.testing.assert_close(got[a:b].float().cpu(), want, atol=tol, rtol=0)
+
+
+def test_embedding_with_the_shared_template_prefix_on_cuda(tiny_paths, arch):
+    """bf16: the template prefix computed once and continued by every batch, against whole sequences."""
+    shared = ReMatch.from_pretrained(tiny_paths[arch], backend="fast", device="cuda", dtype=torch.bfloat16)
+    whole = ReMatch.from_pretrained(tiny_paths[arch], backend="fast", device="cuda", dtype=torch.bfloat16,
+                                    share_prefix=False)
+    for side in ("query", "document"):
+        a, b = shared.embed(ITEMS, side=side, batch_size=2), whole.embed(ITEMS, side=side, batch_size=2)
+        assert F.cosine_similarity(a.float(), b.float(), dim=-1).min() >= 0.99
