@@ -143,6 +143,8 @@ def main(argv=None) -> str:
     ap.add_argument("--iters", type=int, help="timed rounds of W1 / W1e (default: 3 on a GPU; 15 for tiny, 3 for "
                                               "larger models on the CPU); "
                                               "W2 takes at least 3, W5 30")
+    ap.add_argument("--workloads", nargs="+", choices=["W1", "W1e", "W2", "W5"], default=["W1", "W1e", "W2", "W5"],
+                    help="which workloads to run (default: all)")
     ap.add_argument("--profile", action="store_true",
                     help="also profile `fast` on 512 W1e texts (embed_profile_<model>.txt)")
     args = ap.parse_args(argv)
@@ -182,6 +184,8 @@ def main(argv=None) -> str:
             "W1e": texts_of_lengths(fast, [128] * scale["docs"], seed=2),
         }
         for wl, texts in work.items():
+            if wl not in args.workloads:
+                continue
             useful = sum(len(tok.encode(t, add_special_tokens=False).ids) for t in texts)
             warm = texts[: scale["warm_docs"]]
             for fn in (hf_text_runner(ref, warm, scale["hf_text_batch"], dev), lambda: ref.encode(warm, side="document"),
@@ -203,34 +207,44 @@ def main(argv=None) -> str:
             record(wl, len(texts), {p: useful / t * 1e3 for p, t in ms.items()}, "tokens/s",
                    flops_per_s / (2 * lm_params), ms)
 
-        items = [{"text": "a photo of", "image": im} for im in images(scale["images"], scale["side"], seed=3)]
-        first = fast.prepare(items[0])
-        patches, text_tokens = first.pixel_values.shape[0], len(first.text_ids) + 2
-        image_flops = 2 * (vision_params * patches + lm_params * (patches // 4 + text_tokens))
-        ms = interleaved_median_ms({
-            "hf": hf_image_runner(ref, items, scale["hf_image_batch"], dev),
-            "reference": lambda: ref.encode(items, side="document"),
-            "fast": lambda: fast.encode(items, side="document"),
-        }, dev, iters=max(3, iters), warmup=1)
-        record("W2", len(items), {p: len(items) / t * 1e3 for p, t in ms.items()}, "images/s",
-               flops_per_s / image_flops, ms)
-
-        query = texts_of_lengths(fast, [48], seed=4)
-        weights_ms = lm_params * torch.finfo(dtype).bits / 8 / (ceil["copy_GBps"] * 1e9) * 1e3
-        ms = interleaved_median_ms({
-            "hf": hf_text_runner(ref, query, 1, dev),
-            "reference": lambda: ref.embed(query),
-            "fast": lambda: fast.embed(query),
-            "fast-noshare": lambda: noshare.embed(query),
-            "fast-buckets": lambda: buckets.embed(query),
-        }, dev, iters=30, warmup=3)
-        record("W5", 1, ms, "ms", weights_ms, ms)
+        if "W2" in args.workloads:
+            w2(fast, ref, scale, iters, dev, flops_per_s, lm_params, vision_params, record)
+        if "W5" in args.workloads:
+            w5(fast, ref, noshare, buckets, dtype, ceil, lm_params, dev, record)
         del ref, fast, buckets, noshare
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     table = res.markdown(["model", "workload", "provider", "items", "value", "unit", "x_hf", "x_reference", "of_ceiling"])
     print(table)
     return table
+
+
+def w2(fast, ref, scale, iters, dev, flops_per_s, lm_params, vision_params, record):
+    """W2: square images with a short text, images/s."""
+    items = [{"text": "a photo of", "image": im} for im in images(scale["images"], scale["side"], seed=3)]
+    first = fast.prepare(items[0])
+    patches, text_tokens = first.pixel_values.shape[0], len(first.text_ids) + 2
+    image_flops = 2 * (vision_params * patches + lm_params * (patches // 4 + text_tokens))
+    ms = interleaved_median_ms({
+        "hf": hf_image_runner(ref, items, scale["hf_image_batch"], dev),
+        "reference": lambda: ref.encode(items, side="document"),
+        "fast": lambda: fast.encode(items, side="document"),
+    }, dev, iters=max(3, iters), warmup=1)
+    record("W2", len(items), {p: len(items) / t * 1e3 for p, t in ms.items()}, "images/s", flops_per_s / image_flops, ms)
+
+
+def w5(fast, ref, noshare, buckets, dtype, ceil, lm_params, dev, record):
+    """W5: one 48-token query, latency ms against reading the decoder's weights once."""
+    query = texts_of_lengths(fast, [48], seed=4)
+    weights_ms = lm_params * torch.finfo(dtype).bits / 8 / (ceil["copy_GBps"] * 1e9) * 1e3
+    ms = interleaved_median_ms({
+        "hf": hf_text_runner(ref, query, 1, dev),
+        "reference": lambda: ref.embed(query),
+        "fast": lambda: fast.embed(query),
+        "fast-noshare": lambda: noshare.embed(query),
+        "fast-buckets": lambda: buckets.embed(query),
+    }, dev, iters=30, warmup=3)
+    record("W5", 1, ms, "ms", weights_ms, ms)
 
 
 if __name__ == "__main__":

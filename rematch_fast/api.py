@@ -138,23 +138,24 @@ class ReMatch:
             q = q[0]
         if not isinstance(candidates, Embeddings):
             candidates = _as_list(candidates)
+        elif doc_view != "feat":
+            raise InputError("candidates given as Embeddings need doc_view='feat'")
+        shared = share_prefix and self.config.query_first and isinstance(self.backend, PrefixBackend)
+        path = "shared-prefix" if shared else "full"
+        pre, answers = self.preprocessor, self.preprocessor.answer_ids
+        if shared:  # queued first: the device computes the prefix while the candidates are prepared
+            prefix_seq, next_pos = pre.match_prefix(q)
+            prefix = self.backend.prefill(prefix_seq)
         if isinstance(candidates, Embeddings):
-            if doc_view != "feat":
-                raise InputError("candidates given as Embeddings need doc_view='feat'")
             docs = list(self._project(candidates))
         elif doc_view == "feat":
             docs = list(self._project(self.encode_prepared(self._prepare_all(candidates), "document", batch_size,
                                                            batch_tokens)))
         else:
             docs = self._prepare_all(candidates)
-        shared = share_prefix and self.config.query_first and isinstance(self.backend, PrefixBackend)
-        path = "shared-prefix" if shared else "full"
         if not docs:
             return MatchResult(torch.empty(0), path)
-        pre, answers = self.preprocessor, self.preprocessor.answer_ids
         if shared:
-            prefix_seq, next_pos = pre.match_prefix(q)
-            prefix = self.backend.prefill(prefix_seq)
             seqs = [pre.match_suffix(d, next_pos) for d in docs]
             run = lambda part: self.backend.answer_logits(part, answers, prefix=prefix)  # noqa: E731
         else:
@@ -162,11 +163,18 @@ class ReMatch:
             run = lambda part: self.backend.answer_logits(part, answers)  # noqa: E731
         probs = torch.empty(len(seqs))
         with tqdm(total=len(seqs), desc="match", unit="cand", disable=not progress) as bar:
-            for batch in self._batches([len(s) for s in seqs], batch_tokens, batch_size):
-                logits = run([seqs[i] for i in batch])
+            def collect(batch, logits):  # waits for this batch's device work
                 check_finite(logits, batch, "the answer logits of candidate")
                 probs[batch] = torch.softmax(logits, dim=-1)[:, 0].cpu()
                 bar.update(len(batch))
+
+            in_flight = None  # one batch queued on the device while the next one's inputs are built
+            for batch in self._batches([len(s) for s in seqs], batch_tokens, batch_size):
+                logits = run([seqs[i] for i in batch])
+                if in_flight is not None:
+                    collect(*in_flight)
+                in_flight = (batch, logits)
+            collect(*in_flight)
         return MatchResult(probs, path)
 
 

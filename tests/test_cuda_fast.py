@@ -97,9 +97,12 @@ def test_cascade_on_cuda_equals_attention_over_the_concatenation(dtype, tol, H, 
     T = sum(lens)
     kp, vp = torch.randn(P, Hkv, D, generator=g), torch.randn(P, Hkv, D, generator=g)
     q, k, v = torch.randn(T, H, D, generator=g), torch.randn(T, Hkv, D, generator=g), torch.randn(T, Hkv, D, generator=g)
-    cu = torch.tensor([0] + lens).cumsum(0)
     from rematch_fast import ops
-    got = cascade.cascade_attention(*(x.to("cuda", dtype) for x in (q, k, v)), cu.cuda(), max(lens),
+    from rematch_fast.model.batch import AttentionPlan
+
+    plan = AttentionPlan.for_lengths(lens, "cuda")
+    cu = plan.cu_seqlens.cpu()
+    got = cascade.cascade_attention(*(x.to("cuda", dtype) for x in (q, k, v)), plan,
                                     kp.to("cuda", dtype), vp.to("cuda", dtype), ops.CUSTOM_OPS.merge_state)
     assert got.dtype == dtype and got.shape == (T, H, D)
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):

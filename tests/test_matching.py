@@ -9,6 +9,7 @@ import torch
 from conftest import random_image
 from rematch_fast import Item, ReMatch, ops
 from rematch_fast.model import cascade
+from rematch_fast.model.batch import AttentionPlan
 
 ATOL = 1e-4
 
@@ -109,8 +110,9 @@ def test_cascade_equals_attention_over_the_concatenation(H, Hkv):
     kp, vp = _rand(P, Hkv, D, seed=1), _rand(P, Hkv, D, seed=2)
     T = sum(lens)
     q, k, v = _rand(T, H, D, seed=3), _rand(T, Hkv, D, seed=4), _rand(T, Hkv, D, seed=5)
-    cu = torch.tensor([0] + lens).cumsum(0)
-    got = cascade.cascade_attention(q, k, v, cu, max(lens), kp, vp, ops.merge_state_torch)
+    plan = AttentionPlan.for_lengths(lens, "cpu")
+    cu = plan.cu_seqlens
+    got = cascade.cascade_attention(q, k, v, plan, kp, vp, ops.merge_state_torch)
     for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
         keys = torch.cat([kp, k[a:b]]).repeat_interleave(H // Hkv, dim=1).transpose(0, 1)  # [H, P+n, D]
         vals = torch.cat([vp, v[a:b]]).repeat_interleave(H // Hkv, dim=1).transpose(0, 1)
@@ -127,7 +129,7 @@ def test_merge_state_kernel_equals_the_reference(T, H, D):
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the Triton interpreter
     o_a, o_b = _rand(T, H, D + 5, seed=T)[..., :D].to(dev), _rand(T, H, D, seed=H).to(dev)  # o_a strided
-    lse_a, lse_b = (_rand(T, H, seed=D) * 4).to(dev), (_rand(T, H, seed=D + 1) * 4).to(dev)
+    lse_a, lse_b = (_rand(T, H, seed=D) * 4).to(dev), (_rand(H, T, seed=D + 1) * 4).to(dev).t()  # lse_b strided
     lse_b[-1, -1] = float("-inf")  # an empty part weighs nothing
     o, lse = merge_state_triton(o_a, lse_a, o_b, lse_b)
     want_o, want_lse = ops.merge_state_torch(o_a, lse_a, o_b, lse_b)
@@ -142,3 +144,24 @@ def test_merge_state_kernel_equals_the_reference(T, H, D):
     merged, _ = ops.merge_state_torch(oa[0].transpose(0, 1), la[0].T, ob[0].transpose(0, 1), lb[0].T)
     whole = torch.nn.functional.scaled_dot_product_attention(q, k, v)[0].transpose(0, 1)
     torch.testing.assert_close(merged, whole, atol=1e-5, rtol=0)
+
+
+def test_the_packed_cuda_call_on_meta_tensors():
+    """The CUDA fp16/bf16 path calls torch's flash kernel on packed rows with grouped-query keys in
+    place. Its numbers are checked on a GPU (test_cuda_fast.py); here, with this torch's meta
+    kernel, its signature and the log-sum-exp layout the cascade relies on ([H, T] read as [T, H])."""
+    T, P, H, Hkv, D = 300, 35, 16, 2, 128
+    plan = AttentionPlan.for_lengths([100, 1, 199], "meta")
+    q = torch.empty(T, H, D, device="meta", dtype=torch.bfloat16)
+    k, v = (torch.empty(P, Hkv, D, device="meta", dtype=torch.bfloat16) for _ in range(2))
+    cu_q, cu_k = plan.prefix_bounds(P)
+    assert plan.prefix_bounds(P)[0] is cu_q and cu_q.dtype == cu_k.dtype == plan.cu_seqlens.dtype == torch.int32
+    o, lse = cascade._flash_packed(q, k, v, cu_q, cu_k, T, P, causal=False)
+    assert o.shape == (T, H, D) and lse.shape == (T, H) and lse.dtype == torch.float32
+    assert not cascade._fused_packed_ok(torch.empty(T, H, D, dtype=torch.bfloat16))  # the CPU takes its own path
+
+
+def test_prefix_bounds_cover_every_row():
+    plan = AttentionPlan.for_lengths([4, 1, 7], "cpu")
+    cu_q, cu_k = plan.prefix_bounds(9)
+    assert cu_q.tolist() == [0, 12] and cu_k.tolist() == [0, 9]

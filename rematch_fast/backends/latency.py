@@ -59,7 +59,7 @@ class LatencyBuckets:
                 soft_rows=torch.zeros(B * K, dtype=torch.long, device=dev),
                 soft_embeds=torch.zeros(B * K, d, dtype=first.soft_embeds.dtype, device=dev),
                 readout=torch.zeros(B, first.readout.shape[0], dtype=torch.long, device=dev),
-                plan=AttentionPlan(torch.arange(B + 1, device=dev) * L, L),
+                plan=AttentionPlan(torch.arange(B + 1, dtype=torch.int32, device=dev) * L, L),
             )
         return self.static[(B, L)]
 

@@ -6,7 +6,7 @@ recomputed per layer; the latency path and exporters build the same objects.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,12 +15,22 @@ from ..sequence import Sequence
 
 @dataclass
 class AttentionPlan:
-    cu_seqlens: torch.Tensor  # [B+1] on the device
+    cu_seqlens: torch.Tensor  # [B+1] int32 on the device (what the varlen kernels take)
     max_seqlen: int
+    _prefix_bounds: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def for_lengths(cls, lengths: list[int], device) -> AttentionPlan:
-        return cls(torch.tensor([0] + list(lengths)).cumsum(0).to(device), max(lengths))
+        return cls(torch.tensor([0] + list(lengths)).cumsum(0).to(device=device, dtype=torch.int32), max(lengths))
+
+    def prefix_bounds(self, prefix_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bounds for "every packed row attends to all prefix_len shared keys" as one varlen
+        sequence pair: ([0, T], [0, prefix_len]) int32 on the device, built once per batch."""
+        if prefix_len not in self._prefix_bounds:
+            dev = self.cu_seqlens.device
+            self._prefix_bounds[prefix_len] = (self.cu_seqlens[[0, -1]].to(torch.int32),
+                                               torch.tensor([0, prefix_len], dtype=torch.int32, device=dev))
+        return self._prefix_bounds[prefix_len]
 
 
 class PackedBatch:

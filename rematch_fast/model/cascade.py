@@ -4,11 +4,11 @@ A batch of suffixes (the candidates of one query) shares one prefix (the query's
 matching prompt), whose keys and values were computed once (`PrefixKV`). Every suffix token
 attends to the whole prefix and, causally, to its own suffix: two disjoint key sets, each
 attended to separately with its log-sum-exp, then merged exactly by the `merge_state` op.
-The prefix is never copied per candidate (grouped-query keys and values are expanded to the
-query heads once per batch). Log-sum-exps are natural logs with the softmax
-scale included. Each part is a fused attention that returns its log-sum-exp (torch's flash
-kernels: on the CPU, and on CUDA for fp16/bf16), or plain fp32 math elsewhere; the merge runs
-through the model's ops (Triton on CUDA).
+The prefix is never copied per candidate. Log-sum-exps are natural logs with the softmax
+scale included. On CUDA in fp16/bf16 each part is one call of torch's flash kernel on the packed
+rows (no padding; grouped-query keys read in place; the bounds come from the batch's
+`AttentionPlan`); on the CPU, torch's flash kernel per group of similar lengths; elsewhere (fp32
+on CUDA) plain fp32 math. The merge runs through the model's ops (Triton on CUDA).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention import _length_groups, padder
+from .batch import AttentionPlan
 
 _SCORES_PER_CHUNK = 1 << 24  # fp32 attention scores held at once by the prefix part (64 MB)
 
@@ -45,26 +46,44 @@ def _attend(q, k, v, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
     return probs @ v.float(), lse
 
 
+def _fused_packed_ok(q: torch.Tensor) -> bool:
+    """torch's flash kernel takes packed (varlen) rows with grouped-query heads in place and
+    returns the log-sum-exp: CUDA fp16/bf16 on Ampere and newer, head dims up to 256 in multiples of 8."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 256 and torch.cuda.get_device_capability(q.device) >= (8, 0))
+
+
+def _flash_packed(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed q [T, H, D] over packed k/v [S, Hkv, D] (sequence bounds cu_q, cu_k): o [T, H, D] and
+    lse [T, H] fp32 (a transposed view of the kernel's [H, T])."""
+    o, lse = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False)[:2]
+    if lse.shape != (q.shape[1], q.shape[0]):  # no silent misread of another layout
+        raise RuntimeError(f"torch's flash kernel returned a log-sum-exp of shape {tuple(lse.shape)}, expected "
+                           f"(heads, tokens) = {(q.shape[1], q.shape[0])}; this torch version is not supported "
+                           "by the cascade (use float32, or kernels of another torch release)")
+    return o, lse.t()
+
+
 def _attend_lse(q, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention with its log-sum-exp: q, k, v [B, H, L, D] -> o [B, H, Lq, D], lse [B, H, Lq] fp32.
-    torch's flash kernels return the LSE (SDPA does not); both are exact, as `_attend` is."""
+    torch's CPU flash kernel returns the LSE (SDPA does not); both are exact, as `_attend` is."""
     if q.device.type == "cpu":
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)[:2]
-        return o, lse.float()
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 \
-            and torch.cuda.get_device_capability(q.device) >= (8, 0):  # torch's flash kernel: Ampere and newer
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)[:2]
         return o, lse.float()
     mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril() if causal else None
     return _attend(q, k, v, mask)
 
 
-def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor]:
     """Every query row q [T, H, D] attends to all prefix keys k/v [P, Hkv, D] (they all come
-    before it): o [T, H, D] and lse [T, H] fp32, in row chunks that bound the scores' memory."""
+    before it): o [T, H, D] and lse [T, H] fp32."""
     T, H, _ = q.shape
+    if _fused_packed_ok(q):  # all T rows as one query sequence over the P keys
+        cu_q, cu_k = plan.prefix_bounds(k.shape[0])
+        return _flash_packed(q, k, v, cu_q, cu_k, T, k.shape[0], causal=False)
     kp, vp = _expand(k.transpose(0, 1)[None], H), _expand(v.transpose(0, 1)[None], H)  # [1, H, P, D]
-    rows = max(1, _SCORES_PER_CHUNK // (H * max(1, k.shape[0])))
+    rows = max(1, _SCORES_PER_CHUNK // (H * max(1, k.shape[0])))  # row chunks bound the scores' memory
     outs, lses = [], []
     for start in range(0, T, rows):
         o, lse = _attend_lse(q[start: start + rows].transpose(0, 1)[None].contiguous(), kp, vp, causal=False)
@@ -73,25 +92,29 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple
     return torch.cat(outs), torch.cat(lses)
 
 
-def suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+def suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention within each packed suffix: q [T, H, D], k/v [T, Hkv, D] -> o [T, H, D]
-    and lse [T, H] fp32. Suffixes of similar length share one padded computation."""
+    and lse [T, H] fp32. Packed on CUDA (fp16/bf16); elsewhere suffixes of similar length share
+    one padded computation."""
+    if _fused_packed_ok(q):
+        cu = plan.cu_seqlens
+        return _flash_packed(q, k, v, cu, cu, plan.max_seqlen, plan.max_seqlen, causal=True)
     T, H, D = q.shape
-    pad, seq, pos = padder(cu_seqlens, max_seqlen, T, q.device)
+    pad, seq, pos = padder(plan.cu_seqlens, plan.max_seqlen, T, q.device)
     qp, kp, vp = pad(q), _expand(pad(k), H), _expand(pad(v), H)  # [B, H, L, D]
     out = torch.zeros(qp.shape, dtype=q.dtype, device=q.device)
     lse = torch.zeros(qp.shape[:3], dtype=torch.float32, device=q.device)
-    for a, b, n in _length_groups(cu_seqlens.diff().tolist()):
+    for a, b, n in _length_groups(plan.cu_seqlens.diff().tolist()):
         # right padding: a real query's causal window holds real keys only
         out[a:b, :, :n], lse[a:b, :, :n] = _attend_lse(*(x[a:b, :, :n].contiguous() for x in (qp, kp, vp)), causal=True)
     return out.transpose(1, 2)[seq, pos], lse.transpose(1, 2)[seq, pos]
 
 
-def cascade_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, prefix_k: torch.Tensor,
-                      prefix_v: torch.Tensor, merge_state) -> torch.Tensor:
+def cascade_attention(q, k, v, plan: AttentionPlan, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+                      merge_state) -> torch.Tensor:
     """Suffix tokens over [shared prefix ; own causal suffix], exactly: [T, H, D] in q's dtype."""
-    o_p, lse_p = prefix_attention(q, prefix_k, prefix_v)
-    o_s, lse_s = suffix_attention(q, k, v, cu_seqlens, max_seqlen)
+    o_p, lse_p = prefix_attention(q, prefix_k, prefix_v, plan)
+    o_s, lse_s = suffix_attention(q, k, v, plan)
     o, _ = merge_state(o_p.to(q.dtype), lse_p, o_s.to(q.dtype), lse_s)
     return o

@@ -41,7 +41,7 @@ class DecoderLayer(nn.Module):
         if prefix is None:
             attn = varlen_attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, causal=True)
         else:
-            attn = cascade_attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, *prefix, self.merge_state)
+            attn = cascade_attention(q, k, v, plan, *prefix, self.merge_state)
         x = x + self.o_proj(attn.reshape(T, -1))
         return x + self.mlp(self.post_attention_layernorm(x))
 
