@@ -12,7 +12,7 @@ from . import pipeline
 from .pipeline import check_finite, nonfinite_rows
 from .backends import PrefixBackend, create_backend
 from .checkpoint import open_checkpoint
-from .config import DEFAULT_DECODE_LIMIT, MODEL_DTYPES, check_view, parse_device, parse_dtype
+from .config import DEFAULT_DECODE_LIMIT, EMBED_BATCH_SIZE, MATCH_BATCH_SIZE, MODEL_DTYPES, check_view, parse_device, parse_dtype
 from .embeddings import Embeddings
 from .errors import InputError
 from .images import ImageProcessor
@@ -65,7 +65,7 @@ class ReMatch:
         return pipeline.prepare_items(self, list(items)).items
 
     # -- embedding ------------------------------------------------------------
-    def encode_prepared(self, prepared: Seq[PreparedItem], side: str = "query", batch_size: int = 64,
+    def encode_prepared(self, prepared: Seq[PreparedItem], side: str = "query", batch_size: int = EMBED_BATCH_SIZE,
                         batch_tokens: int = 8192, progress: bool = False) -> Embeddings:
         """Embed prepared items in batches of at most `batch_size` items and `batch_tokens`
         tokens (ordered as the backend prefers); results come back in input order."""
@@ -75,7 +75,7 @@ class ReMatch:
     def _batches(self, lengths: list[int], batch_tokens: int, batch_size: int) -> list[list[int]]:
         return plan_batches(lengths, batch_tokens, batch_size, self.backend.padded, self.backend.longest_first)
 
-    def encode(self, items: Iterable[ItemLike], side: str = "query", batch_size: int = 64,
+    def encode(self, items: Iterable[ItemLike], side: str = "query", batch_size: int = EMBED_BATCH_SIZE,
                batch_tokens: int = 8192, progress: bool = False) -> Embeddings:
         """Unit embeddings and ||E*|| for each item (what the `feat` view needs later).
 
@@ -84,7 +84,7 @@ class ReMatch:
         error, naming its position."""
         return pipeline.embed_items(self, items, side, batch_size, batch_tokens, "raise", progress).embeddings
 
-    def embed(self, items: Iterable[ItemLike] | ItemLike, side: str = "query", batch_size: int = 64,
+    def embed(self, items: Iterable[ItemLike] | ItemLike, side: str = "query", batch_size: int = EMBED_BATCH_SIZE,
               batch_tokens: int = 8192, progress: bool = False) -> torch.Tensor:
         """float32 [n, dim] embeddings, unit norm (E* itself if the config sets normalize=false).
         A lone item (a str, a dict or an Item) is embedded as a list of one."""
@@ -110,7 +110,7 @@ class ReMatch:
         p = next(self.head.parameters())
         return self.head.projector(e.pooled.to(p.device, p.dtype))
 
-    def match(self, query, candidates, query_view: str = "raw", doc_view: str = "raw", batch_size: int = 64,
+    def match(self, query, candidates, query_view: str = "raw", doc_view: str = "raw", batch_size: int = MATCH_BATCH_SIZE,
               batch_tokens: int = 8192, progress: bool = False) -> torch.Tensor:
         """p(yes) that each candidate matches the query: float32 [n] in (0, 1).
 
@@ -122,7 +122,7 @@ class ReMatch:
         return self.score(query, candidates, query_view, doc_view, batch_size, batch_tokens, progress).p_yes
 
     @torch.inference_mode()
-    def score(self, query, candidates, query_view: str = "raw", doc_view: str = "raw", batch_size: int = 64,
+    def score(self, query, candidates, query_view: str = "raw", doc_view: str = "raw", batch_size: int = MATCH_BATCH_SIZE,
               batch_tokens: int = 8192, progress: bool = False, share_prefix: bool = True) -> MatchResult:
         """`match`, saying which path ran. "shared-prefix": the query's part of the prompt is
         computed once and every candidate continues it (a backend with `prefill`, such as "fast",

@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .backends import registered_backends
-from .config import ARCHES, DEFAULT_DECODE_LIMIT, INDEX_DTYPES, MODEL_DTYPES
+from .config import ARCHES, DEFAULT_DECODE_LIMIT, EMBED_BATCH_SIZE, INDEX_DTYPES, MATCH_BATCH_SIZE, MODEL_DTYPES
 from .errors import InputError, ReMatchError, TruncationWarning
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REJECTS = 0, 1, 2, 3
@@ -165,7 +165,7 @@ def cmd_embed(args) -> int:
     rejects_path = _rejects_path(args, out / "rejects.jsonl", out)
     rows, rejects = read_rows(args.corpus, image_root=args.image_root)
     model = _load_model(args)
-    ids, emb, more = embed_rows(model, rows, args.side, args.batch_size, not args.quiet, _log)
+    ids, emb, more = embed_rows(model, rows, args.side, args.batch_size or EMBED_BATCH_SIZE, not args.quiet, _log)
     rejects += more
     if not ids:
         return _nothing_usable(args.corpus, rejects, rejects_path, "rows")
@@ -189,7 +189,7 @@ def cmd_search(args) -> int:
     index = Index(store.embeddings.unit, store.ids, device=args.device, dtype=args.index_dtype)
     rows, rejects = read_rows(args.queries, image_root=args.image_root)
     model = _load_model(args)
-    qids, q, more = embed_rows(model, rows, "query", args.batch_size, not args.quiet, _log)
+    qids, q, more = embed_rows(model, rows, "query", args.batch_size or EMBED_BATCH_SIZE, not args.quiet, _log)
     rejects += more
     if not qids:
         return _nothing_usable(args.queries, rejects, rejects_path, "queries")
@@ -244,7 +244,8 @@ def cmd_rerank(args) -> int:
                 candidates = [docs_by_id[c].item for c in cand_ids] if not missing else None
             if missing:
                 raise InputError(f"candidate ids {missing} are not in the corpus")
-            p = model.match(query_by_id[h["query_id"]].item, candidates, args.query_view, args.doc_view, args.batch_size)
+            p = model.match(query_by_id[h["query_id"]].item, candidates, args.query_view, args.doc_view,
+                            args.batch_size or MATCH_BATCH_SIZE)
         except InputError as e:
             rejects.append(Reject(line, h["query_id"], str(e), raw))
             continue
@@ -293,7 +294,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help=f"implementation to run, one of {registered_backends()} (default: reference)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda or cuda:1 (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(MODEL_DTYPES), help="model dtype (default: float32)")
-    p.add_argument("--batch-size", type=int, default=64, help="most sequences per forward pass (default: 64)")
+    p.add_argument("--batch-size", type=int, help=f"most sequences per forward pass (default: {EMBED_BATCH_SIZE} when "
+                                                  f"embedding, {MATCH_BATCH_SIZE} when matching; the token budget "
+                                                  "binds first for long inputs)")
     p.add_argument("--image-root", help="confine image paths to this folder (for untrusted corpora): relative "
                                         "paths resolve against it and a path that leaves it is rejected "
                                         "(default: paths relative to the JSONL file, any path allowed)")
@@ -386,7 +389,7 @@ def check_usage(args) -> None:
     """Every command-line value that can be judged before any work (UsageError: exit 2)."""
     from .config import parse_device
 
-    if getattr(args, "batch_size", 1) < 1:
+    if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if getattr(args, "max_image_pixels", 0) < 0:
         raise UsageError(f"--max-image-pixels must be >= 0 (0: no limit), got {args.max_image_pixels}")

@@ -29,6 +29,9 @@ VIEWS = ("raw", "feat")
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
 # what the search kernel reads: float32/16, bfloat16, or a per-row quantized int8 corpus
 INDEX_DTYPES = ("float32", "float16", "bfloat16", "int8")
+# most sequences per forward pass (the token budget, 8192 by default, binds first for long inputs):
+# matching's suffixes are short (a feat candidate is a few tokens), so it packs more of them
+EMBED_BATCH_SIZE, MATCH_BATCH_SIZE = 64, 512
 DEFAULT_DECODE_LIMIT = 16384 * 16384  # the largest image file decoded at all, in pixels (rematch_fast.images)
 
 # The Qwen2 chat frame both templates use. `{instruction}` and `{item}` are

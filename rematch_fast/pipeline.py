@@ -16,7 +16,7 @@ from typing import Sequence as Seq
 import torch
 from tqdm.auto import tqdm
 
-from .config import check_side
+from .config import EMBED_BATCH_SIZE, check_side
 from .embeddings import Embeddings
 from .errors import InputError, NonFiniteError
 from .items import as_item
@@ -103,7 +103,7 @@ def prepare_items(model, items: Seq, first: int = 0, on_error: str = "raise") ->
 
 
 @torch.inference_mode()
-def embed_prepared(model, prepared: Seq[PreparedItem], side: str, batch_size: int = 64, batch_tokens: int = 8192,
+def embed_prepared(model, prepared: Seq[PreparedItem], side: str, batch_size: int = EMBED_BATCH_SIZE, batch_tokens: int = 8192,
                    bar: tqdm | None = None, positions: Seq[int] | None = None) -> Embeddings:
     """Embed prepared items in batches of at most `batch_size` items and `batch_tokens` tokens
     (ordered as the backend prefers); rows come back in input order, on the CPU. A model output
@@ -135,7 +135,7 @@ def embed_prepared(model, prepared: Seq[PreparedItem], side: str, batch_size: in
     return Embeddings(unit, norm)
 
 
-def embed_items(model, items: Seq, side: str = "query", batch_size: int = 64, batch_tokens: int = 8192,
+def embed_items(model, items: Seq, side: str = "query", batch_size: int = EMBED_BATCH_SIZE, batch_tokens: int = 8192,
                 on_error: str = "raise", progress: bool = False) -> EmbedOutput:
     """Prepare and embed `items` chunk by chunk (see the module doc)."""
     check_side(side)
@@ -160,7 +160,7 @@ def embed_items(model, items: Seq, side: str = "query", batch_size: int = 64, ba
     return EmbedOutput(Embeddings.cat(parts, model.dim), kept, rejected, truncated)
 
 
-def embed_rows(model, rows: list, side: str, batch_size: int = 64, progress: bool = False, log=None):
+def embed_rows(model, rows: list, side: str, batch_size: int = EMBED_BATCH_SIZE, progress: bool = False, log=None):
     """Embed JSONL rows (rematch_fast.jsonl.Row) with on_error="reject": a row that cannot be
     prepared becomes a Reject with its line and reason; `log` is told of each cut text.
     Returns (ids of the embedded rows, their Embeddings, rejects)."""
