@@ -1,6 +1,7 @@
 """The public model API. Every backend implements it unchanged."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence as Seq
@@ -121,7 +122,6 @@ class ReMatch:
         """
         return self.score(query, candidates, query_view, doc_view, batch_size, batch_tokens, progress).p_yes
 
-    @torch.inference_mode()
     def score(self, query, candidates, query_view: str = "raw", doc_view: str = "raw", batch_size: int = MATCH_BATCH_SIZE,
               batch_tokens: int = 8192, progress: bool = False, share_prefix: bool = True) -> MatchResult:
         """`match`, saying which path ran. "shared-prefix": the query's part of the prompt is
@@ -129,53 +129,79 @@ class ReMatch:
         and a query-first match_template); "full": every candidate's whole prompt runs (the
         reference, a document-first template, or share_prefix=False). The query is prepared,
         and for the feat view embedded, once."""
+        return self.score_many([(query, candidates)], query_view, doc_view, batch_size, batch_tokens, progress,
+                               share_prefix)[0]
+
+    @torch.inference_mode()
+    def score_many(self, requests, query_view: str = "raw", doc_view: str = "raw", batch_size: int = MATCH_BATCH_SIZE,
+                   batch_tokens: int = 8192, progress: bool = False, share_prefix: bool = True) -> list[MatchResult]:
+        """`score` for many (query, candidates) pairs at once, one result per pair. All candidates
+        share one token budget: a batch may hold the candidates of several queries, each
+        continuing its own query's prefix, so many short candidate lists fill batches as well
+        as one long list."""
         check_view(query_view, "query_view")
         check_view(doc_view, "doc_view")
-        if isinstance(query, Embeddings) and len(query) != 1:
-            raise InputError(f"match takes one query, got {len(query)} embeddings")
-        q = self._view(query, "query", query_view)
-        if query_view == "feat":
-            q = q[0]
-        if not isinstance(candidates, Embeddings):
-            candidates = _as_list(candidates)
-        elif doc_view != "feat":
-            raise InputError("candidates given as Embeddings need doc_view='feat'")
+        requests = [(q, c if isinstance(c, Embeddings) else _as_list(c)) for q, c in requests]
+        for query, candidates in requests:
+            if isinstance(query, Embeddings) and len(query) != 1:
+                raise InputError(f"match takes one query, got {len(query)} embeddings")
+            if isinstance(candidates, Embeddings) and doc_view != "feat":
+                raise InputError("candidates given as Embeddings need doc_view='feat'")
         shared = share_prefix and self.config.query_first and isinstance(self.backend, PrefixBackend)
         path = "shared-prefix" if shared else "full"
         pre, answers = self.preprocessor, self.preprocessor.answer_ids
-        if shared:  # queued first: the device computes the prefix while the candidates are prepared
-            prefix_seq, next_pos = pre.match_prefix(q)
-            prefix = self.backend.prefill(prefix_seq)
-        if isinstance(candidates, Embeddings):
-            docs = list(self._project(candidates))
-        elif doc_view == "feat":
-            docs = list(self._project(self.encode_prepared(self._prepare_all(candidates), "document", batch_size,
-                                                           batch_tokens)))
-        else:
-            docs = self._prepare_all(candidates)
-        if not docs:
-            return MatchResult(torch.empty(0), path)
-        if shared:
-            seqs = [pre.match_suffix(d, next_pos) for d in docs]
-            run = lambda part: self.backend.answer_logits(part, answers, prefix=prefix)  # noqa: E731
-        else:
-            seqs = [pre.match_sequence(q, d) for d in docs]
-            run = lambda part: self.backend.answer_logits(part, answers)  # noqa: E731
+        queries, prefixes = [], []
+        for query, _ in requests:
+            q = self._view(query, "query", query_view)
+            queries.append(q[0] if query_view == "feat" else q)
+            if shared:  # queued first: the device computes the prefix while the candidates are prepared
+                prefix_seq, next_pos = pre.match_prefix(queries[-1])
+                prefixes.append((self.backend.prefill(prefix_seq), next_pos))
+        seqs, owner, prefix_of, counts = [], [], [], []  # each candidate's sequence, (request, position), prefix
+        for r, (q, (_, candidates)) in enumerate(zip(queries, requests)):
+            try:
+                docs = self._match_docs(candidates, doc_view, batch_size, batch_tokens)
+            except InputError as e:
+                raise e if len(requests) == 1 else type(e)(f"query {r}: {e}") from None
+            for c, d in enumerate(docs):
+                seqs.append(pre.match_suffix(d, prefixes[r][1]) if shared else pre.match_sequence(q, d))
+                owner.append((r, c))
+                prefix_of.append(prefixes[r][0] if shared else None)
+            counts.append(len(docs))
         probs = torch.empty(len(seqs))
+        label = (lambda i: owner[i][1]) if len(requests) == 1 else (lambda i: f"{owner[i][1]} of query {owner[i][0]}")
         with tqdm(total=len(seqs), desc="match", unit="cand", disable=not progress) as bar:
             def collect(batch, logits):  # waits for this batch's device work
-                check_finite(logits, batch, "the answer logits of candidate")
+                check_finite(logits, [label(i) for i in batch], "the answer logits of candidate")
                 probs[batch] = torch.softmax(logits, dim=-1)[:, 0].cpu()
                 bar.update(len(batch))
 
             in_flight = None  # one batch queued on the device while the next one's inputs are built
             for batch in self._batches([len(s) for s in seqs], batch_tokens, batch_size):
-                logits = run([seqs[i] for i in batch])
+                part = [seqs[i] for i in batch]
+                if shared:  # one prefix for the whole batch, or one per candidate when queries mix
+                    mixed = len({id(prefix_of[i]) for i in batch}) > 1
+                    prefix = [prefix_of[i] for i in batch] if mixed else prefix_of[batch[0]]
+                    logits = self.backend.answer_logits(part, answers, prefix=prefix)
+                else:
+                    logits = self.backend.answer_logits(part, answers)
                 if in_flight is not None:
                     collect(*in_flight)
                 in_flight = (batch, logits)
-            collect(*in_flight)
-        return MatchResult(probs, path)
+            if in_flight is not None:
+                collect(*in_flight)
+        ends = list(itertools.accumulate(counts))
+        return [MatchResult(probs[a:b], path) for a, b in zip([0] + ends, ends)]
+
+    def _match_docs(self, candidates, doc_view: str, batch_size: int, batch_tokens: int) -> list:
+        """A request's candidates as the matching prompt takes them: prepared items (raw), or their
+        projected embeddings Z* (feat), from stored Embeddings or embedded here."""
+        if isinstance(candidates, Embeddings):
+            return list(self._project(candidates))
+        if doc_view == "feat":
+            return list(self._project(self.encode_prepared(self._prepare_all(candidates), "document", batch_size,
+                                                           batch_tokens)))
+        return self._prepare_all(candidates)
 
 
 @dataclass

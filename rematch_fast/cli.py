@@ -28,6 +28,7 @@ from .config import ARCHES, DEFAULT_DECODE_LIMIT, EMBED_BATCH_SIZE, INDEX_DTYPES
 from .errors import InputError, ReMatchError, TruncationWarning
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REJECTS = 0, 1, 2, 3
+RERANK_CHUNK = 64  # queries scored together by rerank (one token budget); bounds the items held at once
 
 
 class UsageError(Exception):
@@ -228,31 +229,46 @@ def cmd_rerank(args) -> int:
     model = _load_model(args)
     if stored is not None and stored.embeddings.dim != model.dim:  # once, not once per query
         raise InputError(f"{args.index} holds {stored.embeddings.dim}-dimensional embeddings; the model's are {model.dim}")
-    records = []
-    for line, raw, h in tqdm(hits, desc="rerank", unit="query", disable=args.quiet):
+    usable = []  # (line, raw, hits row, query item, candidates) of every row that names what exists
+    for line, raw, h in hits:
         try:
             if h["query_id"] in bad_query:
                 raise InputError(f"query {h['query_id']!r} is unusable: {bad_query[h['query_id']]}")
             if h["query_id"] not in query_by_id:
                 raise InputError(f"query id {h['query_id']!r} is not in {args.queries}")
             cand_ids = [c["id"] for c in h["hits"]]
-            if stored is not None:
-                missing = [c for c in cand_ids if c not in stored_row]
-                candidates = stored.embeddings[[stored_row[c] for c in cand_ids]] if not missing else None
-            else:
-                missing = [c for c in cand_ids if c not in docs_by_id]
-                candidates = [docs_by_id[c].item for c in cand_ids] if not missing else None
+            known = stored_row if stored is not None else docs_by_id
+            missing = [c for c in cand_ids if c not in known]
             if missing:
                 raise InputError(f"candidate ids {missing} are not in the corpus")
-            p = model.match(query_by_id[h["query_id"]].item, candidates, args.query_view, args.doc_view,
-                            args.batch_size or MATCH_BATCH_SIZE)
+            candidates = stored.embeddings[[stored_row[c] for c in cand_ids]] if stored is not None else \
+                [docs_by_id[c].item for c in cand_ids]
         except InputError as e:
             rejects.append(Reject(line, h["query_id"], str(e), raw))
             continue
-        ranked = sorted(
-            ({**c, "p_yes": round(float(v), 6)} for c, v in zip(h["hits"], p.tolist())), key=lambda c: -c["p_yes"]
-        )
-        records.append({"query_id": h["query_id"], "hits": ranked})
+        usable.append((line, raw, h, query_by_id[h["query_id"]].item, candidates))
+    scored = {}  # line -> p(yes) of its candidates
+    batch = args.batch_size or MATCH_BATCH_SIZE
+    with tqdm(total=len(usable), desc="rerank", unit="query", disable=args.quiet) as bar:
+        for start in range(0, len(usable), RERANK_CHUNK):  # queries of a chunk share one token budget
+            chunk = usable[start: start + RERANK_CHUNK]
+            try:
+                results = model.score_many([(q, c) for *_, q, c in chunk], args.query_view, args.doc_view, batch)
+                scored.update((row[0], r.p_yes) for row, r in zip(chunk, results))
+            except InputError:  # some row of the chunk is bad: score its rows one by one to name it
+                for line, raw, h, q, c in chunk:
+                    try:
+                        scored[line] = model.match(q, c, args.query_view, args.doc_view, batch)
+                    except InputError as e:
+                        rejects.append(Reject(line, h["query_id"], str(e), raw))
+            bar.update(len(chunk))
+    records = []
+    for line, _, h, _, _ in usable:
+        if line in scored:
+            ranked = sorted(({**c, "p_yes": round(float(v), 6)} for c, v in zip(h["hits"], scored[line].tolist())),
+                            key=lambda c: -c["p_yes"])
+            records.append({"query_id": h["query_id"], "hits": ranked})
+    rejects.sort(key=lambda r: r.line)
     if not records:
         return _nothing_usable(args.hits, rejects, rejects_path, "hits rows")
     write_jsonl(out, records)

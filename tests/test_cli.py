@@ -147,3 +147,30 @@ def test_console_script_is_installed():
     assert exe.exists(), "the rematch-fast console script is not installed beside this Python"
     r = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "init-tiny" in r.stdout and "rerank" in r.stdout
+
+
+def test_rerank_scores_queries_together_and_names_a_bad_one(tiny_paths, models, tmp_path):
+    """Queries share batches (score_many); a query whose image cannot be read is rejected with its
+    line while the other queries of its chunk are still scored, as model.match scores them alone."""
+    random_image(50, 70, seed=3).save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    docs = _jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": t} for i, t in
+                                            enumerate(["bread", "stocks", "the moon", "rivers and lakes"])])
+    qrows = [{"id": "q0", "text": "food"}, {"id": "q1", "image": "broken.png"}, {"id": "q2", "text": "space",
+                                                                                  "image": "ok.png"}]
+    queries = _jsonl(tmp_path / "q.jsonl", qrows)
+    hits = _jsonl(tmp_path / "hits.jsonl", [{"query_id": q, "hits": [{"id": d} for d in ds]} for q, ds in
+                                            [("q0", ["d0", "d1", "d2"]), ("q1", ["d0"]), ("q2", ["d3", "d2"])]])
+    out = tmp_path / "rr.jsonl"
+    status = main(["rerank", str(tiny_paths["qwen2-vl"]), "--queries", str(queries), "--hits", str(hits),
+                   "--corpus", str(docs), "--out", str(out), "--quiet", "--backend", "fast"])
+    assert status == EXIT_REJECTS
+    rejects = [json.loads(line) for line in (tmp_path / "rr.jsonl.rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["id"]) for r in rejects] == [(2, "q1")]
+    got = {r["query_id"]: r["hits"] for r in map(json.loads, out.read_text().splitlines())}
+    assert list(got) == ["q0", "q2"]
+    texts = {"d0": "bread", "d1": "stocks", "d2": "the moon", "d3": "rivers and lakes"}
+    for q, want_q in [("q0", "food"), ("q2", Item(text="space", image=str(tmp_path / "ok.png")))]:
+        ids = [h["id"] for h in got[q]]
+        want = models["qwen2-vl"].match(want_q, [texts[i] for i in ids])
+        assert [h["p_yes"] for h in got[q]] == pytest.approx(want.tolist(), abs=1e-5)

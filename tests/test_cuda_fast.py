@@ -98,9 +98,10 @@ def test_cascade_on_cuda_equals_attention_over_the_concatenation(dtype, tol, H, 
     kp, vp = torch.randn(P, Hkv, D, generator=g), torch.randn(P, Hkv, D, generator=g)
     q, k, v = torch.randn(T, H, D, generator=g), torch.randn(T, Hkv, D, generator=g), torch.randn(T, Hkv, D, generator=g)
     from rematch_fast import ops
-    from rematch_fast.model.batch import AttentionPlan
+    from rematch_fast.model.batch import AttentionPlan, PrefixLayout
 
     plan = AttentionPlan.for_lengths(lens, "cuda")
+    plan.prefix = PrefixLayout.build([T], [P], "cuda")
     cu = plan.cu_seqlens.cpu()
     got = cascade.cascade_attention(*(x.to("cuda", dtype) for x in (q, k, v)), plan,
                                     kp.to("cuda", dtype), vp.to("cuda", dtype), ops.CUSTOM_OPS.merge_state)
@@ -121,3 +122,17 @@ def test_embedding_with_the_shared_template_prefix_on_cuda(tiny_paths, arch):
     for side in ("query", "document"):
         a, b = shared.embed(ITEMS, side=side, batch_size=2), whole.embed(ITEMS, side=side, batch_size=2)
         assert F.cosine_similarity(a.float(), b.float(), dim=-1).min() >= 0.99
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.02)])
+def test_many_queries_in_one_batch_on_cuda(models, tiny_paths, dtype, tol):
+    """Batches holding several queries' candidates: each group of rows attends to its own
+    query's prefix (bf16: one varlen flash call over the prefixes put back to back)."""
+    fast = ReMatch.from_pretrained(tiny_paths["qwen2.5-vl"], backend="fast", device="cuda", dtype=dtype)
+    requests = [("short query", DOCS[:3]), (Item(text="look", image=random_image(88, 52, seed=47)), DOCS[1:]),
+                ("a much longer query about markets " * 6, DOCS[:1])]
+    got = fast.score_many(requests, batch_tokens=300)
+    gap = lambda p: torch.logit(p.double())  # noqa: E731
+    for (query, candidates), result in zip(requests, got):
+        want = models["qwen2.5-vl"].score(query, candidates).p_yes
+        torch.testing.assert_close(gap(result.p_yes.cpu()), gap(want), atol=tol, rtol=0)

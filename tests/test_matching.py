@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import random_image
-from rematch_fast import Item, ReMatch, ops
+from rematch_fast import InputError, Item, ReMatch, ops
 from rematch_fast.model import cascade
-from rematch_fast.model.batch import AttentionPlan
+from rematch_fast.model.batch import AttentionPlan, PrefixLayout
 
 ATOL = 1e-4
 
@@ -83,6 +83,41 @@ def test_several_queries(models, fast_models):
         torch.testing.assert_close(fast.match(query, docs), ref.match(query, docs), atol=ATOL, rtol=0)
 
 
+def test_many_queries_share_one_token_budget(models, fast_models, arch, monkeypatch):
+    """score_many: batches mix the candidates of several queries, each continuing its own query's
+    prefix; every result equals that query's own full-sequence scoring."""
+    ref, fast = models[arch], fast_models[arch]
+    docs = _docs(seed=51)
+    requests = [("short query", docs[:2]), (Item(text="look", image=random_image(88, 52, 6)), docs[1:]),
+                ("a much longer query about markets " * 6, [docs[0]]), ("nothing to score", []),
+                ("seven", docs[3:5])]
+    mixed = []
+    answer_logits = fast.backend.answer_logits
+    monkeypatch.setattr(fast.backend, "answer_logits", lambda seqs, ids, prefix=None: mixed.append(
+        isinstance(prefix, list) and len({id(p) for p in prefix}) > 1) or answer_logits(seqs, ids, prefix=prefix))
+    got = fast.score_many(requests, batch_tokens=200)
+    assert any(mixed) and len(mixed) > 1  # several batches, some holding several queries' candidates
+    assert [r.path for r in got] == ["shared-prefix"] * len(requests)
+    for (query, candidates), result in zip(requests, got):
+        assert result.p_yes.shape == (len(candidates),)
+        if candidates:
+            torch.testing.assert_close(result.p_yes, ref.match(query, candidates), atol=ATOL, rtol=0)
+
+
+def test_many_queries_feat_views_and_named_errors(models, fast_models):
+    ref, fast = models["qwen2-vl"], fast_models["qwen2-vl"]
+    docs = _docs(seed=61)
+    stored = ref.encode(docs, side="document")
+    queries = ["river", Item(image=random_image(70, 90, 8))]
+    got = fast.score_many([(q, stored) for q in queries], "raw", "feat", batch_size=4)
+    for q, result in zip(queries, got):
+        torch.testing.assert_close(result.p_yes, ref.match(q, stored, "raw", "feat"), atol=ATOL, rtol=0)
+    with pytest.raises(InputError, match="query 1: item 1"):
+        fast.score_many([("a", ["fine"]), ("b", ["fine", {"image": "/no/such/file.png"}])])
+    with pytest.raises(InputError, match="need doc_view='feat'"):
+        fast.score_many([("a", stored)])
+
+
 def test_document_first_template_takes_the_full_path(tiny_paths, tmp_path):
     dst = tmp_path / "docfirst"
     shutil.copytree(tiny_paths["qwen2-vl"], dst)
@@ -111,6 +146,7 @@ def test_cascade_equals_attention_over_the_concatenation(H, Hkv):
     T = sum(lens)
     q, k, v = _rand(T, H, D, seed=3), _rand(T, Hkv, D, seed=4), _rand(T, Hkv, D, seed=5)
     plan = AttentionPlan.for_lengths(lens, "cpu")
+    plan.prefix = PrefixLayout.build([T], [P], "cpu")
     cu = plan.cu_seqlens
     got = cascade.cascade_attention(q, k, v, plan, kp, vp, ops.merge_state_torch)
     for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
@@ -150,18 +186,19 @@ def test_the_packed_cuda_call_on_meta_tensors():
     """The CUDA fp16/bf16 path calls torch's flash kernel on packed rows with grouped-query keys in
     place. Its numbers are checked on a GPU (test_cuda_fast.py); here, with this torch's meta
     kernel, its signature and the log-sum-exp layout the cascade relies on ([H, T] read as [T, H])."""
-    T, P, H, Hkv, D = 300, 35, 16, 2, 128
-    plan = AttentionPlan.for_lengths([100, 1, 199], "meta")
+    T, H, Hkv, D = 300, 16, 2, 128
+    layout = PrefixLayout.build([120, 180], [35, 9], "meta")  # two queries' candidates, their prefixes
     q = torch.empty(T, H, D, device="meta", dtype=torch.bfloat16)
-    k, v = (torch.empty(P, Hkv, D, device="meta", dtype=torch.bfloat16) for _ in range(2))
-    cu_q, cu_k = plan.prefix_bounds(P)
-    assert plan.prefix_bounds(P)[0] is cu_q and cu_q.dtype == cu_k.dtype == plan.cu_seqlens.dtype == torch.int32
-    o, lse = cascade._flash_packed(q, k, v, cu_q, cu_k, T, P, causal=False)
+    k, v = (torch.empty(44, Hkv, D, device="meta", dtype=torch.bfloat16) for _ in range(2))
+    assert layout.cu_q.dtype == layout.cu_k.dtype == torch.int32 and (layout.max_q, layout.max_k) == (180, 35)
+    o, lse = cascade._flash_packed(q, k, v, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, causal=False)
     assert o.shape == (T, H, D) and lse.shape == (T, H) and lse.dtype == torch.float32
     assert not cascade._fused_packed_ok(torch.empty(T, H, D, dtype=torch.bfloat16))  # the CPU takes its own path
 
 
-def test_prefix_bounds_cover_every_row():
-    plan = AttentionPlan.for_lengths([4, 1, 7], "cpu")
-    cu_q, cu_k = plan.prefix_bounds(9)
-    assert cu_q.tolist() == [0, 12] and cu_k.tolist() == [0, 9]
+def test_prefix_layout_bounds():
+    layout = PrefixLayout.build([12, 3], [9, 4], "cpu")
+    assert layout.cu_q.tolist() == [0, 12, 15] and layout.cu_k.tolist() == [0, 9, 13]
+    assert layout.q_bounds == [(0, 12), (12, 15)] and layout.k_bounds == [(0, 9), (9, 13)]
+    with pytest.raises(ValueError, match="one group"):
+        PrefixLayout.build([12, 0], [9, 4], "cpu")

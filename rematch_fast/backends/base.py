@@ -53,7 +53,8 @@ class PrefixBackend(Backend, Protocol):
         ...
 
     def answer_logits(self, seqs: list[Sequence], answer_ids: tuple[int, int], prefix=None) -> torch.Tensor:
-        """As Backend.answer_logits; with `prefix`, each sequence is the suffix that follows it."""
+        """As Backend.answer_logits; with `prefix` (one prefill state, or a list with one per
+        sequence), each sequence is the suffix that follows its prefix."""
         ...
 
 

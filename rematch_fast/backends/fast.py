@@ -51,6 +51,8 @@ class FastBackend:
     def last_hidden(self, batch: PackedBatch, prefix: PrefixKV | None = None, capture: PrefixKV | None = None,
                     rows: torch.Tensor | None = None) -> torch.Tensor:
         """Packed last-layer hidden states [T, d] (or of `rows` only); see Decoder.forward."""
+        if (prefix is None) != (batch.plan.prefix is None):
+            raise ValueError("a batch continues a prefix exactly when it was packed with that prefix's layout")
         embeds = self.model.decoder.embed_tokens(batch.ids)  # [T, d]
         if batch.pixels is not None:
             feats = self.model.visual(batch.pixels, batch.grids)  # [n_image_tokens, d]
@@ -72,7 +74,7 @@ class FastBackend:
         prefix = self._template_prefix(seqs) if self.share_prefix else None
         if prefix is not None:
             seqs = [s.tail() for s in seqs]
-        batch = PackedBatch(seqs, self.device, self.image_token_id)
+        batch = PackedBatch(seqs, self.device, self.image_token_id, _one_prefix(seqs, prefix))
         return Embeddings(*self.ops.pool_learnable(self.last_hidden(batch, prefix=prefix), batch.readout))
 
     def _template_prefix(self, seqs: list[Sequence]) -> PrefixKV | None:
@@ -86,9 +88,29 @@ class FastBackend:
         return self._template_prefixes[key]
 
     def answer_logits(self, seqs: list[Sequence], answer_ids: tuple[int, int],
-                      prefix: PrefixKV | None = None) -> torch.Tensor:
+                      prefix: PrefixKV | list[PrefixKV] | None = None) -> torch.Tensor:
         """Yes/No logits [B, 2] at each sequence's last position: only those rows reach the final
-        norm and the two LM-head rows. `prefix`: the sequences are suffixes of that shared prefix."""
-        batch = PackedBatch(seqs, self.device, self.image_token_id)
-        last = self.last_hidden(batch, prefix=prefix, rows=batch.readout[:, -1])  # [B, d]
-        return (last @ self.model.output_rows(answer_ids).T).float()
+        norm and the two LM-head rows. `prefix`: the sequences are suffixes of that shared prefix,
+        or of prefix[i] each (a list, one per sequence: e.g. the candidates of several queries in
+        one batch; the batch is packed prefix by prefix, the prefixes' keys put back to back)."""
+        if not isinstance(prefix, list):
+            batch = PackedBatch(seqs, self.device, self.image_token_id, _one_prefix(seqs, prefix))
+            last = self.last_hidden(batch, prefix=prefix, rows=batch.readout[:, -1])  # [B, d]
+            return (last @ self.model.output_rows(answer_ids).T).float()
+        groups: dict[int, list[int]] = {}  # prefix (by identity) -> its sequences, in first-seen order
+        for i, p in enumerate(prefix):
+            groups.setdefault(id(p), []).append(i)
+        order = [i for members in groups.values() for i in members]
+        parts = [prefix[members[0]] for members in groups.values()]
+        kv = PrefixKV.concat(parts)
+        layout = [(len(members), n) for members, n in zip(groups.values(), kv.lengths)]
+        batch = PackedBatch([seqs[i] for i in order], self.device, self.image_token_id, layout)
+        last = self.last_hidden(batch, prefix=kv, rows=batch.readout[:, -1])
+        logits = torch.empty(len(seqs), 2, dtype=torch.float32, device=last.device)
+        logits[order] = (last @ self.model.output_rows(answer_ids).T).float()
+        return logits
+
+
+def _one_prefix(seqs: list[Sequence], prefix: PrefixKV | None) -> list[tuple[int, int]] | None:
+    """The batch layout when every sequence continues the same prefix (or none)."""
+    return None if prefix is None else [(len(seqs), prefix.lengths[0])]

@@ -1,12 +1,14 @@
 """A packed batch on the device and the attention plan built once for it.
 
 Sequences are concatenated without padding (cu_seqlens marks their bounds). The plan holds
-what every attention layer needs (sequence bounds, the longest length), so nothing is
-recomputed per layer; the latency path and exporters build the same objects.
+what every attention layer needs (sequence bounds, the longest length, which rows continue
+which shared prefix), so nothing is recomputed per layer; the latency path and exporters
+build the same objects.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass
 
 import torch
 
@@ -14,33 +16,58 @@ from ..sequence import Sequence
 
 
 @dataclass
+class PrefixLayout:
+    """Which packed rows continue which shared prefix: the rows of group i (consecutive, rows
+    q_bounds[i]) attend to the keys k_bounds[i] of a PrefixKV that may hold several prefixes
+    back to back. Bounds as Python ints (loops on the host) and as int32 cumulative tensors on
+    the device (varlen kernels)."""
+
+    q_bounds: list[tuple[int, int]]
+    k_bounds: list[tuple[int, int]]
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+
+    @classmethod
+    def build(cls, rows: list[int], prefix_lengths: list[int], device) -> PrefixLayout:
+        if len(rows) != len(prefix_lengths) or min(rows, default=0) < 1:
+            raise ValueError(f"one group of >= 1 rows per prefix, got rows {rows} for prefixes {prefix_lengths}")
+        cu_q = [0] + list(itertools.accumulate(rows))
+        cu_k = [0] + list(itertools.accumulate(prefix_lengths))
+        tensors = torch.tensor([cu_q, cu_k], dtype=torch.int32).to(device)  # one copy to the device
+        return cls(list(zip(cu_q, cu_q[1:])), list(zip(cu_k, cu_k[1:])), tensors[0], tensors[1], max(rows),
+                   max(prefix_lengths))
+
+
+@dataclass
 class AttentionPlan:
     cu_seqlens: torch.Tensor  # [B+1] int32 on the device (what the varlen kernels take)
     max_seqlen: int
-    _prefix_bounds: dict = field(default_factory=dict, repr=False)
+    prefix: PrefixLayout | None = None  # set when the batch continues shared prefixes
 
     @classmethod
     def for_lengths(cls, lengths: list[int], device) -> AttentionPlan:
         return cls(torch.tensor([0] + list(lengths)).cumsum(0).to(device=device, dtype=torch.int32), max(lengths))
-
-    def prefix_bounds(self, prefix_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bounds for "every packed row attends to all prefix_len shared keys" as one varlen
-        sequence pair: ([0, T], [0, prefix_len]) int32 on the device, built once per batch."""
-        if prefix_len not in self._prefix_bounds:
-            dev = self.cu_seqlens.device
-            self._prefix_bounds[prefix_len] = (self.cu_seqlens[[0, -1]].to(torch.int32),
-                                               torch.tensor([0, prefix_len], dtype=torch.int32, device=dev))
-        return self._prefix_bounds[prefix_len]
 
 
 class PackedBatch:
     """The device tensors of one packed batch. M-RoPE positions are taken as the sequences carry
     them: a suffix after a shared prefix keeps the positions it has in the full sequence."""
 
-    def __init__(self, seqs: list[Sequence], device: torch.device, image_token_id: int):
+    def __init__(self, seqs: list[Sequence], device: torch.device, image_token_id: int,
+                 prefixes: list[tuple[int, int]] | None = None):
+        """prefixes: the sequences continue shared prefixes, as (number of consecutive sequences,
+        prefix length) per prefix, in the order the prefixes' keys are stored."""
         lens = [len(s) for s in seqs]
         self.starts = torch.tensor([0] + lens[:-1]).cumsum(0)  # [B] on the CPU
         self.plan = AttentionPlan.for_lengths(lens, device)
+        if prefixes:
+            ends = list(itertools.accumulate(n for n, _ in prefixes))
+            if ends[-1] != len(seqs):
+                raise ValueError(f"the prefixes cover {ends[-1]} sequences, the batch holds {len(seqs)}")
+            rows = [sum(lens[a:b]) for a, b in zip([0] + ends, ends)]
+            self.plan.prefix = PrefixLayout.build(rows, [p for _, p in prefixes], device)
         self.ids = torch.cat([s.input_ids for s in seqs]).to(device)  # [T]
         self.positions = torch.cat([s.positions for s in seqs], dim=1).to(device)  # [3, T]
         with_images = [s for s in seqs if s.pixel_values is not None]

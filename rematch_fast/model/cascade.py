@@ -25,9 +25,24 @@ _SCORES_PER_CHUNK = 1 << 24  # fp32 attention scores held at once by the prefix 
 @dataclass
 class PrefixKV:
     """Per-layer keys and values of a prefix (after rotary embedding): computed once, read by every
-    suffix batch scored against it."""
+    suffix batch scored against it. `concat` puts several prefixes back to back (a batch whose
+    sequences continue different prefixes, e.g. the candidates of several queries)."""
 
     layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (k, v) [P, Hkv, D]
+    _lengths: list[int] | None = None  # several prefixes back to back (concat); None: one
+
+    @property
+    def lengths(self) -> list[int]:
+        """The length of each prefix held, in order."""
+        return self._lengths if self._lengths is not None else [self.layers[0][0].shape[0]]
+
+    @classmethod
+    def concat(cls, parts: list[PrefixKV]) -> PrefixKV:
+        if len(parts) == 1:
+            return parts[0]
+        layers = [(torch.cat([p.layers[i][0] for p in parts]), torch.cat([p.layers[i][1] for p in parts]))
+                  for i in range(len(parts[0].layers))]
+        return cls(layers, [n for p in parts for n in p.lengths])
 
 
 def _expand(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -76,19 +91,21 @@ def _attend_lse(q, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every query row q [T, H, D] attends to all prefix keys k/v [P, Hkv, D] (they all come
-    before it): o [T, H, D] and lse [T, H] fp32."""
+    """Query rows q [T, H, D] attend to all keys k/v [P, Hkv, D] of the prefix they continue (all
+    of them come before it; plan.prefix says which rows continue which prefix): o [T, H, D] and
+    lse [T, H] fp32."""
     T, H, _ = q.shape
-    if _fused_packed_ok(q):  # all T rows as one query sequence over the P keys
-        cu_q, cu_k = plan.prefix_bounds(k.shape[0])
-        return _flash_packed(q, k, v, cu_q, cu_k, T, k.shape[0], causal=False)
-    kp, vp = _expand(k.transpose(0, 1)[None], H), _expand(v.transpose(0, 1)[None], H)  # [1, H, P, D]
-    rows = max(1, _SCORES_PER_CHUNK // (H * max(1, k.shape[0])))  # row chunks bound the scores' memory
+    layout = plan.prefix
+    if _fused_packed_ok(q):  # each group of rows as one query sequence over its prefix's keys
+        return _flash_packed(q, k, v, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, causal=False)
     outs, lses = [], []
-    for start in range(0, T, rows):
-        o, lse = _attend_lse(q[start: start + rows].transpose(0, 1)[None].contiguous(), kp, vp, causal=False)
-        outs.append(o[0].transpose(0, 1))
-        lses.append(lse[0].transpose(0, 1))
+    for (a, b), (c, d) in zip(layout.q_bounds, layout.k_bounds):
+        kp, vp = _expand(k[c:d].transpose(0, 1)[None], H), _expand(v[c:d].transpose(0, 1)[None], H)  # [1, H, P, D]
+        rows = max(1, _SCORES_PER_CHUNK // (H * max(1, d - c)))  # row chunks bound the scores' memory
+        for start in range(a, b, rows):
+            o, lse = _attend_lse(q[start: min(b, start + rows)].transpose(0, 1)[None].contiguous(), kp, vp, causal=False)
+            outs.append(o[0].transpose(0, 1))
+            lses.append(lse[0].transpose(0, 1))
     return torch.cat(outs), torch.cat(lses)
 
 
