@@ -100,3 +100,25 @@ def test_bench_pooling_small_and_its_tight_baseline(tmp_path):
     bench.main(["--out", str(tmp_path)])
     rows = [json.loads(line) for line in (tmp_path / "pooling.jsonl").read_text().splitlines()]
     assert rows and all(r["ms"] > 0 for r in rows)
+
+
+def test_gpu_suite_runs_every_cuda_only_test():
+    """Every test file that skips without a GPU is in `gpu_suite.sh --tests` (a whole file, or the
+    named test), so a GPU run never leaves a CUDA-only test unrun."""
+    import re
+
+    args = [t.strip('"\'\\') for t in (BENCH / "gpu_suite.sh").read_text().split() if t.strip('"').startswith("tests/")]
+    tests = BENCH.parent / "tests"
+    for path in sorted(tests.rglob("test_*.py")):
+        if path.parent.name == "bench":  # op micro-benchmarks: run on demand with --benchmark-only
+            continue
+        text = path.read_text()
+        rel = path.relative_to(tests.parent).as_posix()
+        skips = re.findall(r"skipif\(\s*not torch\.cuda\.is_available\(\)", text)
+        if not skips:
+            continue
+        covered = any(rel == a or rel.startswith(a.rstrip("/") + "/") for a in args)  # the file, or its folder
+        named = [a for a in args if a.startswith(rel + "::")]
+        assert covered or named, f"{rel} has CUDA-only tests that gpu_suite.sh --tests does not run"
+        if named and not covered:  # only some tests of the file: they must be all its CUDA-only ones
+            assert len(named) >= len(skips), f"{rel}: gpu_suite.sh names {named}, the file has {len(skips)} CUDA skips"

@@ -62,9 +62,14 @@ def test_int8_index_recall():
     _, exact = Index(c).search(q, 10)
     idx8 = Index(c, dtype="int8")
     assert idx8.data.dtype == torch.int8 and idx8.scale.shape == (4000,)
-    _, approx = idx8.search(q, 10)
+    scores8, approx = idx8.search(q, 10)
     recall = sum(len(set(a) & set(b)) for a, b in zip(exact.tolist(), approx.tolist())) / exact.numel()
     assert recall >= 0.99
+    # per-row int8 is off by at most scale/2 per element: a score by at most sum|q_i| * scale / 2
+    fp32 = torch.gather(q.double() @ c.double().T, 1, approx)
+    bound = q.double().abs().sum(dim=1, keepdim=True) * idx8.scale.double()[approx] / 2
+    err = (scores8.double() - fp32).abs()
+    assert (err <= bound + 1e-6).all() and err.max() > 0
 
 
 def test_index_from_store_maps_ids(tmp_path):
