@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +14,7 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 
 from .config import DEFAULT_DECODE_LIMIT
 from .errors import ImageError
+from .items import ConfinedPath
 
 MAX_ASPECT = 200  # Qwen2-VL's resize refuses longer/shorter side ratios above this
 
@@ -61,7 +63,8 @@ def load_image(src: str | Path | Image.Image, max_pixels: int | None = None,
     if isinstance(src, Image.Image):
         im, orientation = src, _orientation(src)
     else:
-        im, orientation = _decode(Path(src), max_pixels, decode_limit)
+        im, orientation = _decode(Path(src), max_pixels, decode_limit,
+                                  src.root if isinstance(src, ConfinedPath) else None)
     if im.width < 1 or im.height < 1:
         raise ImageError(f"image has no pixels ({im.width}x{im.height})")
     factor = reduce_factor(im.width, im.height, max_pixels) if max_pixels else 1
@@ -70,13 +73,31 @@ def load_image(src: str | Path | Image.Image, max_pixels: int | None = None,
     return to_rgb(_orient(im, orientation))
 
 
-def _decode(path: Path, max_pixels: int | None, decode_limit: int | None) -> tuple[Image.Image, int | None]:
-    """The decoded image (drafted when that helps) and its EXIF orientation."""
+def _check_inside(f, path: Path, root: Path) -> None:
+    """The file really opened lies inside root. On Linux the open descriptor itself is asked
+    (/proc/self/fd), which no later swap of a directory or symlink can change; elsewhere the
+    path is resolved again just after opening."""
+    fd_link = Path(f"/proc/self/fd/{f.fileno()}")
+    try:
+        real = Path(os.readlink(fd_link))
+    except OSError:
+        real = path.resolve()
+    if not real.is_relative_to(root):
+        raise ImageError(f"image {path} now leads outside the image root {root} (to {real}): a directory or "
+                         "symlink changed after the corpus was read")
+
+
+def _decode(path: Path, max_pixels: int | None, decode_limit: int | None,
+            root: Path | None = None) -> tuple[Image.Image, int | None]:
+    """The decoded image (drafted when that helps) and its EXIF orientation. With a root, the
+    opened file must lie inside it."""
     if not path.is_file():
         raise ImageError(f"image file not found: {path}")
     try:
         # Our own file handle, closed here: PIL would keep a multi-frame file (GIF, TIFF) open.
         with path.open("rb") as f:
+            if root is not None:
+                _check_inside(f, path, root)
             # Opening reads the header only; our own limit, checked next, replaces PIL's.
             with _pil_size_check_off():
                 im = Image.open(f)

@@ -31,6 +31,19 @@ class Item:
 ItemLike = Union[str, dict, Item]
 
 
+class ConfinedPath(str):
+    """An image path that must lie inside `root` when the file is opened, not only when its row
+    was read (read_rows with an image root): the image loader checks the opened file again, so
+    a directory or symlink swapped in between cannot lead outside the root."""
+
+    root: Path
+
+    def __new__(cls, path: str, root: Path) -> ConfinedPath:
+        self = super().__new__(cls, path)
+        self.root = root
+        return self
+
+
 def as_item(x: ItemLike) -> Item:
     """A str is a text item; a dict may hold "text" and "image" (other keys are ignored)."""
     if isinstance(x, Item):

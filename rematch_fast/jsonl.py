@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
-from .items import Item
+from .items import ConfinedPath, Item
 
 _BOM = b"\xef\xbb\xbf"
 
@@ -197,7 +197,7 @@ def _image_path(image: str, base: Path, root: Path | None) -> str:
         raise InputError(f"image path {image!r} cannot be resolved: {e}") from None
     if not resolved.is_relative_to(root):
         raise InputError(f"image path escapes the image root {root}: {image!r} leads to {resolved}")
-    return str(resolved)
+    return ConfinedPath(str(resolved), root)  # checked again when the image is opened
 
 
 def _row(obj, base: Path, root: Path | None) -> tuple[str | int, Item]:

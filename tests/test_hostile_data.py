@@ -18,7 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rematch_fast
-from rematch_fast import Embeddings, Index, InputError
+from conftest import random_image
+from rematch_fast import Embeddings, ImageError, Index, InputError
 from rematch_fast.jsonl import BadLine, json_lines, read_rows, write_jsonl
 from rematch_fast.store import IDS, TENSORS, EmbeddingStore
 
@@ -256,6 +257,25 @@ def test_image_paths_are_confined_to_the_image_root(tree, request, image, inside
         assert bad == [] and [r.id for r in rows if r.id == "img"] == ["img"]
         (row,) = [r for r in rows if r.id == "img"]
         assert row.item.image == str((root / inside).resolve())
+
+
+def test_a_folder_swapped_for_a_symlink_after_reading_is_caught_when_the_image_opens(tmp_path):
+    """The root check runs again on the opened file: `sub` replaced by a symlink to a folder
+    outside the root, between reading the corpus and loading the image, is an ImageError."""
+    from rematch_fast.images import load_image
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    for folder in (root / "sub", outside):
+        random_image(20, 30, seed=1).save(folder / "p.png")
+    (root / "c.jsonl").write_bytes(_line({"id": 1, "image": "sub/p.png"}))
+    (row,), bad = read_rows(root / "c.jsonl", image_root=root)
+    assert bad == [] and load_image(row.item.image).size == (20, 30)  # inside: loads
+    (root / "sub").rename(root / "old")
+    (root / "sub").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ImageError, match="now leads outside the image root"):
+        load_image(row.item.image)
 
 
 def test_without_an_image_root_paths_are_relative_to_the_file(tree):
