@@ -132,6 +132,7 @@ def _index_store(folder, checkpoint, allow_mismatch: bool):
 
 # -- commands ----------------------------------------------------------------
 def cmd_init_tiny(args) -> int:
+    from .jsonl import set_user_mode
     from .tiny import make_tiny_checkpoint
 
     out = Path(args.dir)
@@ -143,6 +144,8 @@ def cmd_init_tiny(args) -> int:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     try:
         make_tiny_checkpoint(staging, arch=args.arch, seed=args.seed, **args.sizes)
+        for path in [staging, *staging.rglob("*")]:  # mkdtemp's 0700 and safetensors' 0600 otherwise
+            set_user_mode(path)
         if replace:
             shutil.rmtree(out)
         elif out.exists():

@@ -112,9 +112,10 @@ def _umask() -> int:
 
 
 def set_user_mode(path: str | Path) -> None:
-    """Give a file we wrote the mode the user's other new files get (0o666 & ~umask): some writers
-    (safetensors) create theirs 0600, which other users of a shared index could not read."""
-    os.chmod(path, 0o666 & ~_umask())
+    """Give a file we wrote the mode the user's other new files get (0o666 & ~umask; a folder
+    0o777 & ~umask): some writers (safetensors) create theirs 0600, and temporary folders are
+    0700, which other users of a shared index or checkpoint could not read."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
 
 
 # -- reading --------------------------------------------------------------------

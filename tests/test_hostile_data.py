@@ -326,6 +326,19 @@ def test_store_files_get_the_users_file_mode(tmp_path, umask):
     assert not list((tmp_path / "s").glob("*.tmp"))
 
 
+def test_init_tiny_gives_the_users_modes(tmp_path, umask):
+    """The checkpoint is built in a temporary folder (0700) and safetensors writes 0600: both get
+    the user's usual modes before the folder is moved into place."""
+    from rematch_fast.cli import EXIT_OK, main
+
+    out = tmp_path / "ckpt"
+    assert main(["init-tiny", str(out), "--set", "num_hidden_layers=1"]) == EXIT_OK
+    assert _mode(out) == 0o777 & ~umask
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {_mode(p) for p in files} == {0o666 & ~umask}
+
+
 @pytest.mark.parametrize("content, fragment", [
     (b'{"a": 1}', "ids must be a list"), (b"[1, true]", "position 1 is a boolean"),
     (b'["a", null]', "position 1 is null"), (b"[0, 1.5]", "position 1 is a float"),
