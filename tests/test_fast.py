@@ -149,19 +149,26 @@ def test_bf16_on_cuda_follows_the_flash_tolerance_rule(tiny_paths):
     assert err_fast <= 2 * err_ref + 1e-5
 
 
-def test_latency_buckets_give_the_same_embeddings(tiny_paths, fast_models):
-    m = ReMatch.from_pretrained(tiny_paths["qwen2-vl"], backend="fast", latency_buckets=(48, 64, 256))
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_latency_buckets_give_the_same_embeddings(tiny_paths, fast_models, share_prefix):
+    """Static-shape buckets, with the embed template's prefix shared (the rows are the suffixes
+    after it, attending to its cached keys) or each row holding its whole sequence."""
+    m = ReMatch.from_pretrained(tiny_paths["qwen2-vl"], backend="fast", latency_buckets=(48, 64, 256),
+                                share_prefix=share_prefix)
     plain = fast_models["qwen2-vl"]
     queries = ["short query", "a somewhat longer query about rivers and photos " * 3, "x",
                "a query of middling length, eleven words or so", "rivers " * 20]
     seqs = [m.preprocessor.embed_sequence(m.prepare(q), "query", m.head.query_tokens) for q in queries]
+    if share_prefix:
+        seqs = [s.tail() for s in seqs]
     assert m.backend.latency.bucket_for(seqs[:1])[0] == 1 and m.backend.latency.bucket_for(seqs)[0] == 8
     for q in queries:  # one at a time
         torch.testing.assert_close(m.embed([q]), plain.embed([q]), atol=ATOL, rtol=0)
     for n in (2, 3, 5):  # small batches: rows padded to one length, spare rows to a power of two
         torch.testing.assert_close(m.embed(queries[:n]), plain.embed(queries[:n]), atol=ATOL, rtol=0)
     shapes = set(m.backend.latency.static)
-    assert {B for B, _ in shapes} == {1, 2, 4, 8} and {L for _, L in shapes} <= {48, 64, 256}
+    assert {B for B, _, _ in shapes} == {1, 2, 4, 8} and {L for _, L, _ in shapes} <= {48, 64, 256}
+    assert all((s["prefix"] is not None) == share_prefix for s in m.backend.latency.static.values())
     # images, batches over MAX_BATCH and sequences over the longest bucket take the packed path
     item = Item(image=random_image(56, 56, 3))
     assert m.backend.latency.bucket_for([m.preprocessor.embed_sequence(m.prepare(item), "query", m.head.query_tokens)]) is None

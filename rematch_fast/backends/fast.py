@@ -69,11 +69,11 @@ class FastBackend:
         return kv
 
     def pooled(self, seqs: list[Sequence]) -> Embeddings:
-        if self.latency is not None and self.latency.bucket_for(seqs) is not None:
-            return self.latency.pooled(seqs)
         prefix = self._template_prefix(seqs) if self.share_prefix else None
         if prefix is not None:
             seqs = [s.tail() for s in seqs]
+        if self.latency is not None and self.latency.bucket_for(seqs) is not None:
+            return self.latency.pooled(seqs, prefix)
         batch = PackedBatch(seqs, self.device, self.image_token_id, _one_prefix(seqs, prefix))
         return Embeddings(*self.ops.pool_learnable(self.last_hidden(batch, prefix=prefix), batch.readout))
 

@@ -5,7 +5,9 @@ rows of L tokens, B the next power of two that holds the batch and L the
 smallest length bucket that holds its longest sequence: each sequence is
 padded at its end (causal attention: the padding never reaches its real
 tokens) and spare rows repeat the first sequence. Equal row lengths make
-attention one dense SDPA call. On CUDA each (B, L) shape is captured once as
+attention one dense SDPA call. With the embed template's shared prefix (the
+fast backend's default), the rows are the suffixes after it and attend to its
+cached keys and values through the cascade. On CUDA each (B, L) shape is captured once as
 a CUDA graph at its first use and then replayed, which removes the
 per-kernel launch cost that dominates a 48-token query; elsewhere the same
 padded forward runs eagerly.
@@ -16,7 +18,8 @@ import torch
 
 from ..embeddings import Embeddings
 from ..errors import InputError
-from ..model.batch import AttentionPlan
+from ..model.batch import AttentionPlan, PrefixLayout
+from ..model.cascade import PrefixKV
 from ..sequence import Sequence
 
 MAX_BATCH = 8
@@ -31,7 +34,8 @@ class LatencyBuckets:
         self.lengths = sorted(set(lengths))
         self.pad_id = pad_id
         self.device = device
-        self.static: dict[tuple[int, int], dict] = {}  # (B, L) -> buffers (and its graph on CUDA)
+        # (B, L, id of the shared prefix or None) -> buffers (and its graph on CUDA)
+        self.static: dict[tuple[int, int, int | None], dict] = {}
 
     def bucket_for(self, seqs: list[Sequence]) -> tuple[int, int] | None:
         """(B, L) for a batch this path serves, None for any other (images, too many, too long)."""
@@ -47,21 +51,26 @@ class LatencyBuckets:
     def _forward(self, s: dict) -> torch.Tensor:
         embeds = self.model.decoder.embed_tokens(s["ids"])  # [B*L, d]
         embeds = embeds.index_put((s["soft_rows"],), s["soft_embeds"].to(embeds.dtype))
-        hidden = self.model.decoder(embeds, s["positions"], s["plan"])
+        hidden = self.model.decoder(embeds, s["positions"], s["plan"], s["prefix"])
         return self.model.ops.pool_learnable(hidden, s["readout"])  # unit [B, d], norm [B] fp32
 
-    def _buffers(self, B: int, L: int, first: Sequence) -> dict:
-        if (B, L) not in self.static:
+    def _buffers(self, B: int, L: int, first: Sequence, prefix: PrefixKV | None) -> dict:
+        key = (B, L, None if prefix is None else id(prefix))
+        if key not in self.static:
             dev, (K, d) = self.device, first.soft_embeds.shape
-            self.static[(B, L)] = dict(
+            plan = AttentionPlan(torch.arange(B + 1, dtype=torch.int32, device=dev) * L, L)
+            if prefix is not None:  # every row, padding included, continues the prefix
+                plan.prefix = PrefixLayout.build([B * L], prefix.lengths, dev)
+            self.static[key] = dict(
                 ids=torch.full((B * L,), self.pad_id, dtype=torch.long, device=dev),
                 positions=torch.zeros(3, B * L, dtype=torch.long, device=dev),
                 soft_rows=torch.zeros(B * K, dtype=torch.long, device=dev),
                 soft_embeds=torch.zeros(B * K, d, dtype=first.soft_embeds.dtype, device=dev),
                 readout=torch.zeros(B, first.readout.shape[0], dtype=torch.long, device=dev),
-                plan=AttentionPlan(torch.arange(B + 1, dtype=torch.int32, device=dev) * L, L),
+                plan=plan,
+                prefix=prefix,  # held here: a captured graph reads its keys and values in place
             )
-        return self.static[(B, L)]
+        return self.static[key]
 
     def _fill(self, s: dict, seqs: list[Sequence], B: int, L: int) -> None:
         """Write the batch into the static buffers on the CPU, then copy them over in one go each."""
@@ -86,10 +95,11 @@ class LatencyBuckets:
         s["readout"].copy_(readout)
 
     @torch.inference_mode()
-    def pooled(self, seqs: list[Sequence]) -> Embeddings:
-        """E* (unit and norm, fp32) of a batch that `bucket_for` accepted."""
+    def pooled(self, seqs: list[Sequence], prefix: PrefixKV | None = None) -> Embeddings:
+        """E* (unit and norm, fp32) of a batch that `bucket_for` accepted; with `prefix`, the
+        sequences are the suffixes that continue it (the embed template's shared part)."""
         B, L = self.bucket_for(seqs)
-        s = self._buffers(B, L, seqs[0])
+        s = self._buffers(B, L, seqs[0], prefix)
         if s["soft_rows"].shape[0] != B * seqs[0].soft_positions.shape[0]:
             raise ValueError("a bucket serves one number of learnable tokens")
         self._fill(s, seqs, B, L)
