@@ -137,11 +137,13 @@ def _rand(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("lens", [[5, 1, 9, 8, 7, 8], [6, 6, 6]], ids=["ragged", "equal"])
 @pytest.mark.parametrize("H, Hkv", [(4, 4), (6, 2)])
-def test_cascade_equals_attention_over_the_concatenation(H, Hkv):
+def test_cascade_equals_attention_over_the_concatenation(H, Hkv, lens):
     """Suffixes attending to [prefix ; own causal suffix] through two parts and the merge equal
-    plain causal attention over each full sequence prefix+suffix."""
-    P, D, lens = 13, 16, [5, 1, 9, 8, 7, 8]  # the last three share one padded group
+    plain causal attention over each full sequence prefix+suffix. Ragged: the last three share
+    one padded group; equal: the dense path the static-shape buckets take."""
+    P, D = 13, 16
     kp, vp = _rand(P, Hkv, D, seed=1), _rand(P, Hkv, D, seed=2)
     T = sum(lens)
     q, k, v = _rand(T, H, D, seed=3), _rand(T, Hkv, D, seed=4), _rand(T, Hkv, D, seed=5)
