@@ -58,7 +58,7 @@ class LatencyBuckets:
         key = (B, L, None if prefix is None else id(prefix))
         if key not in self.static:
             dev, (K, d) = self.device, first.soft_embeds.shape
-            plan = AttentionPlan(torch.arange(B + 1, dtype=torch.int32, device=dev) * L, L)
+            plan = AttentionPlan.for_lengths([L] * B, dev)
             if prefix is not None:  # every row, padding included, continues the prefix
                 plan.prefix = PrefixLayout.build([B * L], prefix.lengths, dev)
             self.static[key] = dict(

@@ -13,6 +13,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from .batch import AttentionPlan
+
 
 @functools.lru_cache(maxsize=1)
 def _torch_varlen():
@@ -34,8 +36,9 @@ def _flash_varlen():
     return flash_attn_varlen_func
 
 
-def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool) -> torch.Tensor:
-    """Attention within each packed sequence. Returns [T, H, D]."""
+def varlen_attention(q, k, v, plan: AttentionPlan, causal: bool) -> torch.Tensor:
+    """Attention within each packed sequence of the plan. Returns [T, H, D]."""
+    cu_seqlens, max_seqlen = plan.cu_seqlens, plan.max_seqlen
     B = cu_seqlens.shape[0] - 1
     if q.shape[0] == B * max_seqlen:  # every sequence is max_seqlen long: a dense [B, H, L, D] batch
         qs, ks, vs = (x.reshape(B, max_seqlen, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
@@ -57,53 +60,32 @@ def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, causal:
                     rep = q.shape[1] // k.shape[1]
                     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
             return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kw)
-    return _padded_sdpa(q, k, v, cu_seqlens, max_seqlen, causal)
+    return _padded_sdpa(q, k, v, plan, causal)
 
 
-def _length_groups(lens: list[int], slack: float = 1.25) -> list[tuple[int, int, int]]:
-    """Consecutive sequences grouped so that padding a group to its longest member costs at
-    most `slack` x the attention work (~ length^2) of its own lengths: (first, end, longest)."""
-    groups, start, longest, work = [], 0, 0, 0
-    for i, n in enumerate(lens):
-        if i > start and (i + 1 - start) * max(longest, n) ** 2 > slack * (work + n * n):
-            groups.append((start, i, longest))
-            start, longest, work = i, 0, 0
-        longest, work = max(longest, n), work + n * n
-    groups.append((start, len(lens), longest))
-    return groups
+def padded(x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    """Packed rows x [T, h, D] -> [B, h, L, D], right-padded with zeros (the plan's layout)."""
+    _, seq, pos = plan.padding()
+    out = x.new_zeros(len(plan.host_lengths()), plan.max_seqlen, *x.shape[1:])
+    out[seq, pos] = x
+    return out.transpose(1, 2)
 
 
-def padder(cu_seqlens: torch.Tensor, max_seqlen: int, T: int, device):
-    """For a packed batch: pad(x [T, h, D]) -> [B, h, L, D] (right-padded with zeros), and the
-    (sequence, position) of each packed row, to gather results back with out[seq, :, pos]."""
-    lens = cu_seqlens.diff().to(device)
-    B = lens.shape[0]
-    seq = torch.repeat_interleave(torch.arange(B, device=device), lens)  # [T]
-    pos = torch.arange(T, device=device) - cu_seqlens.to(device)[seq]  # [T]
-
-    def pad(x):
-        out = x.new_zeros(B, max_seqlen, *x.shape[1:])
-        out[seq, pos] = x
-        return out.transpose(1, 2)
-
-    return pad, seq, pos
-
-
-def _padded_sdpa(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool) -> torch.Tensor:
+def _padded_sdpa(q, k, v, plan: AttentionPlan, causal: bool) -> torch.Tensor:
     """Exact varlen attention through SDPA: scatter into [B, H, L, D], attend, gather back.
 
     Only attention sees the padding (linear layers stay packed). Sequences of similar length
     (neighbours, as the scheduler sorts them) share one SDPA call cut to their own longest
     length, so short sequences are not padded to the batch's longest.
     """
-    lens = cu_seqlens.diff()
-    B, L = lens.shape[0], max_seqlen
-    pad, seq, pos = padder(cu_seqlens, max_seqlen, q.shape[0], q.device)
-    qp, kp, vp = pad(q), pad(k), pad(v)
+    groups, seq, pos = plan.padding()
+    L = plan.max_seqlen
+    qp, kp, vp = padded(q, plan), padded(k, plan), padded(v, plan)
     gqa = q.shape[1] != k.shape[1]
-    keep = None if causal else torch.arange(L, device=q.device)[None, :] < lens.to(q.device)[:, None]  # [B, L] real keys
+    lens = torch.tensor(plan.host_lengths(), device=q.device)
+    keep = None if causal else torch.arange(L, device=q.device)[None, :] < lens[:, None]  # [B, L] real keys
     out = torch.empty_like(qp)  # rows past a sequence's end are never read back
-    for a, b, n in _length_groups(lens.tolist()):
+    for a, b, n in groups:
         # causal with right padding: a real query only reaches earlier, real keys, so no mask is needed
         mask = None if causal else keep[a:b, None, None, :n]
         out[a:b, :, :n] = F.scaled_dot_product_attention(qp[a:b, :, :n], kp[a:b, :, :n], vp[a:b, :, :n],

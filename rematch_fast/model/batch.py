@@ -8,7 +8,7 @@ build the same objects.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,13 +42,51 @@ class PrefixLayout:
 
 @dataclass
 class AttentionPlan:
-    cu_seqlens: torch.Tensor  # [B+1] int32 on the device (what the varlen kernels take)
+    """cu_seqlens and the longest length (what the varlen kernels take) and, for the paths that
+    pad for attention (CPU, fp32), the length groups and padding indices, built on first use and
+    then shared by every layer."""
+
+    cu_seqlens: torch.Tensor  # [B+1] int32 on the device
     max_seqlen: int
+    lengths: list[int] | None = None  # the same bounds on the host (no device sync to read them)
     prefix: PrefixLayout | None = None  # set when the batch continues shared prefixes
+    _padding: tuple | None = field(default=None, repr=False)
 
     @classmethod
     def for_lengths(cls, lengths: list[int], device) -> AttentionPlan:
-        return cls(torch.tensor([0] + list(lengths)).cumsum(0).to(device=device, dtype=torch.int32), max(lengths))
+        lengths = list(lengths)
+        cu = torch.tensor([0] + lengths).cumsum(0).to(device=device, dtype=torch.int32)
+        return cls(cu, max(lengths), lengths)
+
+    def host_lengths(self) -> list[int]:
+        if self.lengths is None:
+            self.lengths = self.cu_seqlens.diff().tolist()
+        return self.lengths
+
+    def padding(self) -> tuple[list[tuple[int, int, int]], torch.Tensor, torch.Tensor]:
+        """(length groups, seq, pos): sequences grouped so that padding each group to its longest
+        costs little (`length_groups`), and each packed row's (sequence, position) in the
+        right-padded [B, L] layout."""
+        if self._padding is None:
+            lens = self.host_lengths()
+            dev = self.cu_seqlens.device
+            seq = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens)).to(dev)  # [T]
+            pos = torch.cat([torch.arange(n) for n in lens]).to(dev)  # [T]
+            self._padding = (length_groups(lens), seq, pos)
+        return self._padding
+
+
+def length_groups(lens: list[int], slack: float = 1.25) -> list[tuple[int, int, int]]:
+    """Consecutive sequences grouped so that padding a group to its longest member costs at
+    most `slack` x the attention work (~ length^2) of its own lengths: (first, end, longest)."""
+    groups, start, longest, work = [], 0, 0, 0
+    for i, n in enumerate(lens):
+        if i > start and (i + 1 - start) * max(longest, n) ** 2 > slack * (work + n * n):
+            groups.append((start, i, longest))
+            start, longest, work = i, 0, 0
+        longest, work = max(longest, n), work + n * n
+    groups.append((start, len(lens), longest))
+    return groups
 
 
 class PackedBatch:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import _length_groups, padder
+from .attention import padded
 from .batch import AttentionPlan
 
 _SCORES_PER_CHUNK = 1 << 24  # fp32 attention scores held at once by the prefix part (64 MB)
@@ -123,11 +123,11 @@ def suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         qd, kd, vd = (_expand(x.reshape(B, L, *x.shape[1:]).transpose(1, 2), H) for x in (q, k, v))
         o, lse = _attend_lse(qd.contiguous(), kd.contiguous(), vd.contiguous(), causal=True)
         return o.transpose(1, 2).reshape(T, H, D), lse.transpose(1, 2).reshape(T, H)
-    pad, seq, pos = padder(plan.cu_seqlens, plan.max_seqlen, T, q.device)
-    qp, kp, vp = pad(q), _expand(pad(k), H), _expand(pad(v), H)  # [B, H, L, D]
+    groups, seq, pos = plan.padding()
+    qp, kp, vp = padded(q, plan), _expand(padded(k, plan), H), _expand(padded(v, plan), H)  # [B, H, L, D]
     out = torch.zeros(qp.shape, dtype=q.dtype, device=q.device)
     lse = torch.zeros(qp.shape[:3], dtype=torch.float32, device=q.device)
-    for a, b, n in _length_groups(plan.cu_seqlens.diff().tolist()):
+    for a, b, n in groups:
         # right padding: a real query's causal window holds real keys only
         out[a:b, :, :n], lse[a:b, :, :n] = _attend_lse(*(x[a:b, :, :n].contiguous() for x in (qp, kp, vp)), causal=True)
     return out.transpose(1, 2)[seq, pos], lse.transpose(1, 2)[seq, pos]

@@ -39,7 +39,7 @@ class DecoderLayer(nn.Module):
         if capture is not None:
             capture.layers.append((k, v))
         if prefix is None:
-            attn = varlen_attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, causal=True)
+            attn = varlen_attention(q, k, v, plan, causal=True)
         else:
             attn = cascade_attention(q, k, v, plan, *prefix, self.merge_state)
         x = x + self.o_proj(attn.reshape(T, -1))

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..ops import Ops
 from .attention import varlen_attention
+from .batch import AttentionPlan
 from .config import VisionConfig
 from .layers import GatedMLP, RMSNorm, activation
 
@@ -41,11 +42,11 @@ class VisionBlock(nn.Module):
         self.heads = cfg.num_heads
         self.rope = ops.rope
 
-    def forward(self, x, cos, sin, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:  # x [P, C]
+    def forward(self, x, cos, sin, plan: AttentionPlan) -> torch.Tensor:  # x [P, C]
         P = x.shape[0]
         q, k, v = self.qkv(self.norm1(x)).reshape(P, 3, self.heads, -1).unbind(1)  # [P, H, Dh] each
         q, k, v = self.rope(q, cos, sin), self.rope(k, cos, sin), v.contiguous()  # varlen kernels want dense rows
-        x = x + self.proj(varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False).reshape(P, -1))
+        x = x + self.proj(varlen_attention(q, k, v, plan, causal=False).reshape(P, -1))
         return x + self.mlp(self.norm2(x))
 
 
@@ -87,18 +88,18 @@ class VisionTower(nn.Module):
         hw = _patch_positions(grid_thw.tolist(), m, x.device)  # [P, 2]
         angles = (hw[:, :, None].float() * self.inv_freq).reshape(hw.shape[0], -1)  # [P, Dh/2]: h then w
         angles = torch.cat([angles, angles], dim=-1)
-        cu_full, max_full = _image_seqlens(grid_thw.tolist(), x.device)
+        full = _image_plan(grid_thw.tolist(), x.device)
         order = None
         if cfg.arch == "qwen2.5-vl":
-            order, cu_win, max_win = _window_order(grid_thw.tolist(), m, cfg.window_size // (m * cfg.patch_size), x.device)
+            order, windows = _window_order(grid_thw.tolist(), m, cfg.window_size // (m * cfg.patch_size), x.device)
             x = _regroup(x, order, m * m)
             angles = _regroup(angles, order, m * m)
         cos, sin = angles.cos(), angles.sin()
         for i, blk in enumerate(self.blocks):
             if order is None or i in cfg.fullatt_blocks:
-                x = blk(x, cos, sin, cu_full, max_full)
+                x = blk(x, cos, sin, full)
             else:
-                x = blk(x, cos, sin, cu_win, max_win)
+                x = blk(x, cos, sin, windows)
         merged = self.merger(x)  # [P / m^2, d]
         if order is not None:
             merged = merged[torch.argsort(order)]  # back to the image's own row-major merge order
@@ -116,14 +117,13 @@ def _patch_positions(grids, m: int, device) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _image_seqlens(grids, device) -> tuple[torch.Tensor, int]:
-    lens = [h * w for t, h, w in grids for _ in range(t)]  # each frame attends within itself
-    return torch.tensor([0] + lens, device=device).cumsum(0), max(lens)
+def _image_plan(grids, device) -> AttentionPlan:
+    return AttentionPlan.for_lengths([h * w for t, h, w in grids for _ in range(t)], device)  # each frame alone
 
 
 def _window_order(grids, m: int, win: int, device):
     """Qwen2.5-VL windows of win x win merge groups: the order of merge groups that makes every
-    window contiguous, and the windows' cu_seqlens (in patches)."""
+    window contiguous, and the windows' attention plan (in patches)."""
     order, lens, base = [], [], 0
     for t, h, w in grids:
         gh, gw = h // m, w // m
@@ -138,7 +138,7 @@ def _window_order(grids, m: int, win: int, device):
                 order.append(kept + base)
                 lens.append(len(kept) * m * m)
         base += t * gh * gw
-    return torch.cat(order).to(device), torch.tensor([0] + lens, device=device).cumsum(0), max(lens)
+    return torch.cat(order).to(device), AttentionPlan.for_lengths(lens, device)
 
 
 def _regroup(x: torch.Tensor, order: torch.Tensor, group: int) -> torch.Tensor:
