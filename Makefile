@@ -1,18 +1,23 @@
-# Two entry points, each installs what it needs first:
-#   make demo   build a tiny checkpoint, embed, search and rerank a small corpus
-#   make test   run the test suite
+# Entry points, each installs what it needs first:
+#   make demo      build a tiny checkpoint, embed, search and rerank a small corpus
+#   make test      run the test suite
+#   make mutation  run the mutation check (tests/mutation/check.py)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test mutation install clean
 
 demo: $(STAMP)
 	$(VENV)/bin/rematch-fast demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# plants realistic one-line bugs in a copy of the package, one at a time: every one must fail a test
+mutation: $(STAMP)
+	$(PY) tests/mutation/check.py
 
 install: $(STAMP)
 

@@ -63,6 +63,10 @@ def test_int8_index_recall():
     idx8 = Index(c, dtype="int8")
     assert idx8.data.dtype == torch.int8 and idx8.scale.shape == (4000,)
     scores8, approx = idx8.search(q, 10)
+    # the scores are exact for what is stored: queries rounded to fp16 (the kernel's tensor-core
+    # input for an int8 corpus) against int8 rows times their scale
+    want = (q.half().double() @ idx8.data.double().T) * idx8.scale.double()[None]
+    torch.testing.assert_close(scores8.double(), torch.gather(want, 1, approx), atol=1e-5, rtol=0)
     recall = sum(len(set(a) & set(b)) for a, b in zip(exact.tolist(), approx.tolist())) / exact.numel()
     assert recall >= 0.99
     # per-row int8 is off by at most scale/2 per element: a score by at most sum|q_i| * scale / 2
@@ -129,3 +133,15 @@ def test_packing_round_trips_every_sign():
     assert torch.equal(back, s + 0.0) and torch.equal(back_rows, rows)
     order = torch.argsort(keys, descending=True)
     assert (s[order].diff() <= 0).all()  # key order is score order
+    assert not torch.signbit(back[s == 0]).any()  # -0.0 comes back as +0.0
+
+
+def test_negative_zero_ties_with_positive_zero():
+    """-0.0 and +0.0 are one score: at one row they pack to one key, and the lower row ranks
+    first whichever zero it holds (a BLAS may return either)."""
+    from rematch_fast.similarity import pack_keys
+
+    same_row = pack_keys(torch.tensor([-0.0, 0.0]), torch.tensor([5, 5]))
+    assert same_row[0] == same_row[1]
+    keys = pack_keys(torch.tensor([0.0, -0.0]), torch.tensor([9, 2]))  # -0.0 at the lower row
+    assert keys[1] > keys[0]
