@@ -1,1 +1,3 @@
-"""ONNX / int8 / TensorRT exporters and parity reports (installed as rematch_fast.export). None has landed yet."""
+"""Exporters (installed as rematch_fast.export): ONNX graphs of the text path (onnx.py) and the
+exporter that writes an export folder (exporter.py). int8 presets, TensorRT and parity reports
+arrive later."""

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from . import pipeline
 from .pipeline import check_finite, nonfinite_rows
 from .backends import PrefixBackend, create_backend
-from .checkpoint import open_checkpoint
+from .checkpoint import check_backend_fits, open_checkpoint
 from .config import DEFAULT_DECODE_LIMIT, EMBED_BATCH_SIZE, MATCH_BATCH_SIZE, MODEL_DTYPES, check_view, parse_device, parse_dtype
 from .embeddings import Embeddings
 from .errors import InputError
@@ -43,6 +43,7 @@ class ReMatch:
         device = parse_device(device)
         dtype = parse_dtype(dtype, MODEL_DTYPES, "the model dtype")
         ckpt = open_checkpoint(path)
+        check_backend_fits(ckpt, backend)
         impl = create_backend(backend, ckpt, device, dtype, **backend_options)
         head = ckpt.load_head(device, dtype)
         images = ImageProcessor(ckpt.image_settings, decode_limit=max_image_pixels)

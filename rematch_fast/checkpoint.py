@@ -25,6 +25,8 @@ from .tokenizer import Tokenizers
 REMATCH_CONFIG = "rematch_config.json"
 REMATCH_HEAD = "rematch_head.safetensors"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
+EXPORT_MANIFEST = "export.json"  # what marks an export folder (rematch_fast.export)
+EXPORT_BACKENDS = ("onnx",)  # the backends that run export folders
 _SAMPLE = 1 << 20  # bytes of a weight file read at each of three places for the fingerprint
 # our architecture name -> transformers' model and config classes
 TRANSFORMERS_CLASSES = {
@@ -117,12 +119,23 @@ class Checkpoint:
                              vision_end=token("vision_end_token_id", "<|vision_end|>"),
                              pad=self.tokenizers.special_id("<|endoftext|>"))
 
+    @property
+    def exported(self) -> bool:
+        """An export folder (rematch_fast.export): graphs and host-side files, no torch weights."""
+        return (self.path / EXPORT_MANIFEST).is_file()
+
     @functools.cached_property
     def fingerprint(self) -> str:
         """A content fingerprint recorded in every index built with this checkpoint, so that a
         search never mixes checkpoints: the config, tokenizer and head files in full, and each
         weight file's size, header and three sampled blocks (hashing gigabytes in full would
-        take seconds on every run; any re-save or retrain changes the sampled bytes)."""
+        take seconds on every run; any re-save or retrain changes the sampled bytes). An export
+        folder carries its source checkpoint's, so its indexes and the source's agree."""
+        if self.exported:
+            source = _read_json(self.path / EXPORT_MANIFEST).get("source")
+            if not isinstance(source, dict) or not isinstance(source.get("fingerprint"), str):
+                raise CheckpointError(f"{self.path / EXPORT_MANIFEST} does not name its source's fingerprint")
+            return source["fingerprint"]
         digest = hashlib.sha256()
         for name in ("config.json", REMATCH_CONFIG, PREPROCESSOR_CONFIG, "tokenizer.json", REMATCH_HEAD):
             digest.update(name.encode() + b"\0" + (self.path / name).read_bytes())
@@ -176,7 +189,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(
             f"{path} holds a {model_type!r} model; rematch_fast serves {sorted(ARCHITECTURES)} (Qwen2-VL, Qwen2.5-VL)"
         )
-    if not list(path.glob("model*.safetensors")):
+    exported = (path / EXPORT_MANIFEST).is_file()
+    if not exported and not list(path.glob("model*.safetensors")):
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         hint = f" (found {pickled}: pickle files are never loaded; convert them to safetensors)" if pickled else ""
         raise CheckpointError(f"{path} has no model*.safetensors weights{hint}")
@@ -196,8 +210,19 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             f"{ckpt.text_config.get('hidden_size')}"
         )
     ckpt.image_settings  # noqa: B018 - checked now, so that a bad file fails at open, not at the first image
-    check_model_files(ckpt)
+    if not exported:  # an export's backend checks its own graphs
+        check_model_files(ckpt)
     return ckpt
+
+
+def check_backend_fits(ckpt: Checkpoint, backend: str) -> None:
+    """An export folder runs only on the export backends, a checkpoint only on the others."""
+    if ckpt.exported and backend not in EXPORT_BACKENDS:
+        raise CheckpointError(f"{ckpt.path} is an export folder ({EXPORT_MANIFEST}) without torch weights: open it "
+                              f"with backend={EXPORT_BACKENDS[0]!r}, or open the checkpoint it was exported from")
+    if not ckpt.exported and backend in EXPORT_BACKENDS:
+        raise CheckpointError(f"backend {backend!r} runs an export folder; {ckpt.path} is a checkpoint: "
+                              f"run `rematch-fast export onnx {ckpt.path} --out DIR` and open DIR")
 
 
 def check_model_files(ckpt: Checkpoint) -> None:

@@ -1,4 +1,4 @@
-"""The `rematch-fast` command line: init-tiny, embed, search, rerank, demo.
+"""The `rematch-fast` command line: init-tiny, embed, search, rerank, export, demo.
 
 Exit status:
   0  done
@@ -156,6 +156,23 @@ def cmd_init_tiny(args) -> int:
         if staging.exists():
             shutil.rmtree(staging)
     print(f"tiny {args.arch} checkpoint (random weights, seed {args.seed}) written to {out}")
+    return EXIT_OK
+
+
+def cmd_export(args) -> int:
+    import contextlib
+    import io
+    import logging
+
+    from .export.exporter import export_onnx
+
+    _check_output(Path(args.out), "folder", args.overwrite)
+    # torch's exporter reports each step on stdout and warns about optional packages: not ours to show
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(sys.stderr if not args.quiet else io.StringIO()):
+        out = export_onnx(args.checkpoint, args.out, args.precision, args.overwrite,
+                          progress=None if args.quiet else _log)
+    print(f"exported {args.checkpoint} to {out} (embed.onnx, match.onnx; open it with backend='onnx')")
     return EXIT_OK
 
 
@@ -382,6 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc-view", default="raw", choices=["raw", "feat"])
     _scoring_options(p, "reranked hits JSONL to write")
     p.set_defaults(func=cmd_rerank)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX graphs that backend='onnx' runs")
+    p.add_argument("format", choices=["onnx"])
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="export folder to write")
+    p.add_argument("--precision", default="fp32", choices=["fp32"], help="graph precision (fp32; fp16 and int8 "
+                                                                         "presets are not exported yet)")
+    _overwrite(p, "export folder")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="tiny end-to-end run: build, embed, search, rerank")
     p.add_argument("--arch", default="qwen2.5-vl", choices=ARCHES)

@@ -16,6 +16,10 @@ def test_readme_python_blocks_run(tiny_paths, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     random_image(120, 90, 1).save(tmp_path / "photo.jpg")
     scope = {"pil_image": random_image(64, 48, 2)}
+    if any('"exported/"' in b for b in blocks):  # the export section opens what `rematch-fast export onnx` wrote
+        from rematch_fast.export.exporter import export_onnx
+
+        export_onnx(tiny_paths["qwen2.5-vl"], tmp_path / "exported")
     for block in blocks:
         code = block.replace("path/to/checkpoint", str(tiny_paths["qwen2.5-vl"]))
         if not torch.cuda.is_available():

@@ -15,6 +15,21 @@ from .config import TextConfig
 from .layers import FusedLinear, GatedMLP, RMSNorm
 
 
+def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor, mrope_section) -> tuple[torch.Tensor, torch.Tensor]:
+    """M-RoPE: positions [3, T] -> cos, sin [T, Dh] (fp32); frequency section i follows position
+    row i. Also the host-side table of exported graphs (rematch_fast.export), so both agree."""
+    freqs = positions[..., None].float() * inv_freq  # [3, T, Dh/2]
+    parts = freqs.split(list(mrope_section), dim=-1)
+    angles = torch.cat([p[i] for i, p in enumerate(parts)], dim=-1)  # [T, Dh/2]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def inverse_frequencies(cfg: TextConfig, device=None) -> torch.Tensor:
+    hd = cfg.head_dim
+    return 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig, ops: Ops):
         super().__init__()
@@ -59,16 +74,10 @@ class Decoder(nn.Module):
             self.reset_buffers()
 
     def reset_buffers(self) -> None:
-        hd = self.cfg.head_dim
-        self.inv_freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, hd, 2, device=self.inv_freq.device).float() / hd)
+        self.inv_freq = inverse_frequencies(self.cfg, self.inv_freq.device)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [3, T] -> cos, sin [T, Dh] (fp32): frequency section i follows position row i."""
-        freqs = positions[..., None].float() * self.inv_freq  # [3, T, Dh/2]
-        parts = freqs.split(list(self.cfg.mrope_section), dim=-1)
-        angles = torch.cat([p[i] for i, p in enumerate(parts)], dim=-1)  # [T, Dh/2]
-        angles = torch.cat([angles, angles], dim=-1)
-        return angles.cos(), angles.sin()
+        return rotary_tables(positions, self.inv_freq, self.cfg.mrope_section)
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, plan: AttentionPlan,
                 prefix: PrefixKV | None = None, capture: PrefixKV | None = None,

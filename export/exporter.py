@@ -1,0 +1,92 @@
+"""`export_onnx`: a checkpoint -> an export folder (the graphs of rematch_fast.export.onnx, the
+checkpoint's host-side files and an `export.json` manifest), built beside and moved into place."""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from .onnx import FORMAT_VERSION, GRAPHS, HOST_FILES, MANIFEST, OPSET, EmbedGraph, MatchGraph, dense_inputs
+
+PRECISIONS = ("fp32",)  # fp16 and the int8 presets arrive with their parity thresholds
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32", overwrite: bool = False,
+                progress=None) -> Path:
+    """Export `checkpoint` to the folder `out` (refused if it holds anything, unless `overwrite`
+    and it is an earlier export). Returns the folder."""
+    from .. import __version__
+    from ..api import ReMatch
+    from ..jsonl import set_user_mode
+    from ..model.decoder import inverse_frequencies
+
+    if precision not in PRECISIONS:
+        raise InputError(f"precision {precision!r} is not exported yet; choose from {PRECISIONS}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise InputError(f"{out} exists: pass overwrite=True (--overwrite) to replace it")
+        if out.is_symlink() or not (out / MANIFEST).is_file():
+            raise InputError(f"{out} is not an export folder; overwrite replaces only those")
+    say = progress or (lambda msg: None)
+    model = ReMatch.from_pretrained(checkpoint, backend="fast", kernels="torch")  # fp32, CPU, torch ops
+    net, cfg = model.backend.model, model.backend.cfg.text
+    pre = model.preprocessor
+    examples = [pre.embed_sequence(model.prepare(t), "document", model.head.doc_tokens)
+                for t in ("an example document", "a second, somewhat longer example document to export")]
+    q = model.prepare("an example query")
+    pairs = [pre.match_sequence(q, model.prepare(t)) for t in ("yes", "a longer candidate document")]
+    graphs = {"embed": (EmbedGraph(net), examples), "match": (MatchGraph(net, pre.answer_ids), pairs)}
+    inv_freq = inverse_frequencies(cfg)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        for name, (graph, seqs) in graphs.items():
+            spec = GRAPHS[name]
+            say(f"exporting {spec.file}")
+            inputs = dense_inputs(seqs, name, pre.pad_id, model.dim, inv_freq, cfg.mrope_section)
+            args = tuple(torch.from_numpy(inputs[k]) for k in spec.inputs)
+            dims = {}  # one torch Dim per axis name, shared by every input that has it
+            shapes = {k: {a: dims.setdefault(n, torch.export.Dim(n)) for a, n in axes.items()}
+                      for k, axes in spec.inputs.items()}
+            with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+                # axes of one name share one Dim: the exporter says so for each, which is noise here
+                warnings.filterwarnings("ignore", message=".*will not be used, since it shares")
+                torch.onnx.export(graph.eval(), args, str(staging / spec.file), dynamo=True, opset_version=OPSET,
+                                  input_names=list(spec.inputs), output_names=list(spec.outputs),
+                                  dynamic_shapes=tuple(shapes[k] for k in spec.inputs), verbose=False)
+        for f in HOST_FILES:
+            if (Path(checkpoint) / f).is_file():
+                shutil.copy2(Path(checkpoint) / f, staging / f)
+        manifest = {
+            "format_version": FORMAT_VERSION, "precision": precision, "opset": OPSET,
+            "source": {"checkpoint": str(Path(checkpoint).resolve()), "fingerprint": model.checkpoint.fingerprint},
+            "answer_ids": list(pre.answer_ids),
+            "graphs": {n: {"file": s.file, "inputs": {k: {str(a): d for a, d in v.items()} for k, v in s.inputs.items()},
+                           "outputs": list(s.outputs), "tolerance": s.tolerance} for n, s in GRAPHS.items()},
+            "versions": {"rematch_fast": __version__, "torch": torch.__version__, "onnx": _version("onnx")},
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        for path in [staging, *staging.rglob("*")]:
+            set_user_mode(path)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(staging), str(out))
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return out
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None

@@ -1,0 +1,73 @@
+"""backend="onnx": an export folder (rematch-fast export onnx) run by ONNX Runtime.
+
+Sequences are prepared exactly as for the torch backends; each batch is right-padded and given
+to `embed.onnx` or `match.onnx` with its rotary tables and soft rows (see
+rematch_fast.export.onnx). Runs on the CPU; on CUDA only when ONNX Runtime really creates its
+CUDA provider (checked on the session, never assumed). Text and feature views only: images
+need the vision graph, which is not exported yet.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from ..checkpoint import EXPORT_MANIFEST, Checkpoint
+from ..errors import CheckpointError
+from ..embeddings import Embeddings
+from ..model.config import model_config
+from ..model.decoder import inverse_frequencies
+from ..sequence import Sequence
+
+
+class OnnxBackend:
+    name = "onnx"
+    padded = True  # a batch costs count x longest
+    longest_first = True
+    inputs = frozenset({"text", "soft"})
+
+    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ImportError("backend 'onnx' needs onnxruntime: pip install onnxruntime") from None
+        from ..export.onnx import FORMAT_VERSION, GRAPHS
+
+        manifest = json.loads((ckpt.path / EXPORT_MANIFEST).read_text())
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{ckpt.path / EXPORT_MANIFEST}: format_version {manifest.get('format_version')!r}, "
+                                  f"this release reads {FORMAT_VERSION}: export the checkpoint again")
+        if dtype != torch.float32 or manifest.get("precision") != "fp32":
+            raise CheckpointError(f"this export runs in {manifest.get('precision')}; open it with dtype=torch.float32")
+        wanted = ["CUDAExecutionProvider"] if device.type == "cuda" else []
+        self.sessions = {}
+        for name, spec in GRAPHS.items():
+            path = ckpt.path / spec.file
+            if not path.is_file():
+                raise CheckpointError(f"{path} is missing: the export is incomplete, export the checkpoint again")
+            session = ort.InferenceSession(str(path), providers=wanted + ["CPUExecutionProvider"])
+            if wanted and wanted[0] not in session.get_providers():
+                raise CheckpointError(f"ONNX Runtime did not create its CUDA provider here ({session.get_providers()}); "
+                                      "install onnxruntime-gpu, or open the export with device='cpu'")
+            self.sessions[name] = session
+        self.answer_ids = tuple(manifest["answer_ids"])
+        cfg = model_config(ckpt).text
+        self.inv_freq, self.mrope_section = inverse_frequencies(cfg), cfg.mrope_section
+        self.dim, self.pad_id, self.device = cfg.hidden_size, ckpt.special_tokens.pad, device
+
+    def _run(self, graph: str, seqs: list[Sequence]) -> list[np.ndarray]:
+        from ..export.onnx import dense_inputs
+
+        feed = dense_inputs(seqs, graph, self.pad_id, self.dim, self.inv_freq, self.mrope_section)
+        return self.sessions[graph].run(None, feed)
+
+    def pooled(self, seqs: list[Sequence]) -> Embeddings:
+        unit, norm = self._run("embed", seqs)
+        return Embeddings(torch.from_numpy(unit).to(self.device), torch.from_numpy(norm).to(self.device))
+
+    def answer_logits(self, seqs: list[Sequence], answer_ids: tuple[int, int]) -> torch.Tensor:
+        if tuple(answer_ids) != self.answer_ids:
+            raise CheckpointError(f"the export reads answers {self.answer_ids}, asked for {tuple(answer_ids)}")
+        (logits,) = self._run("match", seqs)
+        return torch.from_numpy(logits).to(self.device)
