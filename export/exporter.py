@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from .lint import tensorrt_problems
 from .onnx import FORMAT_VERSION, GRAPHS, HOST_FILES, MANIFEST, OPSET, EmbedGraph, MatchGraph, dense_inputs
 
 PRECISIONS = ("fp32",)  # fp16 and the int8 presets arrive with their parity thresholds
@@ -56,9 +57,14 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
             with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
                 # axes of one name share one Dim: the exporter says so for each, which is noise here
                 warnings.filterwarnings("ignore", message=".*will not be used, since it shares")
+                warnings.filterwarnings("ignore", category=FutureWarning)  # torch's exporter internals
                 torch.onnx.export(graph.eval(), args, str(staging / spec.file), dynamo=True, opset_version=OPSET,
                                   input_names=list(spec.inputs), output_names=list(spec.outputs),
                                   dynamic_shapes=tuple(shapes[k] for k in spec.inputs), verbose=False)
+        lint = {name: tensorrt_problems(staging / spec.file) for name, spec in GRAPHS.items()}
+        for name, problems in lint.items():
+            if problems:
+                say(f"{name}.onnx would not build with TensorRT: {'; '.join(problems)}")
         for f in HOST_FILES:
             if (Path(checkpoint) / f).is_file():
                 shutil.copy2(Path(checkpoint) / f, staging / f)
@@ -68,6 +74,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
             "answer_ids": list(pre.answer_ids),
             "graphs": {n: {"file": s.file, "inputs": {k: {str(a): d for a, d in v.items()} for k, v in s.inputs.items()},
                            "outputs": list(s.outputs), "tolerance": s.tolerance} for n, s in GRAPHS.items()},
+            "tensorrt_lint": lint,  # what TensorRT's parser would refuse, per graph (rematch_fast.export.lint)
             "versions": {"rematch_fast": __version__, "torch": torch.__version__, "onnx": _version("onnx")},
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

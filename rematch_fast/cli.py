@@ -1,4 +1,4 @@
-"""The `rematch-fast` command line: init-tiny, embed, search, rerank, export, demo.
+"""The `rematch-fast` command line: init-tiny, embed, search, rerank, export, parity, demo.
 
 Exit status:
   0  done
@@ -169,11 +169,49 @@ def cmd_export(args) -> int:
     _check_output(Path(args.out), "folder", args.overwrite)
     # torch's exporter reports each step on stdout and warns about optional packages: not ours to show
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    texts = _parity_texts(args.corpus) if args.parity else None  # a bad corpus fails before the export
     with contextlib.redirect_stdout(sys.stderr if not args.quiet else io.StringIO()):
         out = export_onnx(args.checkpoint, args.out, args.precision, args.overwrite,
                           progress=None if args.quiet else _log)
     print(f"exported {args.checkpoint} to {out} (embed.onnx, match.onnx; open it with backend='onnx')")
-    return EXIT_OK
+    if not args.parity:
+        return EXIT_OK
+    return _parity(args.checkpoint, out, texts, out / "parity.json")
+
+
+def cmd_parity(args) -> int:
+    report_path = Path(args.out) if args.out else Path(args.candidate) / "parity.json"
+    _check_output(report_path, "file", overwrite=True)
+    return _parity(args.reference, Path(args.candidate), _parity_texts(args.corpus), report_path)
+
+
+def _parity_texts(corpus) -> list[str] | None:
+    """The texts of a JSONL corpus's rows (rows with images are left out: the export takes text)."""
+    if corpus is None:
+        return None
+    from .jsonl import read_rows
+
+    rows, _ = read_rows(corpus)
+    texts = [r.item.text for r in rows if r.item.image is None and r.item.text]
+    if len(texts) < 2:
+        raise InputError(f"{corpus} has {len(texts)} usable text rows; parity needs at least 2")
+    return texts
+
+
+def _parity(reference, candidate: Path, texts, report_path: Path) -> int:
+    """Compare an export with its reference checkpoint; the report is saved either way."""
+    from .api import ReMatch
+    from .export.parity import compare
+    from .jsonl import set_user_mode
+
+    manifest = candidate / "export.json"
+    precision = json.loads(manifest.read_text()).get("precision", "fp32") if manifest.is_file() else "fp32"
+    report = compare(ReMatch.from_pretrained(reference), ReMatch.from_pretrained(candidate, backend="onnx"),
+                     texts, precision)
+    report.save(report_path)
+    set_user_mode(report_path)
+    print(report.summary() + f" Report: {report_path}")
+    return EXIT_OK if report else EXIT_ERROR
 
 
 def cmd_embed(args) -> int:
@@ -407,8 +445,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32"], help="graph precision (fp32; fp16 and int8 "
                                                                          "presets are not exported yet)")
     _overwrite(p, "export folder")
+    p.add_argument("--parity", action="store_true", help="then compare the export with the checkpoint "
+                                                          "(OUT/parity.json); a failing export exits 1")
+    p.add_argument("--corpus", help="JSONL whose texts --parity compares on (default: a small built-in set)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("parity", help="compare an export with its reference checkpoint (exit 1 on failure)")
+    p.add_argument("--reference", required=True, help="the checkpoint")
+    p.add_argument("--candidate", required=True, help="an export folder")
+    p.add_argument("--corpus", help="JSONL whose texts are compared (default: a small built-in set)")
+    p.add_argument("--out", help="report JSON to write (default: CANDIDATE/parity.json)")
+    p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("demo", help="tiny end-to-end run: build, embed, search, rerank")
     p.add_argument("--arch", default="qwen2.5-vl", choices=ARCHES)

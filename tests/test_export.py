@@ -90,20 +90,79 @@ def test_overwrite_rules(exports, tmp_path, tiny_paths):
         == EXIT_ERROR and (other / "notes.txt").read_text() == "mine"  # not an export: never replaced
 
 
-def test_a_corrupted_export_fails_the_comparison(models, exports, tmp_path):
-    """One weight of the embedding graph perturbed: the parity comparison the tests rely on sees it."""
+def _corrupt(src, dst):
+    """A copy of an export with one weight of embed.onnx's first o_proj perturbed."""
     from onnx import numpy_helper
 
-    folder = tmp_path / "bad"
-    shutil.copytree(exports["qwen2-vl"], folder)
-    graph = onnx.load(str(folder / "embed.onnx"))  # with its external weights
+    shutil.copytree(src, dst)
+    graph = onnx.load(str(dst / "embed.onnx"))  # with its external weights
     (init,) = [t for t in graph.graph.initializer if "layers.0" in t.name and "o_proj" in t.name]
     w = numpy_helper.to_array(init).copy()
     w.flat[0] += 1.0
     init.CopyFrom(numpy_helper.from_array(w, init.name))
-    (folder / "embed.onnx").unlink()
-    (folder / "embed.onnx.data").unlink()
-    onnx.save(graph, str(folder / "embed.onnx"), save_as_external_data=True, location="embed.onnx.data")
-    texts = _texts(seed=5, n=4)
-    got = ReMatch.from_pretrained(folder, backend="onnx").encode(texts)
-    assert (got.unit - models["qwen2-vl"].encode(texts).unit).abs().max() > TOL
+    (dst / "embed.onnx").unlink()
+    (dst / "embed.onnx.data").unlink()
+    onnx.save(graph, str(dst / "embed.onnx"), save_as_external_data=True, location="embed.onnx.data")
+    return dst
+
+
+def test_parity_report_passes_a_good_export_and_fails_a_corrupted_one(models, exports, tmp_path, tiny_paths):
+    from rematch_fast.export.parity import compare
+
+    ref = models["qwen2-vl"]
+    good = compare(ref, ReMatch.from_pretrained(exports["qwen2-vl"], backend="onnx"))
+    assert good and good.rows > 0 and good.pairs > 0 and good.max_abs <= TOL and good.top10_overlap == 1.0
+    bad_folder = _corrupt(exports["qwen2-vl"], tmp_path / "bad")
+    bad = compare(ref, ReMatch.from_pretrained(bad_folder, backend="onnx"))
+    assert not bad and any(f.startswith("max_abs") for f in bad.failures)
+    nothing = compare(ref, ref, texts=["only one"])
+    assert not nothing and "nothing to compare" in nothing.failures[0]
+    # the command line: exit 1 on failure, the report saved either way
+    report = tmp_path / "report.json"
+    args = ["parity", "--reference", str(tiny_paths["qwen2-vl"]), "--out", str(report)]
+    assert main(args + ["--candidate", str(bad_folder)]) == EXIT_ERROR
+    saved = json.loads(report.read_text())
+    assert saved["passed"] is False and saved["failures"]
+    assert main(args + ["--candidate", str(exports["qwen2-vl"])]) == EXIT_OK
+    assert json.loads(report.read_text())["passed"] is True
+
+
+def test_export_with_parity_writes_its_report(tiny_paths, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(_texts(seed=8, n=12))))
+    out = tmp_path / "exp"
+    assert main(["export", "onnx", str(tiny_paths["qwen2.5-vl"]), "--out", str(out), "--quiet", "--parity",
+                 "--corpus", str(corpus)]) == EXIT_OK
+    report = json.loads((out / "parity.json").read_text())
+    assert report["passed"] and report["rows"] == 24  # 12 texts, each as a query and as a document
+
+
+def test_tensorrt_lint(exports, tmp_path):
+    """The exported graphs pass; integer ops, asymmetric Q/DQ and a newer opset are named."""
+    from onnx import TensorProto, helper
+
+    from rematch_fast.export.lint import tensorrt_problems
+
+    for arch, folder in exports.items():
+        assert json.loads((folder / "export.json").read_text())["tensorrt_lint"] == {"embed": [], "match": []}
+        assert tensorrt_problems(folder / "embed.onnx") == []
+
+    def graph(nodes, inits, opset=20):
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+        model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                                  opset_imports=[helper.make_opsetid("", opset)])
+        path = tmp_path / f"g{len(list(tmp_path.iterdir()))}.onnx"
+        onnx.save(model, str(path))
+        return path
+
+    scale = helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])
+    zero = lambda v: helper.make_tensor("z", TensorProto.INT8, [], [v])  # noqa: E731
+    qdq = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    assert tensorrt_problems(graph(qdq, [scale, zero(0)])) == []
+    assert len(tensorrt_problems(graph(qdq, [scale, zero(3)]))) == 2  # both nodes: zero point not 0
+    integer = [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "qs", "qz"]),
+               helper.make_node("MatMulInteger", ["q", "q"], ["i"]), helper.make_node("Cast", ["i"], ["y"], to=1)]
+    found = tensorrt_problems(graph(integer, []))
+    assert any("MatMulInteger" in p for p in found) and any("DynamicQuantizeLinear" in p for p in found)
+    assert tensorrt_problems(graph([helper.make_node("Identity", ["x"], ["y"])], [], opset=21)) == ["opset 21 > 20"]
