@@ -5,9 +5,9 @@ Providers, timed round-robin in one run (medians), each embedding the same texts
   torch-reference  backend="reference" (transformers, fp32 eager): the C1 baseline
   torch-fast       backend="fast" (this project's packed engine, fp32)
   onnx-fp32        backend="onnx" on the fp32 export (ONNX Runtime, CPU provider)
+  onnx-int8-dynamic  the same with the int8-dynamic preset
 cosine_min and top10_overlap compare each provider's embeddings with torch-reference's
 (rematch_fast.export.parity.compare: each text as a query and as a document).
-int8 presets are not exported yet: their rows arrive with them.
 
     python benchmarks/bench_export.py --out results/            # mid-size model
     python benchmarks/bench_export.py --model tiny --texts 16   # quicker
@@ -45,16 +45,18 @@ def main(argv=None) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_tiny_checkpoint(Path(tmp) / "ckpt", arch=arch, seed=0, **sizes)
         export_onnx(ckpt, Path(tmp) / "onnx")
+        export_onnx(ckpt, Path(tmp) / "onnx-int8", quantize="int8-dynamic")
         models = {"torch-reference": ReMatch.from_pretrained(ckpt),
                   "torch-fast": ReMatch.from_pretrained(ckpt, backend="fast"),
-                  "onnx-fp32": ReMatch.from_pretrained(Path(tmp) / "onnx", backend="onnx")}
+                  "onnx-fp32": ReMatch.from_pretrained(Path(tmp) / "onnx", backend="onnx"),
+                  "onnx-int8-dynamic": ReMatch.from_pretrained(Path(tmp) / "onnx-int8", backend="onnx")}
         lengths = np.random.default_rng(0).integers(32, 129, args.texts)
         texts = texts_of_lengths(models["torch-fast"], lengths, seed=1)
         tokens = int(lengths.sum())
         ms = interleaved_median_ms({name: (lambda m=m: m.encode(texts, side="document")) for name, m in models.items()},
                                    dev, iters=args.iters, warmup=1)
         for name, m in models.items():
-            quality = compare(models["torch-reference"], m, texts, "fp32")
+            quality = compare(models["torch-reference"], m, texts, "int8" if "int8" in name else "fp32")
             res.add(model=args.model, provider=name, texts=len(texts), ms=ms[name], tokens_per_s=tokens / ms[name] * 1e3,
                     x_torch=ms["torch-reference"] / ms[name], cosine_min=quality.cosine_min,
                     top10_overlap=quality.top10_overlap, threads=torch.get_num_threads())

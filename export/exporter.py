@@ -14,13 +14,18 @@ from ..errors import InputError
 from .lint import tensorrt_problems
 from .onnx import FORMAT_VERSION, GRAPHS, HOST_FILES, MANIFEST, OPSET, EmbedGraph, MatchGraph, dense_inputs
 
-PRECISIONS = ("fp32",)  # fp16 and the int8 presets arrive with their parity thresholds
+PRECISIONS = ("fp32",)  # fp16 arrives with its parity thresholds
+# int8 presets for ONNX Runtime on the CPU. int8-dynamic: every MatMul's weights int8 per output
+# channel, activations quantized per tensor at run time (integer ops: ONNX Runtime only, never
+# TensorRT). int8-weight and the calibrated, SmoothQuant-scaled int8-qdq arrive later.
+QUANTIZE_PRESETS = ("int8-dynamic",)
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32", overwrite: bool = False,
-                progress=None) -> Path:
+                progress=None, quantize: str | None = None) -> Path:
     """Export `checkpoint` to the folder `out` (refused if it holds anything, unless `overwrite`
-    and it is an earlier export). Returns the folder."""
+    and it is an earlier export). `quantize`: an int8 preset (QUANTIZE_PRESETS) applied to the
+    fp32 graphs. Returns the folder."""
     from .. import __version__
     from ..api import ReMatch
     from ..jsonl import set_user_mode
@@ -28,6 +33,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
 
     if precision not in PRECISIONS:
         raise InputError(f"precision {precision!r} is not exported yet; choose from {PRECISIONS}")
+    if quantize is not None and quantize not in QUANTIZE_PRESETS:
+        raise InputError(f"quantize preset {quantize!r} is not available yet; choose from {QUANTIZE_PRESETS}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
@@ -61,6 +68,10 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
                 torch.onnx.export(graph.eval(), args, str(staging / spec.file), dynamo=True, opset_version=OPSET,
                                   input_names=list(spec.inputs), output_names=list(spec.outputs),
                                   dynamic_shapes=tuple(shapes[k] for k in spec.inputs), verbose=False)
+        if quantize is not None:
+            for spec in GRAPHS.values():
+                say(f"quantizing {spec.file} ({quantize})")
+                _quantize_dynamic(staging, spec.file)
         lint = {name: tensorrt_problems(staging / spec.file) for name, spec in GRAPHS.items()}
         for name, problems in lint.items():
             if problems:
@@ -69,7 +80,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
             if (Path(checkpoint) / f).is_file():
                 shutil.copy2(Path(checkpoint) / f, staging / f)
         manifest = {
-            "format_version": FORMAT_VERSION, "precision": precision, "opset": OPSET,
+            "format_version": FORMAT_VERSION, "precision": "int8" if quantize else precision, "quantize": quantize,
+            "opset": OPSET,
             "source": {"checkpoint": str(Path(checkpoint).resolve()), "fingerprint": model.checkpoint.fingerprint},
             "answer_ids": list(pre.answer_ids),
             "graphs": {n: {"file": s.file, "inputs": {k: {str(a): d for a, d in v.items()} for k, v in s.inputs.items()},
@@ -88,6 +100,24 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
         if staging.exists():
             shutil.rmtree(staging)
     return out
+
+
+def _quantize_dynamic(folder: Path, file: str) -> None:
+    """int8-dynamic in place: the graph and its external weights replaced by the quantized ones."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = folder / ".quantized"
+    tmp.mkdir()
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # its pre-processing advice
+    quantize_dynamic(str(folder / file), str(tmp / file), per_channel=True, weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul"], use_external_data_format=True)
+    for f in (file, file + ".data"):
+        (folder / f).unlink(missing_ok=True)
+        if (tmp / f).exists():
+            (tmp / f).rename(folder / f)
+    shutil.rmtree(tmp)
 
 
 def _version(package: str) -> str | None:

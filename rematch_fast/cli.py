@@ -172,7 +172,7 @@ def cmd_export(args) -> int:
     texts = _parity_texts(args.corpus) if args.parity else None  # a bad corpus fails before the export
     with contextlib.redirect_stdout(sys.stderr if not args.quiet else io.StringIO()):
         out = export_onnx(args.checkpoint, args.out, args.precision, args.overwrite,
-                          progress=None if args.quiet else _log)
+                          progress=None if args.quiet else _log, quantize=args.quantize)
     print(f"exported {args.checkpoint} to {out} (embed.onnx, match.onnx; open it with backend='onnx')")
     if not args.parity:
         return EXIT_OK
@@ -445,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32"], help="graph precision (fp32; fp16 and int8 "
                                                                          "presets are not exported yet)")
     _overwrite(p, "export folder")
+    p.add_argument("--quantize", choices=["int8-dynamic"], help="int8 preset for ONNX Runtime on the CPU: "
+                   "int8-dynamic (MatMul weights int8 per channel, activations per tensor at run time)")
     p.add_argument("--parity", action="store_true", help="then compare the export with the checkpoint "
                                                           "(OUT/parity.json); a failing export exits 1")
     p.add_argument("--corpus", help="JSONL whose texts --parity compares on (default: a small built-in set)")

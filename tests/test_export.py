@@ -166,3 +166,39 @@ def test_tensorrt_lint(exports, tmp_path):
     found = tensorrt_problems(graph(integer, []))
     assert any("MatMulInteger" in p for p in found) and any("DynamicQuantizeLinear" in p for p in found)
     assert tensorrt_problems(graph([helper.make_node("Identity", ["x"], ["y"])], [], opset=21)) == ["opset 21 > 20"]
+
+
+def _with_outlier_channels(src, dst):
+    """A copy of a tiny checkpoint whose hidden states carry outlier channels: three channels of
+    every norm weight scaled x50, as trained LLMs have (random weights have none)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    for name, w in weights.items():
+        if name.endswith("layernorm.weight"):
+            w[:3] *= 50
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_int8_dynamic_passes_its_gate_and_the_gate_catches_outliers(tiny_paths, tmp_path, arch):
+    """int8-dynamic keeps cosine >= 0.99 and top-10 overlap >= 0.9 on a plain model; with outlier
+    channels its per-tensor activations lose ranking quality, and `export --parity` says so (the
+    SmoothQuant-scaled int8-qdq preset is meant for those)."""
+    out = tmp_path / "q"
+    assert main(["export", "onnx", str(tiny_paths[arch]), "--out", str(out), "--quiet", "--quantize", "int8-dynamic",
+                 "--parity"]) == EXIT_OK
+    report, manifest = (json.loads((out / f).read_text()) for f in ("parity.json", "export.json"))
+    assert manifest["precision"] == "int8" and manifest["quantize"] == "int8-dynamic"
+    assert report["passed"] and report["thresholds"] == {"cosine_min": 0.99, "top10_overlap": 0.9}
+    assert 0 < report["max_abs"] and report["cosine_min"] < 1 - 1e-9  # really quantized
+    assert any("integer" in p for p in manifest["tensorrt_lint"]["embed"])  # never offered to TensorRT
+    assert not list(out.glob("*.q*")) and not (out / ".quantized").exists()  # no leftovers
+    if arch == "qwen2-vl":
+        spiky = _with_outlier_channels(tiny_paths[arch], tmp_path / "spiky")
+        out2 = tmp_path / "q2"
+        assert main(["export", "onnx", str(spiky), "--out", str(out2), "--quiet", "--quantize", "int8-dynamic",
+                     "--parity"]) == EXIT_ERROR
+        failed = json.loads((out2 / "parity.json").read_text())
+        assert not failed["passed"] and failed["failures"]

@@ -38,8 +38,11 @@ class OnnxBackend:
         if manifest.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{ckpt.path / EXPORT_MANIFEST}: format_version {manifest.get('format_version')!r}, "
                                   f"this release reads {FORMAT_VERSION}: export the checkpoint again")
-        if dtype != torch.float32 or manifest.get("precision") != "fp32":
-            raise CheckpointError(f"this export runs in {manifest.get('precision')}; open it with dtype=torch.float32")
+        if manifest.get("precision") not in ("fp32", "int8"):
+            raise CheckpointError(f"{ckpt.path}: precision {manifest.get('precision')!r} is not one this release runs")
+        if dtype != torch.float32:
+            raise CheckpointError(f"the export's inputs and outputs are float32 (its graphs run in "
+                                  f"{manifest.get('precision')}): open it with dtype=torch.float32")
         wanted = ["CUDAExecutionProvider"] if device.type == "cuda" else []
         self.sessions = {}
         for name, spec in GRAPHS.items():
