@@ -6,8 +6,8 @@ starts without torch.
 import importlib
 
 from .config import ReMatchConfig
-from .errors import (CheckpointError, ConfigError, EmptyItemError, ImageError, InputError, NonFiniteError,
-                     ReMatchError, TruncationWarning)
+from .errors import (CheckpointError, ConfigError, EmptyItemError, ImageError, InputError, MissingPackageError,
+                     NonFiniteError, ReMatchError, TruncationWarning)
 
 __version__ = "0.1.0"
 
@@ -15,7 +15,8 @@ _LAZY = {"ReMatch": "api", "Embeddings": "embeddings", "Index": "index", "Item":
 
 __all__ = [
     "ReMatch", "ReMatchConfig", "Embeddings", "Index", "Item", "search", "ReMatchError", "CheckpointError",
-    "ConfigError", "InputError", "EmptyItemError", "ImageError", "NonFiniteError", "TruncationWarning", "__version__",
+    "ConfigError", "InputError", "EmptyItemError", "ImageError", "MissingPackageError", "NonFiniteError",
+    "TruncationWarning", "__version__",
 ]
 
 

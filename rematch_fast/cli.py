@@ -166,12 +166,19 @@ def cmd_export(args) -> int:
 
     from .export.exporter import export_onnx
 
+    if args.format == "tensorrt":
+        from .export.tensorrt import build_engines, parse_profile
+
+        engines = build_engines(args.checkpoint, args.precision or "fp16", parse_profile(args.profile),
+                                args.cache_dir, log=None if args.quiet else _log)
+        print(f"TensorRT engines: {', '.join(str(e) for e in engines.values())}")
+        return EXIT_OK
     _check_output(Path(args.out), "folder", args.overwrite)
     # torch's exporter reports each step on stdout and warns about optional packages: not ours to show
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     texts = _parity_texts(args.corpus) if args.parity else None  # a bad corpus fails before the export
     with contextlib.redirect_stdout(sys.stderr if not args.quiet else io.StringIO()):
-        out = export_onnx(args.checkpoint, args.out, args.precision, args.overwrite,
+        out = export_onnx(args.checkpoint, args.out, args.precision or "fp32", args.overwrite,
                           progress=None if args.quiet else _log, quantize=args.quantize)
     print(f"exported {args.checkpoint} to {out} (embed.onnx, match.onnx; open it with backend='onnx')")
     if not args.parity:
@@ -438,12 +445,17 @@ def build_parser() -> argparse.ArgumentParser:
     _scoring_options(p, "reranked hits JSONL to write")
     p.set_defaults(func=cmd_rerank)
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX graphs that backend='onnx' runs")
-    p.add_argument("format", choices=["onnx"])
-    p.add_argument("checkpoint")
-    p.add_argument("--out", required=True, help="export folder to write")
-    p.add_argument("--precision", default="fp32", choices=["fp32"], help="graph precision (fp32; fp16 and int8 "
-                                                                         "presets are not exported yet)")
+    p = sub.add_parser("export", help="export a checkpoint to ONNX graphs (backend='onnx'), or build "
+                                      "TensorRT engines from such an export")
+    p.add_argument("format", choices=["onnx", "tensorrt"])
+    p.add_argument("checkpoint", help="onnx: the checkpoint; tensorrt: an export folder written by `export onnx`")
+    p.add_argument("--out", help="onnx: the export folder to write (required)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"],
+                   help="onnx: fp32 (the default; fp16 graphs are not exported yet); tensorrt: the engines' "
+                        "precision (default fp16; int8 needs an int8-qdq export)")
+    p.add_argument("--profile", help="tensorrt: sizes per dynamic axis as AXIS=MIN:OPT:MAX, comma-separated "
+                                     "(default batch=1:8:64,seq=1:256:1024,soft=0:128:4096)")
+    p.add_argument("--cache-dir", help="tensorrt: where engines and the timing cache go (default: FOLDER/tensorrt)")
     _overwrite(p, "export folder")
     p.add_argument("--quantize", choices=["int8-dynamic"], help="int8 preset for ONNX Runtime on the CPU: "
                    "int8-dynamic (MatMul weights int8 per channel, activations per tensor at run time)")
@@ -517,6 +529,29 @@ def check_usage(args) -> None:
             raise UsageError(str(e)) from None
     if getattr(args, "image_root", None) and not Path(args.image_root).is_dir():
         raise UsageError(f"--image-root {args.image_root} is not a folder")
+    if args.command == "export":
+        _check_export_usage(args)
+
+
+def _check_export_usage(args) -> None:
+    """Which options go with which export format, and the TensorRT profile's syntax."""
+    onnx_only = [o for o, v in (("--out", args.out), ("--quantize", args.quantize), ("--parity", args.parity),
+                                ("--corpus", args.corpus)) if v]
+    trt_only = [o for o, v in (("--profile", args.profile), ("--cache-dir", args.cache_dir)) if v]
+    if args.format == "onnx":
+        if not args.out:
+            raise UsageError("export onnx needs --out FOLDER")
+        if trt_only:
+            raise UsageError(f"{', '.join(trt_only)}: options of `export tensorrt`, not `export onnx`")
+    else:
+        if onnx_only:
+            raise UsageError(f"{', '.join(onnx_only)}: options of `export onnx`, not `export tensorrt`")
+        from .export.tensorrt import parse_profile
+
+        try:
+            parse_profile(args.profile)
+        except InputError as e:
+            raise UsageError(str(e)) from None
 
 
 def main(argv=None) -> int:

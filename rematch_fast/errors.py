@@ -29,5 +29,9 @@ class NonFiniteError(ReMatchError, ValueError):
     """A model output (an embedding, answer logits) is NaN or infinite; never returned silently."""
 
 
+class MissingPackageError(ReMatchError, ImportError):
+    """An optional package a feature needs is not installed (onnxruntime, TensorRT, ...)."""
+
+
 class TruncationWarning(UserWarning):
     """A text was longer than the configured limit and was cut."""

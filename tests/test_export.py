@@ -202,3 +202,144 @@ def test_int8_dynamic_passes_its_gate_and_the_gate_catches_outliers(tiny_paths, 
                      "--parity"]) == EXIT_ERROR
         failed = json.loads((out2 / "parity.json").read_text())
         assert not failed["passed"] and failed["failures"]
+
+
+# -- TensorRT engines, against a fake tensorrt module (no TensorRT can be installed here) -------------
+class FakeTensorRT:
+    """Records what build_engines asks of TensorRT's API; builds "engines" that name their graph."""
+    __version__ = "10.0-fake"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            self.level = level
+
+    class BuilderFlag:
+        FP16, INT8 = "FP16", "INT8"
+
+    def __init__(self):
+        self.calls = []
+        fake = self
+
+        class Profile:
+            def set_shape(self, name, lo, opt, hi):
+                fake.calls.append(("set_shape", name, lo, opt, hi))
+
+        class Cache:
+            def __init__(self, data):
+                self.data = data
+
+            def serialize(self):
+                return self.data + b"+"
+
+        class Config:
+            def set_flag(self, flag):
+                fake.calls.append(("flag", flag))
+
+            def add_optimization_profile(self, profile):
+                fake.calls.append(("profile",))
+
+            def create_timing_cache(self, data):
+                fake.calls.append(("timing_in", data))
+                return Cache(data)
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                self.cache = cache
+
+            def get_timing_cache(self):
+                return self.cache
+
+        class Parser:
+            num_errors = 0
+
+            def __init__(self, network, logger):
+                self.network = network
+
+            def parse_from_file(self, path):
+                self.network.path = path
+                return True
+
+        class Network:
+            path = None
+
+        class Builder:
+            def __init__(self, logger):
+                fake.calls.append(("builder",))
+
+            def create_network(self, flags):
+                return Network()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                return ("engine of " + network.path).encode()
+
+        self.Builder, self.OnnxParser = Builder, Parser
+
+
+def test_tensorrt_profiles_and_engine_cache(exports, tmp_path):
+    from rematch_fast.export import tensorrt as rt
+
+    folder = tmp_path / "exp"
+    shutil.copytree(exports["qwen2-vl"], folder)
+    assert rt.parse_profile("seq=8:64:512")["seq"] == (8, 64, 512) and rt.parse_profile(None) == rt.DEFAULT_PROFILE
+    for bad in ("seq=8:4:512", "width=1:2:3", "seq=1:2"):
+        with pytest.raises(InputError):
+            rt.parse_profile(bad)
+    shapes = rt.input_shapes("embed", rt.static_shapes(folder / "embed.onnx"), rt.DEFAULT_PROFILE)
+    d = json.loads((folder / "rematch_config.json").read_text())["hidden_size"]
+    assert shapes["input_ids"] == ((1, 1), (8, 256), (64, 1024))
+    assert shapes["soft_embeds"] == ((0, d), (128, d), (4096, d))
+    assert shapes["pool_index"][2][0] == 64 and shapes["pool_index"][0][1] == shapes["pool_index"][2][1] > 0  # K static
+
+    trt = FakeTensorRT()
+    engines = rt.build_engines(folder, "fp16", trt=trt)
+    assert set(engines) == {"embed", "match"} and engines["embed"].read_bytes().endswith(b"embed.onnx")
+    set_shapes = {c[1] for c in trt.calls if c[0] == "set_shape"}
+    assert set_shapes == set(GRAPHS["embed"].inputs) | set(GRAPHS["match"].inputs) and ("flag", "FP16") in trt.calls
+    assert (folder / "tensorrt" / "timing.cache").read_bytes() == b"++"  # reused by the second build, then saved
+    again = FakeTensorRT()
+    assert rt.build_engines(folder, "fp16", trt=again) == engines and ("builder",) not in again.calls  # cached
+    other = rt.build_engines(folder, "fp16", profile=rt.parse_profile("seq=1:64:128"), trt=FakeTensorRT())
+    assert other["embed"] != engines["embed"]  # another profile, another engine
+    with pytest.raises(InputError, match="int8-qdq"):
+        rt.build_engines(folder, "int8", trt=FakeTensorRT())
+
+
+def test_tensorrt_refuses_a_graph_its_lint_flagged(tiny_paths, tmp_path):
+    from rematch_fast.export import tensorrt as rt
+
+    out = tmp_path / "q"
+    assert main(["export", "onnx", str(tiny_paths["qwen2-vl"]), "--out", str(out), "--quiet",
+                 "--quantize", "int8-dynamic"]) == EXIT_OK
+    with pytest.raises(InputError, match="would not build with TensorRT"):
+        rt.build_engines(out, "fp16", trt=FakeTensorRT())
+
+
+@pytest.mark.parametrize("args", [
+    ["export", "onnx", "CKPT"],  # no --out
+    ["export", "onnx", "CKPT", "--out", "x", "--profile", "seq=1:2:3"],
+    ["export", "tensorrt", "FOLDER", "--out", "x"],
+    ["export", "tensorrt", "FOLDER", "--quantize", "int8-dynamic"],
+    ["export", "tensorrt", "FOLDER", "--profile", "seq=4:2:1"],
+    ["export", "tensorrt", "FOLDER", "--profile", "width=1:2:3"],
+])
+def test_export_usage_errors_exit_2(args, capsys):
+    from rematch_fast.cli import EXIT_USAGE
+
+    assert main(args) == EXIT_USAGE and "error:" in capsys.readouterr().err
+
+
+def test_building_engines_without_tensorrt_is_a_clear_error(exports, capsys):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here: the missing-package message cannot be checked")
+    except ImportError:
+        pass
+    assert main(["export", "tensorrt", str(exports["qwen2-vl"])]) == EXIT_ERROR
+    assert "needs TensorRT's Python package" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import EXPORT_MANIFEST, Checkpoint
-from ..errors import CheckpointError
+from ..errors import CheckpointError, MissingPackageError
 from ..embeddings import Embeddings
 from ..model.config import model_config
 from ..model.decoder import inverse_frequencies
@@ -31,7 +31,7 @@ class OnnxBackend:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise ImportError("backend 'onnx' needs onnxruntime: pip install onnxruntime") from None
+            raise MissingPackageError("backend 'onnx' needs onnxruntime: pip install 'rematch_fast[onnx]'") from None
         from ..export.onnx import FORMAT_VERSION, GRAPHS
 
         manifest = json.loads((ckpt.path / EXPORT_MANIFEST).read_text())
