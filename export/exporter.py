@@ -3,6 +3,7 @@ checkpoint's host-side files and an `export.json` manifest), built beside and mo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import warnings
@@ -12,20 +13,23 @@ import torch
 
 from ..errors import InputError
 from .lint import tensorrt_problems
+from .smoothquant import ALPHA, CALIBRATION_TEXTS, activation_ranges, quantize_qdq, smooth
 from .onnx import FORMAT_VERSION, GRAPHS, HOST_FILES, MANIFEST, OPSET, EmbedGraph, MatchGraph, dense_inputs
 
 PRECISIONS = ("fp32",)  # fp16 arrives with its parity thresholds
-# int8 presets for ONNX Runtime on the CPU. int8-dynamic: every MatMul's weights int8 per output
-# channel, activations quantized per tensor at run time (integer ops: ONNX Runtime only, never
-# TensorRT). int8-weight and the calibrated, SmoothQuant-scaled int8-qdq arrive later.
-QUANTIZE_PRESETS = ("int8-dynamic",)
+# int8 presets. int8-dynamic: every MatMul's weights int8 per output channel, activations
+# quantized per tensor at run time (integer ops: ONNX Runtime only, never TensorRT). int8-qdq:
+# SmoothQuant scaling, then static symmetric Q/DQ calibrated on texts (export/smoothquant.py):
+# the int8 graph TensorRT builds. int8-weight arrives later.
+QUANTIZE_PRESETS = ("int8-dynamic", "int8-qdq")
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32", overwrite: bool = False,
-                progress=None, quantize: str | None = None) -> Path:
+                progress=None, quantize: str | None = None, calibration: list[str] | None = None) -> Path:
     """Export `checkpoint` to the folder `out` (refused if it holds anything, unless `overwrite`
     and it is an earlier export). `quantize`: an int8 preset (QUANTIZE_PRESETS) applied to the
-    fp32 graphs. Returns the folder."""
+    fp32 graphs; `calibration`: the texts int8-qdq calibrates on (default: a small built-in set).
+    Returns the folder."""
     from .. import __version__
     from ..api import ReMatch
     from ..jsonl import set_user_mode
@@ -51,6 +55,12 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
     pairs = [pre.match_sequence(q, model.prepare(t)) for t in ("yes", "a longer candidate document")]
     graphs = {"embed": (EmbedGraph(net), examples), "match": (MatchGraph(net, pre.answer_ids), pairs)}
     inv_freq = inverse_frequencies(cfg)
+    feeds = {}
+    if quantize == "int8-qdq":
+        texts = list(calibration or CALIBRATION_TEXTS)
+        say(f"calibrating on {len(texts)} texts (SmoothQuant alpha {ALPHA})")
+        feeds = _calibration_feeds(model, texts, inv_freq, cfg.mrope_section)
+        smooth(net.decoder, activation_ranges(net.decoder, [(graphs[n][0], feeds[n]) for n in feeds]))
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     try:
         for name, (graph, seqs) in graphs.items():
@@ -68,10 +78,12 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
                 torch.onnx.export(graph.eval(), args, str(staging / spec.file), dynamo=True, opset_version=OPSET,
                                   input_names=list(spec.inputs), output_names=list(spec.outputs),
                                   dynamic_shapes=tuple(shapes[k] for k in spec.inputs), verbose=False)
-        if quantize is not None:
-            for spec in GRAPHS.values():
-                say(f"quantizing {spec.file} ({quantize})")
-                _quantize_dynamic(staging, spec.file)
+        for name, spec in GRAPHS.items() if quantize else ():
+            say(f"quantizing {spec.file} ({quantize})")
+            if quantize == "int8-dynamic":
+                _quantize_in_place(staging, spec.file, _quantize_dynamic)
+            else:
+                _quantize_in_place(staging, spec.file, lambda src, dst: quantize_qdq(src, dst, feeds[name]))
         lint = {name: tensorrt_problems(staging / spec.file) for name, spec in GRAPHS.items()}
         for name, problems in lint.items():
             if problems:
@@ -81,6 +93,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
                 shutil.copy2(Path(checkpoint) / f, staging / f)
         manifest = {
             "format_version": FORMAT_VERSION, "precision": "int8" if quantize else precision, "quantize": quantize,
+            "calibration": {"texts": len(calibration or CALIBRATION_TEXTS), "smoothquant_alpha": ALPHA}
+            if quantize == "int8-qdq" else None,
             "opset": OPSET,
             "source": {"checkpoint": str(Path(checkpoint).resolve()), "fingerprint": model.checkpoint.fingerprint},
             "answer_ids": list(pre.answer_ids),
@@ -102,22 +116,46 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
     return out
 
 
-def _quantize_dynamic(folder: Path, file: str) -> None:
-    """int8-dynamic in place: the graph and its external weights replaced by the quantized ones."""
+def _calibration_feeds(model, texts: list[str], inv_freq, mrope_section, batch: int = 8) -> dict[str, list[dict]]:
+    """Inputs of each graph for the calibration texts: each text embedded as a query and as a
+    document, and matched against the first text as the query."""
+    pre = model.preprocessor
+    prepared = [model.prepare(t) for t in texts]
+    embed = [pre.embed_sequence(p, side, model.head.tokens(side)) for side in ("query", "document") for p in prepared]
+    match = [pre.match_sequence(prepared[0], p) for p in prepared]
+    return {name: [dense_inputs(seqs[i: i + batch], name, pre.pad_id, model.dim, inv_freq, mrope_section)
+                   for i in range(0, len(seqs), batch)] for name, seqs in (("embed", embed), ("match", match))}
+
+
+def _quantize_in_place(folder: Path, file: str, write) -> None:
+    """Replace a graph and its external weights by what `write(src, dst)` makes of them."""
     import logging
 
+    tmp = (folder / ".quantized").resolve()
+    tmp.mkdir()
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # ORT's pre-processing advice
+    cwd = os.getcwd()
+    try:
+        # onnx refuses to write external data when a file of that name exists in the *working*
+        # folder (it checks the relative location there): work from the empty temporary folder
+        os.chdir(tmp)
+        try:
+            write((folder / file).resolve(), tmp / file)
+        finally:
+            os.chdir(cwd)
+        for f in (file, file + ".data"):
+            (folder / f).unlink(missing_ok=True)
+            if (tmp / f).exists():
+                (tmp / f).rename(folder / f)
+    finally:
+        shutil.rmtree(tmp)
+
+
+def _quantize_dynamic(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    tmp = folder / ".quantized"
-    tmp.mkdir()
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # its pre-processing advice
-    quantize_dynamic(str(folder / file), str(tmp / file), per_channel=True, weight_type=QuantType.QInt8,
+    quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
                      op_types_to_quantize=["MatMul"], use_external_data_format=True)
-    for f in (file, file + ".data"):
-        (folder / f).unlink(missing_ok=True)
-        if (tmp / f).exists():
-            (tmp / f).rename(folder / f)
-    shutil.rmtree(tmp)
 
 
 def _version(package: str) -> str | None:

@@ -177,9 +177,10 @@ def cmd_export(args) -> int:
     # torch's exporter reports each step on stdout and warns about optional packages: not ours to show
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     texts = _parity_texts(args.corpus) if args.parity else None  # a bad corpus fails before the export
+    calibration = _parity_texts(args.calibration) if args.calibration else None
     with contextlib.redirect_stdout(sys.stderr if not args.quiet else io.StringIO()):
         out = export_onnx(args.checkpoint, args.out, args.precision or "fp32", args.overwrite,
-                          progress=None if args.quiet else _log, quantize=args.quantize)
+                          progress=None if args.quiet else _log, quantize=args.quantize, calibration=calibration)
     print(f"exported {args.checkpoint} to {out} (embed.onnx, match.onnx; open it with backend='onnx')")
     if not args.parity:
         return EXIT_OK
@@ -457,8 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(default batch=1:8:64,seq=1:256:1024,soft=0:128:4096)")
     p.add_argument("--cache-dir", help="tensorrt: where engines and the timing cache go (default: FOLDER/tensorrt)")
     _overwrite(p, "export folder")
-    p.add_argument("--quantize", choices=["int8-dynamic"], help="int8 preset for ONNX Runtime on the CPU: "
-                   "int8-dynamic (MatMul weights int8 per channel, activations per tensor at run time)")
+    p.add_argument("--quantize", choices=["int8-dynamic", "int8-qdq"],
+                   help="int8 preset: int8-dynamic (ONNX Runtime on the CPU: MatMul weights int8 per channel, "
+                        "activations per tensor at run time) or int8-qdq (SmoothQuant, then static symmetric Q/DQ "
+                        "calibrated on --calibration texts; the int8 graph TensorRT builds)")
+    p.add_argument("--calibration", help="JSONL whose texts int8-qdq calibrates on (default: a small built-in set)")
     p.add_argument("--parity", action="store_true", help="then compare the export with the checkpoint "
                                                           "(OUT/parity.json); a failing export exits 1")
     p.add_argument("--corpus", help="JSONL whose texts --parity compares on (default: a small built-in set)")
@@ -536,13 +540,15 @@ def check_usage(args) -> None:
 def _check_export_usage(args) -> None:
     """Which options go with which export format, and the TensorRT profile's syntax."""
     onnx_only = [o for o, v in (("--out", args.out), ("--quantize", args.quantize), ("--parity", args.parity),
-                                ("--corpus", args.corpus)) if v]
+                                ("--corpus", args.corpus), ("--calibration", args.calibration)) if v]
     trt_only = [o for o, v in (("--profile", args.profile), ("--cache-dir", args.cache_dir)) if v]
     if args.format == "onnx":
         if not args.out:
             raise UsageError("export onnx needs --out FOLDER")
         if trt_only:
             raise UsageError(f"{', '.join(trt_only)}: options of `export tensorrt`, not `export onnx`")
+        if args.calibration and args.quantize != "int8-qdq":
+            raise UsageError("--calibration goes with --quantize int8-qdq")
     else:
         if onnx_only:
             raise UsageError(f"{', '.join(onnx_only)}: options of `export onnx`, not `export tensorrt`")

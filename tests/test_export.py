@@ -184,8 +184,7 @@ def _with_outlier_channels(src, dst):
 
 def test_int8_dynamic_passes_its_gate_and_the_gate_catches_outliers(tiny_paths, tmp_path, arch):
     """int8-dynamic keeps cosine >= 0.99 and top-10 overlap >= 0.9 on a plain model; with outlier
-    channels its per-tensor activations lose ranking quality, and `export --parity` says so (the
-    SmoothQuant-scaled int8-qdq preset is meant for those)."""
+    channels its per-tensor activations lose ranking quality, and `export --parity` says so."""
     out = tmp_path / "q"
     assert main(["export", "onnx", str(tiny_paths[arch]), "--out", str(out), "--quiet", "--quantize", "int8-dynamic",
                  "--parity"]) == EXIT_OK
@@ -202,6 +201,45 @@ def test_int8_dynamic_passes_its_gate_and_the_gate_catches_outliers(tiny_paths, 
                      "--parity"]) == EXIT_ERROR
         failed = json.loads((out2 / "parity.json").read_text())
         assert not failed["passed"] and failed["failures"]
+
+
+def test_int8_qdq_is_symmetric_qdq_and_smoothquant_saves_outlier_channels(models, tiny_paths, tmp_path, monkeypatch):
+    """int8-qdq: the linear layers as explicit symmetric Q/DQ (TensorRT's lint passes), its gate
+    passed on a plain model; on a model with outlier channels SmoothQuant's scaling keeps more of
+    the ranking than the same quantization without it and than int8-dynamic."""
+    import collections
+
+    from rematch_fast.export import exporter
+    from rematch_fast.export.parity import compare
+
+    calibration = tmp_path / "cal.jsonl"
+    calibration.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(_texts(seed=9, n=12))))
+    out = tmp_path / "qdq"
+    assert main(["export", "onnx", str(tiny_paths["qwen2-vl"]), "--out", str(out), "--quiet", "--quantize", "int8-qdq",
+                 "--calibration", str(calibration), "--parity"]) == EXIT_OK
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["quantize"] == "int8-qdq" and manifest["calibration"]["texts"] == 12
+    assert manifest["tensorrt_lint"] == {"embed": [], "match": []}
+    ops = collections.Counter(n.op_type for n in onnx.load(str(out / "embed.onnx"), load_external_data=False).graph.node)
+    layers = 2 * 4  # two decoder layers of the tiny model, four linear layers each
+    assert ops["DequantizeLinear"] >= 2 * layers and ops["QuantizeLinear"] >= layers  # weights and activations
+    from rematch_fast.export import tensorrt as rt
+
+    trt = FakeTensorRT()
+    rt.build_engines(out, "int8", trt=trt)  # the int8 graph TensorRT takes
+    assert ("flag", "INT8") in trt.calls and ("flag", "FP16") in trt.calls
+    spiky = _with_outlier_channels(tiny_paths["qwen2-vl"], tmp_path / "spiky")
+    ref = ReMatch.from_pretrained(spiky)
+
+    def quality(name, quantize):
+        exporter.export_onnx(spiky, tmp_path / name, quantize=quantize)
+        return compare(ref, ReMatch.from_pretrained(tmp_path / name, backend="onnx"), precision="int8")
+
+    smoothed, dynamic = quality("smoothed", "int8-qdq"), quality("dynamic", "int8-dynamic")
+    monkeypatch.setattr(exporter, "smooth", lambda *a, **k: None)
+    plain = quality("unsmoothed", "int8-qdq")
+    assert smoothed.cosine_min > plain.cosine_min and smoothed.top10_overlap > plain.top10_overlap
+    assert smoothed.top10_overlap > dynamic.top10_overlap
 
 
 # -- TensorRT engines, against a fake tensorrt module (no TensorRT can be installed here) -------------
