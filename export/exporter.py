@@ -84,6 +84,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
                 _quantize_in_place(staging, spec.file, _quantize_dynamic)
             else:
                 _quantize_in_place(staging, spec.file, lambda src, dst: quantize_qdq(src, dst, feeds[name]))
+        golden = _save_golden(staging, {name: dense_inputs(seqs, name, pre.pad_id, model.dim, inv_freq, cfg.mrope_section)
+                                        for name, (_, seqs) in graphs.items()}, say)
         lint = {name: tensorrt_problems(staging / spec.file) for name, spec in GRAPHS.items()}
         for name, problems in lint.items():
             if problems:
@@ -100,7 +102,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
             "answer_ids": list(pre.answer_ids),
             "graphs": {n: {"file": s.file, "inputs": {k: {str(a): d for a, d in v.items()} for k, v in s.inputs.items()},
                            "outputs": list(s.outputs), "tolerance": s.tolerance} for n, s in GRAPHS.items()},
-            "tensorrt_lint": lint,  # what TensorRT's parser would refuse, per graph (rematch_fast.export.lint)
+            "tensorrt_lint": lint,
+            "golden": golden,  # polygraphy-format inputs and ONNX Runtime outputs per graph, or why not  # what TensorRT's parser would refuse, per graph (rematch_fast.export.lint)
             "versions": {"rematch_fast": __version__, "torch": torch.__version__, "onnx": _version("onnx")},
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -114,6 +117,32 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
         if staging.exists():
             shutil.rmtree(staging)
     return out
+
+
+def _save_golden(folder: Path, feeds: dict[str, dict], say) -> dict:
+    """Each graph's example inputs and its ONNX Runtime outputs, in polygraphy's JSON formats
+    (golden/GRAPH_inputs.json, golden/GRAPH_outputs.json): `polygraphy run --load-inputs
+    --load-outputs` checks an engine built from the graph against them on any machine."""
+    try:
+        import onnxruntime as ort
+        from polygraphy.comparator import RunResults
+        from polygraphy.comparator.struct import IterationResult
+        from polygraphy.json import save_json
+        from polygraphy.logger import G_LOGGER
+    except ImportError as e:
+        say(f"no golden outputs: {e} (pip install 'rematch_fast[onnx]')")
+        return {"written": False, "why": f"missing package: {e.name}"}
+    (folder / "golden").mkdir()
+    G_LOGGER.module_severity = G_LOGGER.ERROR  # it announces every file it saves
+    for name, feed in feeds.items():
+        spec = GRAPHS[name]
+        session = ort.InferenceSession(str(folder / spec.file), providers=["CPUExecutionProvider"])
+        outputs = dict(zip(spec.outputs, session.run(None, feed)))
+        save_json([feed], str(folder / "golden" / f"{name}_inputs.json"))
+        results = RunResults()
+        results.append(("onnxrt-export", [IterationResult(outputs=outputs, runner_name="onnxrt-export")]))
+        results.save(str(folder / "golden" / f"{name}_outputs.json"))
+    return {"written": True, "files": sorted(f"golden/{p.name}" for p in (folder / "golden").iterdir())}
 
 
 def _calibration_feeds(model, texts: list[str], inv_freq, mrope_section, batch: int = 8) -> dict[str, list[dict]]:

@@ -3,6 +3,9 @@ shapes unlike the export's, the export folder's contents and rules, and a corrup
 caught by the same comparison."""
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx  # noqa: F401 - the test extra installs it: missing, this file fails rather than skips
@@ -240,6 +243,29 @@ def test_int8_qdq_is_symmetric_qdq_and_smoothquant_saves_outlier_channels(models
     plain = quality("unsmoothed", "int8-qdq")
     assert smoothed.cosine_min > plain.cosine_min and smoothed.top10_overlap > plain.top10_overlap
     assert smoothed.top10_overlap > dynamic.top10_overlap
+
+
+def _polygraphy_check(folder, graph: str) -> subprocess.CompletedProcess:
+    """What a user with TensorRT runs (with --trt), here with ONNX Runtime as the runner."""
+    tool = Path(sys.executable).parent / "polygraphy"
+    golden = folder / "golden"
+    return subprocess.run([str(tool), "run", str(folder / f"{graph}.onnx"), "--onnxrt",
+                           "--load-inputs", str(golden / f"{graph}_inputs.json"),
+                           "--load-outputs", str(golden / f"{graph}_outputs.json"), "--atol", "1e-4", "--rtol", "1e-4"],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_golden_outputs_check_a_runner_with_polygraphy(exports, tmp_path):
+    """The golden files are polygraphy's own formats: its `run --load-outputs` passes the export
+    and fails a copy with one perturbed weight."""
+    folder = exports["qwen2.5-vl"]
+    assert json.loads((folder / "export.json").read_text())["golden"]["written"]
+    for graph in ("embed", "match"):
+        run = _polygraphy_check(folder, graph)
+        assert run.returncode == 0 and "PASSED" in run.stdout + run.stderr, run.stdout + run.stderr
+    bad = _corrupt(folder, tmp_path / "bad")
+    run = _polygraphy_check(bad, "embed")
+    assert run.returncode != 0 and "FAILED" in run.stdout + run.stderr
 
 
 # -- TensorRT engines, against a fake tensorrt module (no TensorRT can be installed here) -------------
