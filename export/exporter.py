@@ -13,8 +13,8 @@ import torch
 
 from ..errors import InputError
 from .lint import tensorrt_problems
-from .smoothquant import ALPHA, CALIBRATION_TEXTS, activation_ranges, quantize_qdq, smooth
 from .onnx import FORMAT_VERSION, GRAPHS, HOST_FILES, MANIFEST, OPSET, EmbedGraph, MatchGraph, dense_inputs
+from .smoothquant import ALPHA, CALIBRATION_TEXTS, activation_ranges, quantize_qdq, smooth
 
 PRECISIONS = ("fp32",)  # fp16 arrives with its parity thresholds
 # int8 presets. int8-dynamic: every MatMul's weights int8 per output channel, activations
@@ -49,11 +49,11 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
     model = ReMatch.from_pretrained(checkpoint, backend="fast", kernels="torch")  # fp32, CPU, torch ops
     net, cfg = model.backend.model, model.backend.cfg.text
     pre = model.preprocessor
-    examples = [pre.embed_sequence(model.prepare(t), "document", model.head.doc_tokens)
-                for t in ("an example document", "a second, somewhat longer example document to export")]
+    docs = [pre.embed_sequence(model.prepare(t), "document", model.head.doc_tokens)
+            for t in ("an example document", "a second, somewhat longer example document to export")]
     q = model.prepare("an example query")
     pairs = [pre.match_sequence(q, model.prepare(t)) for t in ("yes", "a longer candidate document")]
-    graphs = {"embed": (EmbedGraph(net), examples), "match": (MatchGraph(net, pre.answer_ids), pairs)}
+    graphs = {"embed": (EmbedGraph(net), docs), "match": (MatchGraph(net, pre.answer_ids), pairs)}
     inv_freq = inverse_frequencies(cfg)
     feeds = {}
     if quantize == "int8-qdq":
@@ -63,29 +63,18 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
         smooth(net.decoder, activation_ranges(net.decoder, [(graphs[n][0], feeds[n]) for n in feeds]))
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     try:
-        for name, (graph, seqs) in graphs.items():
-            spec = GRAPHS[name]
-            say(f"exporting {spec.file}")
-            inputs = dense_inputs(seqs, name, pre.pad_id, model.dim, inv_freq, cfg.mrope_section)
-            args = tuple(torch.from_numpy(inputs[k]) for k in spec.inputs)
-            dims = {}  # one torch Dim per axis name, shared by every input that has it
-            shapes = {k: {a: dims.setdefault(n, torch.export.Dim(n)) for a, n in axes.items()}
-                      for k, axes in spec.inputs.items()}
-            with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-                # axes of one name share one Dim: the exporter says so for each, which is noise here
-                warnings.filterwarnings("ignore", message=".*will not be used, since it shares")
-                warnings.filterwarnings("ignore", category=FutureWarning)  # torch's exporter internals
-                torch.onnx.export(graph.eval(), args, str(staging / spec.file), dynamo=True, opset_version=OPSET,
-                                  input_names=list(spec.inputs), output_names=list(spec.outputs),
-                                  dynamic_shapes=tuple(shapes[k] for k in spec.inputs), verbose=False)
+        examples = {name: dense_inputs(seqs, name, pre.pad_id, model.dim, inv_freq, cfg.mrope_section)
+                    for name, (_, seqs) in graphs.items()}
+        for name, (graph, _) in graphs.items():
+            say(f"exporting {GRAPHS[name].file}")
+            _trace(graph, GRAPHS[name], examples[name], staging)
         for name, spec in GRAPHS.items() if quantize else ():
             say(f"quantizing {spec.file} ({quantize})")
             if quantize == "int8-dynamic":
                 _quantize_in_place(staging, spec.file, _quantize_dynamic)
             else:
                 _quantize_in_place(staging, spec.file, lambda src, dst: quantize_qdq(src, dst, feeds[name]))
-        golden = _save_golden(staging, {name: dense_inputs(seqs, name, pre.pad_id, model.dim, inv_freq, cfg.mrope_section)
-                                        for name, (_, seqs) in graphs.items()}, say)
+        golden = _save_golden(staging, examples, say)
         lint = {name: tensorrt_problems(staging / spec.file) for name, spec in GRAPHS.items()}
         for name, problems in lint.items():
             if problems:
@@ -102,8 +91,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
             "answer_ids": list(pre.answer_ids),
             "graphs": {n: {"file": s.file, "inputs": {k: {str(a): d for a, d in v.items()} for k, v in s.inputs.items()},
                            "outputs": list(s.outputs), "tolerance": s.tolerance} for n, s in GRAPHS.items()},
-            "tensorrt_lint": lint,
-            "golden": golden,  # polygraphy-format inputs and ONNX Runtime outputs per graph, or why not  # what TensorRT's parser would refuse, per graph (rematch_fast.export.lint)
+            "tensorrt_lint": lint,  # what TensorRT's parser would refuse, per graph (rematch_fast.export.lint)
+            "golden": golden,  # polygraphy-format inputs and ONNX Runtime outputs per graph, or why not
             "versions": {"rematch_fast": __version__, "torch": torch.__version__, "onnx": _version("onnx")},
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -117,6 +106,20 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
         if staging.exists():
             shutil.rmtree(staging)
     return out
+
+
+def _trace(graph, spec, example: dict, folder: Path) -> None:
+    """torch's dynamo exporter on `graph` at the example inputs, every declared axis dynamic."""
+    args = tuple(torch.from_numpy(example[k]) for k in spec.inputs)
+    dims = {}  # one torch Dim per axis name, shared by every input that has it
+    shapes = {k: {a: dims.setdefault(n, torch.export.Dim(n)) for a, n in axes.items()} for k, axes in spec.inputs.items()}
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        # axes of one name share one Dim: the exporter says so for each, which is noise here
+        warnings.filterwarnings("ignore", message=".*will not be used, since it shares")
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch's exporter internals
+        torch.onnx.export(graph.eval(), args, str(folder / spec.file), dynamo=True, opset_version=OPSET,
+                          input_names=list(spec.inputs), output_names=list(spec.outputs),
+                          dynamic_shapes=tuple(shapes[k] for k in spec.inputs), verbose=False)
 
 
 def _save_golden(folder: Path, feeds: dict[str, dict], say) -> dict:
