@@ -126,7 +126,6 @@ def main(argv=None) -> str:
                    "reference": lambda: ref.match(query, docs),
                    "fast-noshare": lambda: fast.score(query, docs, share_prefix=False),
                    "fast": lambda: fast.score(query, docs)}
-            q = fast.prepare(query)
             suffix_tokens = sum(len(fast.preprocessor.match_suffix(fast.prepare(d), 0)) for d in docs)
         floor_ms = 2 * lm_params * (prefix_len + suffix_tokens) / (ceil["gemm_TFLOPs"] * 1e12) * 1e3
         ms = interleaved_median_ms(fns, dev, iters=args.iters, warmup=1)

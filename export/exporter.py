@@ -136,15 +136,18 @@ def _save_golden(folder: Path, feeds: dict[str, dict], say) -> dict:
         say(f"no golden outputs: {e} (pip install 'rematch_fast[onnx]')")
         return {"written": False, "why": f"missing package: {e.name}"}
     (folder / "golden").mkdir()
-    G_LOGGER.module_severity = G_LOGGER.ERROR  # it announces every file it saves
-    for name, feed in feeds.items():
-        spec = GRAPHS[name]
-        session = ort.InferenceSession(str(folder / spec.file), providers=["CPUExecutionProvider"])
-        outputs = dict(zip(spec.outputs, session.run(None, feed)))
-        save_json([feed], str(folder / "golden" / f"{name}_inputs.json"))
-        results = RunResults()
-        results.append(("onnxrt-export", [IterationResult(outputs=outputs, runner_name="onnxrt-export")]))
-        results.save(str(folder / "golden" / f"{name}_outputs.json"))
+    severity, G_LOGGER.module_severity = G_LOGGER.module_severity, G_LOGGER.ERROR  # it announces every save
+    try:
+        for name, feed in feeds.items():
+            spec = GRAPHS[name]
+            session = ort.InferenceSession(str(folder / spec.file), providers=["CPUExecutionProvider"])
+            outputs = dict(zip(spec.outputs, session.run(None, feed)))
+            save_json([feed], str(folder / "golden" / f"{name}_inputs.json"))
+            results = RunResults()
+            results.append(("onnxrt-export", [IterationResult(outputs=outputs, runner_name="onnxrt-export")]))
+            results.save(str(folder / "golden" / f"{name}_outputs.json"))
+    finally:
+        G_LOGGER.module_severity = severity
     return {"written": True, "files": sorted(f"golden/{p.name}" for p in (folder / "golden").iterdir())}
 
 
@@ -165,8 +168,9 @@ def _quantize_in_place(folder: Path, file: str, write) -> None:
 
     tmp = (folder / ".quantized").resolve()
     tmp.mkdir()
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # ORT's pre-processing advice
-    cwd = os.getcwd()
+    root = logging.getLogger()  # ORT's quantizers log their pre-processing advice there
+    level, cwd = root.level, os.getcwd()
+    root.setLevel(max(level, logging.ERROR))
     try:
         # onnx refuses to write external data when a file of that name exists in the *working*
         # folder (it checks the relative location there): work from the empty temporary folder
@@ -180,6 +184,7 @@ def _quantize_in_place(folder: Path, file: str, write) -> None:
             if (tmp / f).exists():
                 (tmp / f).rename(folder / f)
     finally:
+        root.setLevel(level)
         shutil.rmtree(tmp)
 
 

@@ -176,8 +176,8 @@ def cmd_export(args) -> int:
     _check_output(Path(args.out), "folder", args.overwrite)
     # torch's exporter reports each step on stdout and warns about optional packages: not ours to show
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    texts = _parity_texts(args.corpus) if args.parity else None  # a bad corpus fails before the export
-    calibration = _parity_texts(args.calibration) if args.calibration else None
+    texts = _corpus_texts(args.corpus) if args.parity else None  # a bad corpus fails before the export
+    calibration = _corpus_texts(args.calibration) if args.calibration else None
     with contextlib.redirect_stdout(sys.stderr if not args.quiet else io.StringIO()):
         out = export_onnx(args.checkpoint, args.out, args.precision or "fp32", args.overwrite,
                           progress=None if args.quiet else _log, quantize=args.quantize, calibration=calibration)
@@ -190,11 +190,12 @@ def cmd_export(args) -> int:
 def cmd_parity(args) -> int:
     report_path = Path(args.out) if args.out else Path(args.candidate) / "parity.json"
     _check_output(report_path, "file", overwrite=True)
-    return _parity(args.reference, Path(args.candidate), _parity_texts(args.corpus), report_path)
+    return _parity(args.reference, Path(args.candidate), _corpus_texts(args.corpus), report_path)
 
 
-def _parity_texts(corpus) -> list[str] | None:
-    """The texts of a JSONL corpus's rows (rows with images are left out: the export takes text)."""
+def _corpus_texts(corpus) -> list[str] | None:
+    """The texts of a JSONL corpus's rows, for parity or calibration (rows with images are left
+    out: the export takes text)."""
     if corpus is None:
         return None
     from .jsonl import read_rows
@@ -202,7 +203,7 @@ def _parity_texts(corpus) -> list[str] | None:
     rows, _ = read_rows(corpus)
     texts = [r.item.text for r in rows if r.item.image is None and r.item.text]
     if len(texts) < 2:
-        raise InputError(f"{corpus} has {len(texts)} usable text rows; parity needs at least 2")
+        raise InputError(f"{corpus} has {len(texts)} usable text rows; at least 2 are needed")
     return texts
 
 

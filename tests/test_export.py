@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx  # noqa: F401 - the test extra installs it: missing, this file fails rather than skips
 import pytest
 import torch

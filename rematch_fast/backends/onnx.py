@@ -16,6 +16,7 @@ import torch
 from ..checkpoint import EXPORT_MANIFEST, Checkpoint
 from ..errors import CheckpointError, MissingPackageError
 from ..embeddings import Embeddings
+from ..export.onnx import FORMAT_VERSION, GRAPHS, dense_inputs
 from ..model.config import model_config
 from ..model.decoder import inverse_frequencies
 from ..sequence import Sequence
@@ -32,8 +33,6 @@ class OnnxBackend:
             import onnxruntime as ort
         except ImportError:
             raise MissingPackageError("backend 'onnx' needs onnxruntime: pip install 'rematch_fast[onnx]'") from None
-        from ..export.onnx import FORMAT_VERSION, GRAPHS
-
         manifest = json.loads((ckpt.path / EXPORT_MANIFEST).read_text())
         if manifest.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{ckpt.path / EXPORT_MANIFEST}: format_version {manifest.get('format_version')!r}, "
@@ -60,8 +59,6 @@ class OnnxBackend:
         self.dim, self.pad_id, self.device = cfg.hidden_size, ckpt.special_tokens.pad, device
 
     def _run(self, graph: str, seqs: list[Sequence]) -> list[np.ndarray]:
-        from ..export.onnx import dense_inputs
-
         feed = dense_inputs(seqs, graph, self.pad_id, self.dim, self.inv_freq, self.mrope_section)
         return self.sessions[graph].run(None, feed)
 
