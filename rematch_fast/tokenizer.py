@@ -46,7 +46,21 @@ def build_qwen2_tokenizer_json() -> str:
     for i, t in enumerate(QWEN2_VL_SPECIAL_TOKENS):
         if tok.token_to_id(t) != FIRST_SPECIAL_ID + i:
             raise RuntimeError(f"special token {t} got id {tok.token_to_id(t)}, expected {FIRST_SPECIAL_ID + i}")
-    return tok.to_str()
+    return _compact_merges(tok.to_str())
+
+
+def _compact_merges(tokenizer_json: str) -> str:
+    """Merges written as "a b" strings rather than ["a", "b"] pairs: the same tokenizer, but
+    `tokenizers` parses it with half the peak memory (about 100 MB less for Qwen2's 151k-token
+    vocabulary), which is most of a command's start-up memory after torch."""
+    import json
+
+    doc = json.loads(tokenizer_json)
+    merges = doc["model"]["merges"]
+    if any(" " in part for pair in merges for part in pair):  # byte-level BPE never has one
+        return tokenizer_json
+    doc["model"]["merges"] = [" ".join(pair) for pair in merges]
+    return json.dumps(doc, ensure_ascii=False)
 
 
 class Tokenizers:
@@ -69,6 +83,7 @@ class Tokenizers:
         except Exception as e:
             raise CheckpointError(f"{path} cannot be read as a tokenizer: {e}") from None
         self.text.encode_special_tokens = True
+        _return_freed_memory()  # parsing 7 MB of JSON leaves ~100 MB of freed heap resident
         self.specials = {t.content: i for i, t in self.text.get_added_tokens_decoder().items() if t.special}
         # longest first: a special token that contains another is matched whole
         self._split = re.compile("(" + "|".join(map(re.escape, sorted(self.specials, key=len, reverse=True))) + ")") \
@@ -93,3 +108,15 @@ class Tokenizers:
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
         """Many texts at once (the tokenizer's own threads)."""
         return [e.ids for e in self.text.encode_batch(texts, add_special_tokens=False)]
+
+
+def _return_freed_memory() -> None:
+    """Hand the C heap's freed pages back to the system (glibc's malloc_trim; elsewhere a no-op)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

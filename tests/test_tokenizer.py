@@ -34,3 +34,23 @@ def test_templates_are_cut_as_the_tokenizer_itself_cuts_them(tiny_paths):
                                                                   for _ in range(200)]
     for s in samples:
         assert ours.encode_template(s) == theirs.encode(s, add_special_tokens=False).ids, repr(s)
+
+
+def test_compact_merges_are_the_same_tokenizer(tiny_paths):
+    """The checkpoint's tokenizer.json writes merges as "a b" strings (half the parse memory): it
+    encodes exactly as the pair form that tokenizers itself writes, on text of many scripts."""
+    import json
+    import random
+
+    from tokenizers import Tokenizer
+
+    path = tiny_paths["qwen2-vl"] / "tokenizer.json"
+    doc = json.loads(path.read_text())
+    assert all(isinstance(m, str) and m.count(" ") == 1 for m in doc["model"]["merges"])
+    doc["model"]["merges"] = [m.split(" ") for m in doc["model"]["merges"]]
+    compact, pairs = Tokenizer.from_file(str(path)), Tokenizer.from_str(json.dumps(doc))
+    rng = random.Random(20261126)
+    alphabet = "abcXYZ 0123 ,.!?\n\t éßçøåæ 日本語 中文 한국어 русский العربية 🙂👍 ...   "
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 200))) for _ in range(200)]
+    for a, b in zip(compact.encode_batch(texts), pairs.encode_batch(texts)):
+        assert a.ids == b.ids
