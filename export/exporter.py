@@ -13,15 +13,29 @@ import torch
 
 from ..errors import InputError
 from .lint import tensorrt_problems
-from .onnx import FORMAT_VERSION, GRAPHS, HOST_FILES, MANIFEST, OPSET, EmbedGraph, MatchGraph, dense_inputs
+from .onnx import (
+    FORMAT_VERSION,
+    GRAPHS,
+    HOST_FILES,
+    MANIFEST,
+    OPSET,
+    EmbedGraph,
+    MatchGraph,
+    VisionGraph,
+    dense_inputs,
+    vision_inputs,
+)
 from .smoothquant import ALPHA, CALIBRATION_TEXTS, activation_ranges, quantize_qdq, smooth
 
 PRECISIONS = ("fp32",)  # fp16 arrives with its parity thresholds
 # int8 presets. int8-dynamic: every MatMul's weights int8 per output channel, activations
 # quantized per tensor at run time (integer ops: ONNX Runtime only, never TensorRT). int8-qdq:
 # SmoothQuant scaling, then static symmetric Q/DQ calibrated on texts (export/smoothquant.py):
-# the int8 graph TensorRT builds. int8-weight arrives later.
+# the int8 graph TensorRT builds. int8-weight arrives later. The presets quantize the decoder's
+# graphs; vision.onnx stays fp32 (calibration corpora are texts).
 QUANTIZE_PRESETS = ("int8-dynamic", "int8-qdq")
+QUANTIZED_GRAPHS = ("embed", "match")
+EXAMPLE_IMAGES = ((56, 84), (112, 84))  # (width, height): two frames of different sizes, several windows
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32", overwrite: bool = False,
@@ -34,6 +48,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
     from ..api import ReMatch
     from ..jsonl import set_user_mode
     from ..model.decoder import inverse_frequencies
+    from ..model.vision import vision_inverse_frequencies
 
     if precision not in PRECISIONS:
         raise InputError(f"precision {precision!r} is not exported yet; choose from {PRECISIONS}")
@@ -54,6 +69,10 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
     q = model.prepare("an example query")
     pairs = [pre.match_sequence(q, model.prepare(t)) for t in ("yes", "a longer candidate document")]
     graphs = {"embed": (EmbedGraph(net), docs), "match": (MatchGraph(net, pre.answer_ids), pairs)}
+    images = [model.prepare({"image": _example_image(w, h, seed)}) for seed, (w, h) in enumerate(EXAMPLE_IMAGES)]
+    vcfg = model.backend.cfg.vision
+    vision_example = vision_inputs(torch.cat([i.pixel_values for i in images]), [list(i.grid_thw) for i in images],
+                                   vcfg, vision_inverse_frequencies(vcfg))
     inv_freq = inverse_frequencies(cfg)
     feeds = {}
     if quantize == "int8-qdq":
@@ -63,12 +82,15 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
         smooth(net.decoder, activation_ranges(net.decoder, [(graphs[n][0], feeds[n]) for n in feeds]))
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     try:
-        examples = {name: dense_inputs(seqs, name, pre.pad_id, model.dim, inv_freq, cfg.mrope_section)
-                    for name, (_, seqs) in graphs.items()}
-        for name, (graph, _) in graphs.items():
+        examples = {"vision": vision_example}
+        examples.update({name: dense_inputs(seqs, name, pre.pad_id, model.dim, inv_freq, cfg.mrope_section)
+                         for name, (_, seqs) in graphs.items()})
+        graphs["vision"] = (VisionGraph(net), None)
+        for name in GRAPHS:
             say(f"exporting {GRAPHS[name].file}")
-            _trace(graph, GRAPHS[name], examples[name], staging)
-        for name, spec in GRAPHS.items() if quantize else ():
+            _trace(graphs[name][0], GRAPHS[name], examples[name], staging)
+        for name in QUANTIZED_GRAPHS if quantize else ():
+            spec = GRAPHS[name]
             say(f"quantizing {spec.file} ({quantize})")
             if quantize == "int8-dynamic":
                 _quantize_in_place(staging, spec.file, _quantize_dynamic)
@@ -89,8 +111,11 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
             "opset": OPSET,
             "source": {"checkpoint": str(Path(checkpoint).resolve()), "fingerprint": model.checkpoint.fingerprint},
             "answer_ids": list(pre.answer_ids),
-            "graphs": {n: {"file": s.file, "inputs": {k: {str(a): d for a, d in v.items()} for k, v in s.inputs.items()},
-                           "outputs": list(s.outputs), "tolerance": s.tolerance} for n, s in GRAPHS.items()},
+            "graphs": {n: {"file": s.file, "inputs": {k: {str(a): d for a, d in s.inputs[k].items()}
+                                                      for k in s.inputs_of(examples[n])},
+                           "outputs": list(s.outputs), "tolerance": s.tolerance,
+                           "precision": "int8" if quantize and n in QUANTIZED_GRAPHS else "fp32"}
+                       for n, s in GRAPHS.items()},
             "tensorrt_lint": lint,  # what TensorRT's parser would refuse, per graph (rematch_fast.export.lint)
             "golden": golden,  # polygraphy-format inputs and ONNX Runtime outputs per graph, or why not
             "versions": {"rematch_fast": __version__, "torch": torch.__version__, "onnx": _version("onnx")},
@@ -108,18 +133,30 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
     return out
 
 
+def _example_image(width: int, height: int, seed: int):
+    """A deterministic image to trace the vision graph with: a colour gradient with noise."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x / width, y / height, (x + y) / (width + height)], axis=-1) * 200
+    noise = np.random.default_rng(seed).integers(0, 55, (height, width, 3))
+    return Image.fromarray((base + noise).astype(np.uint8))
+
+
 def _trace(graph, spec, example: dict, folder: Path) -> None:
     """torch's dynamo exporter on `graph` at the example inputs, every declared axis dynamic."""
-    args = tuple(torch.from_numpy(example[k]) for k in spec.inputs)
+    names = spec.inputs_of(example)
+    args = tuple(torch.from_numpy(example[k]) for k in names)
     dims = {}  # one torch Dim per axis name, shared by every input that has it
-    shapes = {k: {a: dims.setdefault(n, torch.export.Dim(n)) for a, n in axes.items()} for k, axes in spec.inputs.items()}
+    shapes = {k: {a: dims.setdefault(n, torch.export.Dim(n)) for a, n in spec.inputs[k].items()} for k in names}
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         # axes of one name share one Dim: the exporter says so for each, which is noise here
         warnings.filterwarnings("ignore", message=".*will not be used, since it shares")
         warnings.filterwarnings("ignore", category=FutureWarning)  # torch's exporter internals
         torch.onnx.export(graph.eval(), args, str(folder / spec.file), dynamo=True, opset_version=OPSET,
-                          input_names=list(spec.inputs), output_names=list(spec.outputs),
-                          dynamic_shapes=tuple(shapes[k] for k in spec.inputs), verbose=False)
+                          input_names=names, output_names=list(spec.outputs),
+                          dynamic_shapes=tuple(shapes[k] for k in names), verbose=False)
 
 
 def _save_golden(folder: Path, feeds: dict[str, dict], say) -> dict:

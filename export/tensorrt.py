@@ -6,8 +6,10 @@ cache, the engine cache and its key) is unit-tested against a fake `tensorrt` mo
 themselves follow TensorRT 10's documented API. A user with TensorRT checks an engine with
 `polygraphy run --trt` on the same graph.
 
-Profiles: every dynamic axis of GRAPHS (batch, seq, soft) gets (min, opt, max) sizes; each
-input's three shapes follow from its axes and the graph's static dimensions. Engines are cached
+Profiles: every dynamic axis of GRAPHS (batch, seq, soft; the vision graph's patches, frames,
+frame_patches, windows, window_patches) gets (min, opt, max) sizes; each input's three shapes
+follow from its axes and the graph's static dimensions. In an int8 export only the Q/DQ graphs
+are built in int8; the vision graph, kept fp32 by the presets, is built in fp16. Engines are cached
 by a key of the graph's bytes, its weights, the precision, the profile and TensorRT's version,
 so a rebuild happens only when one of them changes; the timing cache is kept beside the engines
 and reused across builds.
@@ -21,7 +23,13 @@ from pathlib import Path
 from ..errors import InputError, MissingPackageError
 from .onnx import GRAPHS
 
-DEFAULT_PROFILE = {"batch": (1, 8, 64), "seq": (1, 256, 1024), "soft": (0, 128, 4096)}
+DEFAULT_PROFILE = {
+    "batch": (1, 8, 64), "seq": (1, 256, 1024), "soft": (0, 128, 16384),  # soft: learnable + image tokens
+    # vision, per call: all patches, whole frames and their longest, windows and their longest
+    # (Qwen2.5-VL's 112-pixel windows hold at most 64 patches)
+    "patches": (4, 4096, 65536), "frames": (1, 4, 64), "frame_patches": (4, 1024, 16384),
+    "windows": (1, 64, 4096), "window_patches": (4, 64, 64),
+}
 ENGINE_PRECISIONS = ("fp32", "fp16", "int8")  # int8 only from an int8-qdq graph (explicit Q/DQ)
 
 
@@ -47,6 +55,8 @@ def input_shapes(graph: str, static: dict[str, list[int]], profile: dict) -> dic
     ONNX file declares it (dynamic axes as any value, replaced here from the profile)."""
     out = {}
     for name, axes in GRAPHS[graph].inputs.items():
+        if name not in static:  # an optional input this architecture's graph does not take
+            continue
         shapes = []
         for which in range(3):
             shapes.append(tuple(profile[axes[a]][which] if a in axes else int(d) for a, d in enumerate(static[name])))
@@ -72,6 +82,13 @@ def engine_key(folder: Path, graph: str, precision: str, profile: dict, trt_vers
                     digest.update(block)
     digest.update(json.dumps([precision, sorted(profile.items()), trt_version]).encode())
     return digest.hexdigest()[:16]
+
+
+def graph_precision(manifest: dict, graph: str, precision: str) -> str:
+    """The precision one graph's engine is built in: int8 only for a graph the export quantized
+    (explicit Q/DQ), fp16 for the others of an int8 build."""
+    quantized = manifest.get("graphs", {}).get(graph, {}).get("precision") == "int8"
+    return "fp16" if precision == "int8" and not quantized else precision
 
 
 def build_engines(folder: str | Path, precision: str = "fp16", profile: dict | None = None,
@@ -102,8 +119,9 @@ def build_engines(folder: str | Path, precision: str = "fp16", profile: dict | N
     timing_file = cache / "timing.cache"
     engines = {}
     for graph, spec in GRAPHS.items():
-        key = engine_key(folder, graph, precision, profile, trt.__version__)
-        engine_file = cache / f"{graph}-{precision}-{key}.engine"
+        built = graph_precision(manifest, graph, precision)
+        key = engine_key(folder, graph, built, profile, trt.__version__)
+        engine_file = cache / f"{graph}-{built}-{key}.engine"
         if engine_file.is_file():
             say(f"{engine_file.name}: cached")
             engines[graph] = engine_file
@@ -119,9 +137,9 @@ def build_engines(folder: str | Path, precision: str = "fp16", profile: dict | N
         for name, (lo, mid, hi) in input_shapes(graph, static_shapes(folder / spec.file), profile).items():
             opt.set_shape(name, lo, mid, hi)
         config.add_optimization_profile(opt)
-        if precision in ("fp16", "int8"):
+        if built in ("fp16", "int8"):
             config.set_flag(trt.BuilderFlag.FP16)  # layers int8 cannot take fall back to fp16, not fp32
-        if precision == "int8":
+        if built == "int8":
             config.set_flag(trt.BuilderFlag.INT8)
         timing = config.create_timing_cache(timing_file.read_bytes() if timing_file.is_file() else b"")
         config.set_timing_cache(timing, False)

@@ -176,38 +176,45 @@ def cmd_export(args) -> int:
     _check_output(Path(args.out), "folder", args.overwrite)
     # torch's exporter reports each step on stdout and warns about optional packages: not ours to show
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    texts = _corpus_texts(args.corpus) if args.parity else None  # a bad corpus fails before the export
+    items = _corpus_items(args.corpus) if args.parity else None  # a bad corpus fails before the export
     calibration = _corpus_texts(args.calibration) if args.calibration else None
     with contextlib.redirect_stdout(sys.stderr if not args.quiet else io.StringIO()):
         out = export_onnx(args.checkpoint, args.out, args.precision or "fp32", args.overwrite,
                           progress=None if args.quiet else _log, quantize=args.quantize, calibration=calibration)
-    print(f"exported {args.checkpoint} to {out} (embed.onnx, match.onnx; open it with backend='onnx')")
+    print(f"exported {args.checkpoint} to {out} (vision.onnx, embed.onnx, match.onnx; open it with backend='onnx')")
     if not args.parity:
         return EXIT_OK
-    return _parity(args.checkpoint, out, texts, out / "parity.json")
+    return _parity(args.checkpoint, out, items, out / "parity.json")
 
 
 def cmd_parity(args) -> int:
     report_path = Path(args.out) if args.out else Path(args.candidate) / "parity.json"
     _check_output(report_path, "file", overwrite=True)
-    return _parity(args.reference, Path(args.candidate), _corpus_texts(args.corpus), report_path)
+    return _parity(args.reference, Path(args.candidate), _corpus_items(args.corpus), report_path)
 
 
-def _corpus_texts(corpus) -> list[str] | None:
-    """The texts of a JSONL corpus's rows, for parity or calibration (rows with images are left
-    out: the export takes text)."""
+def _corpus_items(corpus) -> list | None:
+    """The items of a JSONL corpus's good rows (images included), for parity."""
     if corpus is None:
         return None
     from .jsonl import read_rows
 
     rows, _ = read_rows(corpus)
-    texts = [r.item.text for r in rows if r.item.image is None and r.item.text]
+    if len(rows) < 2:
+        raise InputError(f"{corpus} has {len(rows)} usable rows; at least 2 are needed")
+    return [r.item for r in rows]
+
+
+def _corpus_texts(corpus) -> list[str]:
+    """The texts of a JSONL corpus's rows, for calibration (rows with images are left out: the
+    int8 presets quantize the decoder's graphs, calibrated on text)."""
+    texts = [item.text for item in _corpus_items(corpus) if item.image is None and item.text]
     if len(texts) < 2:
         raise InputError(f"{corpus} has {len(texts)} usable text rows; at least 2 are needed")
     return texts
 
 
-def _parity(reference, candidate: Path, texts, report_path: Path) -> int:
+def _parity(reference, candidate: Path, items, report_path: Path) -> int:
     """Compare an export with its reference checkpoint; the report is saved either way."""
     from .api import ReMatch
     from .export.parity import compare
@@ -216,7 +223,7 @@ def _parity(reference, candidate: Path, texts, report_path: Path) -> int:
     manifest = candidate / "export.json"
     precision = json.loads(manifest.read_text()).get("precision", "fp32") if manifest.is_file() else "fp32"
     report = compare(ReMatch.from_pretrained(reference), ReMatch.from_pretrained(candidate, backend="onnx"),
-                     texts, precision)
+                     items, precision)
     report.save(report_path)
     set_user_mode(report_path)
     print(report.summary() + f" Report: {report_path}")
@@ -456,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx: fp32 (the default; fp16 graphs are not exported yet); tensorrt: the engines' "
                         "precision (default fp16; int8 needs an int8-qdq export)")
     p.add_argument("--profile", help="tensorrt: sizes per dynamic axis as AXIS=MIN:OPT:MAX, comma-separated "
-                                     "(default batch=1:8:64,seq=1:256:1024,soft=0:128:4096)")
+                                     "over the defaults (batch=1:8:64,seq=1:256:1024,soft=0:128:16384; vision: "
+                                     "patches, frames, frame_patches, windows, window_patches)")
     p.add_argument("--cache-dir", help="tensorrt: where engines and the timing cache go (default: FOLDER/tensorrt)")
     _overwrite(p, "export folder")
     p.add_argument("--quantize", choices=["int8-dynamic", "int8-qdq"],
@@ -466,14 +474,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="JSONL whose texts int8-qdq calibrates on (default: a small built-in set)")
     p.add_argument("--parity", action="store_true", help="then compare the export with the checkpoint "
                                                           "(OUT/parity.json); a failing export exits 1")
-    p.add_argument("--corpus", help="JSONL whose texts --parity compares on (default: a small built-in set)")
+    p.add_argument("--corpus", help="JSONL whose rows (texts and images) --parity compares on "
+                                    "(default: a small built-in set of texts and images)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("parity", help="compare an export with its reference checkpoint (exit 1 on failure)")
     p.add_argument("--reference", required=True, help="the checkpoint")
     p.add_argument("--candidate", required=True, help="an export folder")
-    p.add_argument("--corpus", help="JSONL whose texts are compared (default: a small built-in set)")
+    p.add_argument("--corpus", help="JSONL whose rows (texts and images) are compared "
+                                    "(default: a small built-in set of texts and images)")
     p.add_argument("--out", help="report JSON to write (default: CANDIDATE/parity.json)")
     p.set_defaults(func=cmd_parity)
 

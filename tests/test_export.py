@@ -55,13 +55,56 @@ def test_matching_equals_the_reference(models, exports, arch, query_view, doc_vi
     torch.testing.assert_close(got.p_yes, ref.match(query, docs, query_view, doc_view), atol=TOL, rtol=0)
 
 
+def test_images_equal_the_reference(models, exports, arch):
+    """Image counts, grids and aspect ratios the export never saw (it traced two small images),
+    images with and without captions beside texts, in one batch and across batches; matching
+    with images on both sides."""
+    ref, onnx_model = models[arch], ReMatch.from_pretrained(exports[arch], backend="onnx")
+    sizes = [(301, 47), (64, 64), (29, 211), (150, 149), (400, 120), (33, 33), (97, 333)]
+    images = [random_image(w, h, seed=40 + i) for i, (w, h) in enumerate(sizes)]
+    items = [Item(image=images[0]), "a text between images", Item(text="a caption", image=images[1]),
+             Item(image=images[2]), Item(text="wide", image=images[4]), Item(image=images[3]),
+             Item(text="tiny", image=images[5]), Item(image=images[6])]
+    for batch_size in (1, 3, 8):
+        got, want = onnx_model.encode(items, side="document", batch_size=batch_size), ref.encode(items, side="document")
+        torch.testing.assert_close(got.unit, want.unit, atol=TOL, rtol=0)
+    for query in ("which photo is wide", items[2]):
+        got = onnx_model.match(query, items[3:], batch_size=2)
+        torch.testing.assert_close(got, ref.match(query, items[3:]), atol=TOL, rtol=0)
+
+
+def test_the_vision_graph_at_new_grids(tiny_paths, exports, arch):
+    """vision.onnx alone against the torch tower: one image, many, a long thin one; for
+    Qwen2.5-VL, windows cut at the image's edge."""
+    import onnxruntime as ort
+
+    from rematch_fast.export.onnx import vision_inputs
+    from rematch_fast.model.vision import vision_inverse_frequencies
+
+    fast = ReMatch.from_pretrained(tiny_paths[arch], backend="fast", kernels="torch")
+    tower, cfg = fast.backend.model.visual, fast.backend.cfg.vision
+    session = ort.InferenceSession(str(exports[arch] / "vision.onnx"), providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    assert ("window_index" in names) == (arch == "qwen2.5-vl")
+    for n, sizes in enumerate([[(230, 70)], [(56, 56), (300, 120), (90, 301)], [(112, 112)] * 4]):
+        prepared = [fast.prepare({"image": random_image(w, h, seed=70 + n * 10 + i)}) for i, (w, h) in enumerate(sizes)]
+        pixels, grids = torch.cat([p.pixel_values for p in prepared]), [list(p.grid_thw) for p in prepared]
+        (got,) = session.run(None, vision_inputs(pixels, grids, cfg, vision_inverse_frequencies(cfg)))
+        with torch.no_grad():
+            want = tower(pixels, torch.tensor(grids))
+        torch.testing.assert_close(torch.from_numpy(got), want, atol=GRAPHS["vision"].tolerance["features"], rtol=0)
+
+
 def test_the_export_folder(exports, tiny_paths):
     folder = exports["qwen2-vl"]
     manifest = json.loads((folder / "export.json").read_text())
-    assert manifest["precision"] == "fp32" and manifest["opset"] == 20
-    assert set(manifest["graphs"]) == {"embed", "match"} and all((folder / g["file"]).is_file()
-                                                                 for g in manifest["graphs"].values())
+    assert manifest["precision"] == "fp32" and manifest["opset"] == 20 and manifest["format_version"] == 2
+    assert set(manifest["graphs"]) == {"vision", "embed", "match"} and all((folder / g["file"]).is_file()
+                                                                           for g in manifest["graphs"].values())
     assert manifest["graphs"]["embed"]["inputs"]["input_ids"] == {"0": "batch", "1": "seq"}
+    assert "window_index" not in manifest["graphs"]["vision"]["inputs"]  # Qwen2-VL attends over whole frames
+    windows = json.loads((exports["qwen2.5-vl"] / "export.json").read_text())["graphs"]["vision"]["inputs"]
+    assert windows["window_index"] == {"0": "windows", "1": "window_patches"}
     source = ReMatch.from_pretrained(tiny_paths["qwen2-vl"])
     assert manifest["source"]["fingerprint"] == source.checkpoint.fingerprint
     # indexes built through the export and through the source checkpoint are interchangeable
@@ -75,9 +118,6 @@ def test_wrong_pairings_and_unsupported_inputs_are_clear_errors(exports, tiny_pa
         ReMatch.from_pretrained(tiny_paths["qwen2-vl"], backend="onnx")
     with pytest.raises(CheckpointError, match="dtype=torch.float32"):
         ReMatch.from_pretrained(exports["qwen2-vl"], backend="onnx", dtype="bfloat16")
-    onnx_model = ReMatch.from_pretrained(exports["qwen2-vl"], backend="onnx")
-    with pytest.raises(InputError, match="takes no images"):
-        onnx_model.embed([Item(text="x", image=random_image(40, 40, seed=1))])
 
 
 def test_overwrite_rules(exports, tmp_path, tiny_paths):
@@ -92,19 +132,20 @@ def test_overwrite_rules(exports, tmp_path, tiny_paths):
         == EXIT_ERROR and (other / "notes.txt").read_text() == "mine"  # not an export: never replaced
 
 
-def _corrupt(src, dst):
-    """A copy of an export with one weight of embed.onnx's first o_proj perturbed."""
+def _corrupt(src, dst, graph_name="embed", weight=("layers.0", "o_proj")):
+    """A copy of an export with one weight of a graph perturbed (by default embed.onnx's first o_proj)."""
     from onnx import numpy_helper
 
     shutil.copytree(src, dst)
-    graph = onnx.load(str(dst / "embed.onnx"))  # with its external weights
-    (init,) = [t for t in graph.graph.initializer if "layers.0" in t.name and "o_proj" in t.name]
+    file = f"{graph_name}.onnx"
+    graph = onnx.load(str(dst / file))  # with its external weights
+    (init,) = [t for t in graph.graph.initializer if all(w in t.name for w in weight)]
     w = numpy_helper.to_array(init).copy()
     w.flat[0] += 1.0
     init.CopyFrom(numpy_helper.from_array(w, init.name))
-    (dst / "embed.onnx").unlink()
-    (dst / "embed.onnx.data").unlink()
-    onnx.save(graph, str(dst / "embed.onnx"), save_as_external_data=True, location="embed.onnx.data")
+    (dst / file).unlink()
+    (dst / f"{file}.data").unlink()
+    onnx.save(graph, str(dst / file), save_as_external_data=True, location=f"{file}.data")
     return dst
 
 
@@ -117,7 +158,13 @@ def test_parity_report_passes_a_good_export_and_fails_a_corrupted_one(models, ex
     bad_folder = _corrupt(exports["qwen2-vl"], tmp_path / "bad")
     bad = compare(ref, ReMatch.from_pretrained(bad_folder, backend="onnx"))
     assert not bad and any(f.startswith("max_abs") for f in bad.failures)
-    nothing = compare(ref, ref, texts=["only one"])
+    # the built-in set holds images: a corrupted vision graph fails it too
+    bad_vision = compare(ref, ReMatch.from_pretrained(_corrupt(exports["qwen2-vl"], tmp_path / "bad-vision", "vision",
+                                                               ("blocks.0", "proj.weight")), backend="onnx"))
+    assert not bad_vision and bad_vision.images > 0 and any(f.startswith("max_abs") for f in bad_vision.failures)
+    text_only = compare(ref, ReMatch.from_pretrained(tmp_path / "bad-vision", backend="onnx"), items=_texts(3, 6))
+    assert text_only and text_only.images == 0  # ...which texts alone never see
+    nothing = compare(ref, ref, items=["only one"])
     assert not nothing and "nothing to compare" in nothing.failures[0]
     # the command line: exit 1 on failure, the report saved either way
     report = tmp_path / "report.json"
@@ -146,8 +193,9 @@ def test_tensorrt_lint(exports, tmp_path):
     from rematch_fast.export.lint import tensorrt_problems
 
     for arch, folder in exports.items():
-        assert json.loads((folder / "export.json").read_text())["tensorrt_lint"] == {"embed": [], "match": []}
-        assert tensorrt_problems(folder / "embed.onnx") == []
+        assert json.loads((folder / "export.json").read_text())["tensorrt_lint"] == {"vision": [], "embed": [],
+                                                                                     "match": []}
+        assert tensorrt_problems(folder / "embed.onnx") == [] and tensorrt_problems(folder / "vision.onnx") == []
 
     def graph(nodes, inits, opset=20):
         x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
@@ -221,14 +269,16 @@ def test_int8_qdq_is_symmetric_qdq_and_smoothquant_saves_outlier_channels(models
                  "--calibration", str(calibration), "--parity"]) == EXIT_OK
     manifest = json.loads((out / "export.json").read_text())
     assert manifest["quantize"] == "int8-qdq" and manifest["calibration"]["texts"] == 12
-    assert manifest["tensorrt_lint"] == {"embed": [], "match": []}
+    assert manifest["tensorrt_lint"] == {"vision": [], "embed": [], "match": []}
+    assert manifest["graphs"]["vision"]["precision"] == "fp32" and manifest["graphs"]["embed"]["precision"] == "int8"
     ops = collections.Counter(n.op_type for n in onnx.load(str(out / "embed.onnx"), load_external_data=False).graph.node)
     layers = 2 * 4  # two decoder layers of the tiny model, four linear layers each
     assert ops["DequantizeLinear"] >= 2 * layers and ops["QuantizeLinear"] >= layers  # weights and activations
     from rematch_fast.export import tensorrt as rt
 
     trt = FakeTensorRT()
-    rt.build_engines(out, "int8", trt=trt)  # the int8 graph TensorRT takes
+    engines = rt.build_engines(out, "int8", trt=trt)  # the int8 graph TensorRT takes
+    assert engines["embed"].name.startswith("embed-int8-") and engines["vision"].name.startswith("vision-fp16-")
     assert ("flag", "INT8") in trt.calls and ("flag", "FP16") in trt.calls
     spiky = _with_outlier_channels(tiny_paths["qwen2-vl"], tmp_path / "spiky")
     ref = ReMatch.from_pretrained(spiky)
@@ -357,15 +407,23 @@ def test_tensorrt_profiles_and_engine_cache(exports, tmp_path):
     shapes = rt.input_shapes("embed", rt.static_shapes(folder / "embed.onnx"), rt.DEFAULT_PROFILE)
     d = json.loads((folder / "rematch_config.json").read_text())["hidden_size"]
     assert shapes["input_ids"] == ((1, 1), (8, 256), (64, 1024))
-    assert shapes["soft_embeds"] == ((0, d), (128, d), (4096, d))
+    assert shapes["soft_embeds"] == ((0, d), (128, d), (16384, d))
     assert shapes["pool_index"][2][0] == 64 and shapes["pool_index"][0][1] == shapes["pool_index"][2][1] > 0  # K static
 
     trt = FakeTensorRT()
     engines = rt.build_engines(folder, "fp16", trt=trt)
-    assert set(engines) == {"embed", "match"} and engines["embed"].read_bytes().endswith(b"embed.onnx")
+    assert set(engines) == {"vision", "embed", "match"} and engines["embed"].read_bytes().endswith(b"embed.onnx")
     set_shapes = {c[1] for c in trt.calls if c[0] == "set_shape"}
-    assert set_shapes == set(GRAPHS["embed"].inputs) | set(GRAPHS["match"].inputs) and ("flag", "FP16") in trt.calls
-    assert (folder / "tensorrt" / "timing.cache").read_bytes() == b"++"  # reused by the second build, then saved
+    vision_inputs = set(GRAPHS["vision"].inputs) - GRAPHS["vision"].optional  # Qwen2-VL: no windows
+    assert set_shapes == set(GRAPHS["embed"].inputs) | set(GRAPHS["match"].inputs) | vision_inputs
+    assert ("flag", "FP16") in trt.calls
+    vision = rt.input_shapes("vision", rt.static_shapes(folder / "vision.onnx"), rt.DEFAULT_PROFILE)
+    assert vision["frame_index"] == ((1, 4), (4, 1024), (64, 16384)) and vision["pixels"][2][0] == 65536
+    # in an int8 build only the graphs the export quantized are int8 (vision.onnx stays fp32 in the export)
+    manifest = {"graphs": {"vision": {"precision": "fp32"}, "embed": {"precision": "int8"}}}
+    assert rt.graph_precision(manifest, "vision", "int8") == "fp16"
+    assert rt.graph_precision(manifest, "embed", "int8") == "int8" and rt.graph_precision(manifest, "vision", "fp32") == "fp32"
+    assert (folder / "tensorrt" / "timing.cache").read_bytes() == b"+++"  # reused by each next build, then saved
     again = FakeTensorRT()
     assert rt.build_engines(folder, "fp16", trt=again) == engines and ("builder",) not in again.calls  # cached
     other = rt.build_engines(folder, "fp16", profile=rt.parse_profile("seq=1:64:128"), trt=FakeTensorRT())

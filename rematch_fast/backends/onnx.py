@@ -1,10 +1,10 @@
 """backend="onnx": an export folder (rematch-fast export onnx) run by ONNX Runtime.
 
-Sequences are prepared exactly as for the torch backends; each batch is right-padded and given
-to `embed.onnx` or `match.onnx` with its rotary tables and soft rows (see
+Sequences are prepared exactly as for the torch backends. A batch's images go through
+`vision.onnx` in one call; the batch is right-padded and given to `embed.onnx` or `match.onnx`
+with its rotary tables and soft rows, the image features among them (see
 rematch_fast.export.onnx). Runs on the CPU; on CUDA only when ONNX Runtime really creates its
-CUDA provider (checked on the session, never assumed). Text and feature views only: images
-need the vision graph, which is not exported yet.
+CUDA provider (checked on the session, never assumed).
 """
 from __future__ import annotations
 
@@ -16,17 +16,19 @@ import torch
 from ..checkpoint import EXPORT_MANIFEST, Checkpoint
 from ..errors import CheckpointError, MissingPackageError
 from ..embeddings import Embeddings
-from ..export.onnx import FORMAT_VERSION, GRAPHS, dense_inputs
+from ..export.onnx import FORMAT_VERSION, GRAPHS, dense_inputs, image_batch, vision_inputs
 from ..model.config import model_config
 from ..model.decoder import inverse_frequencies
+from ..model.vision import vision_inverse_frequencies
 from ..sequence import Sequence
+from .base import INPUT_KINDS
 
 
 class OnnxBackend:
     name = "onnx"
     padded = True  # a batch costs count x longest
     longest_first = True
-    inputs = frozenset({"text", "soft"})
+    inputs = frozenset(INPUT_KINDS)
 
     def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype):
         try:
@@ -54,12 +56,20 @@ class OnnxBackend:
                                       "install onnxruntime-gpu, or open the export with device='cpu'")
             self.sessions[name] = session
         self.answer_ids = tuple(manifest["answer_ids"])
-        cfg = model_config(ckpt).text
-        self.inv_freq, self.mrope_section = inverse_frequencies(cfg), cfg.mrope_section
-        self.dim, self.pad_id, self.device = cfg.hidden_size, ckpt.special_tokens.pad, device
+        cfg = model_config(ckpt)
+        self.inv_freq, self.mrope_section = inverse_frequencies(cfg.text), cfg.text.mrope_section
+        self.vision_cfg, self.vision_inv_freq = cfg.vision, vision_inverse_frequencies(cfg.vision)
+        self.dim, self.pad_id, self.device = cfg.text.hidden_size, ckpt.special_tokens.pad, device
+        self.image_token_id = ckpt.special_tokens.image
 
     def _run(self, graph: str, seqs: list[Sequence]) -> list[np.ndarray]:
-        feed = dense_inputs(seqs, graph, self.pad_id, self.dim, self.inv_freq, self.mrope_section)
+        features = None
+        images = image_batch(seqs)
+        if images is not None:  # every image of the batch in one vision call
+            feed = vision_inputs(*images, self.vision_cfg, self.vision_inv_freq)
+            features = torch.from_numpy(self.sessions["vision"].run(None, feed)[0])
+        feed = dense_inputs(seqs, graph, self.pad_id, self.dim, self.inv_freq, self.mrope_section,
+                            self.image_token_id, features)
         return self.sessions[graph].run(None, feed)
 
     def pooled(self, seqs: list[Sequence]) -> Embeddings:

@@ -76,18 +76,13 @@ class VisionTower(nn.Module):
             self.reset_buffers()
 
     def reset_buffers(self) -> None:
-        # 2D rotary: a quarter of each head's dims per axis (h, w), each used twice (cos/sin halves)
-        spatial = self.cfg.dim // self.cfg.num_heads // 2
-        freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, spatial, 2, device=self.inv_freq.device).float() / spatial)
-        self.inv_freq = freq
+        self.inv_freq = vision_inverse_frequencies(self.cfg, self.inv_freq.device)
 
     def forward(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """pixels [P, 3*T*p*p], grid_thw [n, 3] -> merged features [P / m^2, d], image by image."""
         cfg, m = self.cfg, self.cfg.merge_size
         x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))  # [P, C]
-        hw = _patch_positions(grid_thw.tolist(), m, x.device)  # [P, 2]
-        angles = (hw[:, :, None].float() * self.inv_freq).reshape(hw.shape[0], -1)  # [P, Dh/2]: h then w
-        angles = torch.cat([angles, angles], dim=-1)
+        angles = patch_angles(grid_thw.tolist(), m, self.inv_freq)
         full = _image_plan(grid_thw.tolist(), x.device)
         order = None
         if cfg.arch == "qwen2.5-vl":
@@ -106,6 +101,33 @@ class VisionTower(nn.Module):
         return merged
 
 
+def vision_inverse_frequencies(cfg: VisionConfig, device=None) -> torch.Tensor:
+    """2D rotary: a quarter of each head's dims per axis (h, w), each used twice (cos/sin halves)."""
+    spatial = cfg.dim // cfg.num_heads // 2
+    return 1.0 / cfg.rope_theta ** (torch.arange(0, spatial, 2, device=device).float() / spatial)
+
+
+def patch_angles(grids, m: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotary angles [P, Dh] of every patch, in the processor's order: h's frequencies then
+    w's, the whole repeated for the cos/sin halves."""
+    hw = _patch_positions(grids, m, inv_freq.device)  # [P, 2]
+    angles = (hw[:, :, None].float() * inv_freq).reshape(hw.shape[0], -1)
+    return torch.cat([angles, angles], dim=-1)
+
+
+def frame_segments(grids) -> list[int]:
+    """Patch counts of the segments that attend over a whole image: one per frame, in order."""
+    return [h * w for t, h, w in grids for _ in range(t)]
+
+
+def window_segments(grids, m: int, win: int) -> tuple[torch.Tensor, list[int]]:
+    """Qwen2.5-VL's windows as patch rows: the rows [P] in window order, and each window's
+    patch count (the same windows as the tower's own window attention)."""
+    order, plan = _window_order(grids, m, win, None)
+    rows = (order[:, None] * (m * m) + torch.arange(m * m)).flatten()
+    return rows, plan.host_lengths()
+
+
 def _patch_positions(grids, m: int, device) -> torch.Tensor:
     """(h, w) of every patch, in the processor's order: merge groups of m x m contiguous."""
     out = []
@@ -118,7 +140,7 @@ def _patch_positions(grids, m: int, device) -> torch.Tensor:
 
 
 def _image_plan(grids, device) -> AttentionPlan:
-    return AttentionPlan.for_lengths([h * w for t, h, w in grids for _ in range(t)], device)  # each frame alone
+    return AttentionPlan.for_lengths(frame_segments(grids), device)  # each frame alone
 
 
 def _window_order(grids, m: int, win: int, device):
