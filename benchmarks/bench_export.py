@@ -6,6 +6,7 @@ Providers, timed round-robin in one run (medians), each embedding the same texts
   torch-fast       backend="fast" (this project's packed engine, fp32)
   onnx-fp32        backend="onnx" on the fp32 export (ONNX Runtime, CPU provider)
   onnx-int8-dynamic  the same with the int8-dynamic preset
+  onnx-int8-weight the same with the int8-weight preset (8-bit weight-only MatMulNBits)
   onnx-int8-qdq    the same with the int8-qdq preset (SmoothQuant, static Q/DQ)
 cosine_min and top10_overlap compare each provider's embeddings with torch-reference's
 (rematch_fast.export.parity.compare: each text as a query and as a document).
@@ -47,11 +48,13 @@ def main(argv=None) -> str:
         ckpt = make_tiny_checkpoint(Path(tmp) / "ckpt", arch=arch, seed=0, **sizes)
         export_onnx(ckpt, Path(tmp) / "onnx")
         export_onnx(ckpt, Path(tmp) / "onnx-int8", quantize="int8-dynamic")
+        export_onnx(ckpt, Path(tmp) / "onnx-weight", quantize="int8-weight")
         export_onnx(ckpt, Path(tmp) / "onnx-qdq", quantize="int8-qdq")
         models = {"torch-reference": ReMatch.from_pretrained(ckpt),
                   "torch-fast": ReMatch.from_pretrained(ckpt, backend="fast"),
                   "onnx-fp32": ReMatch.from_pretrained(Path(tmp) / "onnx", backend="onnx"),
                   "onnx-int8-dynamic": ReMatch.from_pretrained(Path(tmp) / "onnx-int8", backend="onnx"),
+                  "onnx-int8-weight": ReMatch.from_pretrained(Path(tmp) / "onnx-weight", backend="onnx"),
                   "onnx-int8-qdq": ReMatch.from_pretrained(Path(tmp) / "onnx-qdq", backend="onnx")}
         lengths = np.random.default_rng(0).integers(32, 129, args.texts)
         texts = texts_of_lengths(models["torch-fast"], lengths, seed=1)

@@ -21,20 +21,23 @@ from .onnx import (
     OPSET,
     EmbedGraph,
     MatchGraph,
+    PrefillGraph,
     VisionGraph,
     dense_inputs,
     vision_inputs,
 )
 from .smoothquant import ALPHA, CALIBRATION_TEXTS, activation_ranges, quantize_qdq, smooth
+from .weight_only import quantize_weight_only
 
-PRECISIONS = ("fp32",)  # fp16 arrives with its parity thresholds
+PRECISIONS = ("fp32", "fp16")  # fp16: weights and activations; norms, rotary, softmax in fp32
 # int8 presets. int8-dynamic: every MatMul's weights int8 per output channel, activations
 # quantized per tensor at run time (integer ops: ONNX Runtime only, never TensorRT). int8-qdq:
 # SmoothQuant scaling, then static symmetric Q/DQ calibrated on texts (export/smoothquant.py):
-# the int8 graph TensorRT builds. int8-weight arrives later. The presets quantize the decoder's
-# graphs; vision.onnx stays fp32 (calibration corpora are texts).
-QUANTIZE_PRESETS = ("int8-dynamic", "int8-qdq")
-QUANTIZED_GRAPHS = ("embed", "match")
+# the int8 graph TensorRT builds. int8-weight: 8-bit weight-only MatMulNBits, activations fp32
+# (export/weight_only.py; ONNX Runtime only). The presets quantize the decoder's graphs;
+# vision.onnx stays fp32 (calibration corpora are texts).
+QUANTIZE_PRESETS = ("int8-dynamic", "int8-weight", "int8-qdq")
+QUANTIZED_GRAPHS = ("embed", "match", "prefill", "match_prefix")
 EXAMPLE_IMAGES = ((56, 84), (112, 84))  # (width, height): two frames of different sizes, several windows
 
 
@@ -47,13 +50,14 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
     from .. import __version__
     from ..api import ReMatch
     from ..jsonl import set_user_mode
-    from ..model.decoder import inverse_frequencies
     from ..model.vision import vision_inverse_frequencies
 
     if precision not in PRECISIONS:
         raise InputError(f"precision {precision!r} is not exported yet; choose from {PRECISIONS}")
     if quantize is not None and quantize not in QUANTIZE_PRESETS:
         raise InputError(f"quantize preset {quantize!r} is not available yet; choose from {QUANTIZE_PRESETS}")
+    if quantize is not None and precision != "fp32":
+        raise InputError(f"the int8 presets quantize fp32 graphs: drop --precision {precision} or --quantize")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
@@ -61,43 +65,45 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
         if out.is_symlink() or not (out / MANIFEST).is_file():
             raise InputError(f"{out} is not an export folder; overwrite replaces only those")
     say = progress or (lambda msg: None)
-    model = ReMatch.from_pretrained(checkpoint, backend="fast", kernels="torch")  # fp32, CPU, torch ops
-    net, cfg = model.backend.model, model.backend.cfg.text
-    pre = model.preprocessor
-    docs = [pre.embed_sequence(model.prepare(t), "document", model.head.doc_tokens)
-            for t in ("an example document", "a second, somewhat longer example document to export")]
-    q = model.prepare("an example query")
-    pairs = [pre.match_sequence(q, model.prepare(t)) for t in ("yes", "a longer candidate document")]
-    graphs = {"embed": (EmbedGraph(net), docs), "match": (MatchGraph(net, pre.answer_ids), pairs)}
-    images = [model.prepare({"image": _example_image(w, h, seed)}) for seed, (w, h) in enumerate(EXAMPLE_IMAGES)]
-    vcfg = model.backend.cfg.vision
-    vision_example = vision_inputs(torch.cat([i.pixel_values for i in images]), [list(i.grid_thw) for i in images],
-                                   vcfg, vision_inverse_frequencies(vcfg))
-    inv_freq = inverse_frequencies(cfg)
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    model = ReMatch.from_pretrained(checkpoint, backend="fast", kernels="torch", dtype=dtype)  # CPU, torch ops
+    net, pre = model.backend.model, model.preprocessor
+    modules = {"vision": VisionGraph(net), "embed": EmbedGraph(net), "match": MatchGraph(net, pre.answer_ids),
+               "prefill": PrefillGraph(net), "match_prefix": MatchGraph(net, pre.answer_ids)}
     feeds = {}
     if quantize == "int8-qdq":
         texts = list(calibration or CALIBRATION_TEXTS)
         say(f"calibrating on {len(texts)} texts (SmoothQuant alpha {ALPHA})")
-        feeds = _calibration_feeds(model, texts, inv_freq, cfg.mrope_section)
-        smooth(net.decoder, activation_ranges(net.decoder, [(graphs[n][0], feeds[n]) for n in feeds]))
+        prepared = [model.prepare(t) for t in texts]
+        feeds = _decoder_feeds(model, [pre.embed_sequence(p, side, model.head.tokens(side))
+                                       for side in ("query", "document") for p in prepared], prepared[0], prepared)
+        smooth(net.decoder, activation_ranges(net.decoder, [(modules[n], feeds[n]) for n in ("embed", "match")]))
+    # example inputs, after any smoothing (the prefix keys are the exported model's own)
+    docs = [model.prepare(t) for t in ("an example document", "a second, somewhat longer example document to export")]
+    examples = {n: f[0] for n, f in _decoder_feeds(
+        model, [pre.embed_sequence(d, "document", model.head.doc_tokens) for d in docs],
+        model.prepare("an example query"), [model.prepare("yes"), docs[1]], batch=len(docs)).items()}
+    images = [model.prepare({"image": _example_image(w, h, seed)}) for seed, (w, h) in enumerate(EXAMPLE_IMAGES)]
+    vcfg = model.backend.cfg.vision
+    examples["vision"] = vision_inputs(torch.cat([i.pixel_values for i in images]), [list(i.grid_thw) for i in images],
+                                       vcfg, vision_inverse_frequencies(vcfg))
+    exported = {n: GRAPHS[n] for n in GRAPHS if n in examples}  # the prefix graphs need a query-first template
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     try:
-        examples = {"vision": vision_example}
-        examples.update({name: dense_inputs(seqs, name, pre.pad_id, model.dim, inv_freq, cfg.mrope_section)
-                         for name, (_, seqs) in graphs.items()})
-        graphs["vision"] = (VisionGraph(net), None)
-        for name in GRAPHS:
-            say(f"exporting {GRAPHS[name].file}")
-            _trace(graphs[name][0], GRAPHS[name], examples[name], staging)
-        for name in QUANTIZED_GRAPHS if quantize else ():
+        for name, spec in exported.items():
+            say(f"exporting {spec.file}")
+            _trace(modules[name], spec, examples[name], staging)
+        for name in [n for n in QUANTIZED_GRAPHS if n in exported] if quantize else ():
             spec = GRAPHS[name]
             say(f"quantizing {spec.file} ({quantize})")
             if quantize == "int8-dynamic":
                 _quantize_in_place(staging, spec.file, _quantize_dynamic)
+            elif quantize == "int8-weight":
+                _quantize_in_place(staging, spec.file, quantize_weight_only)
             else:
                 _quantize_in_place(staging, spec.file, lambda src, dst: quantize_qdq(src, dst, feeds[name]))
         golden = _save_golden(staging, examples, say)
-        lint = {name: tensorrt_problems(staging / spec.file) for name, spec in GRAPHS.items()}
+        lint = {name: tensorrt_problems(staging / spec.file) for name, spec in exported.items()}
         for name, problems in lint.items():
             if problems:
                 say(f"{name}.onnx would not build with TensorRT: {'; '.join(problems)}")
@@ -115,7 +121,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
                                                       for k in s.inputs_of(examples[n])},
                            "outputs": list(s.outputs), "tolerance": s.tolerance,
                            "precision": "int8" if quantize and n in QUANTIZED_GRAPHS else "fp32"}
-                       for n, s in GRAPHS.items()},
+                       for n, s in exported.items()},
             "tensorrt_lint": lint,  # what TensorRT's parser would refuse, per graph (rematch_fast.export.lint)
             "golden": golden,  # polygraphy-format inputs and ONNX Runtime outputs per graph, or why not
             "versions": {"rematch_fast": __version__, "torch": torch.__version__, "onnx": _version("onnx")},
@@ -188,15 +194,27 @@ def _save_golden(folder: Path, feeds: dict[str, dict], say) -> dict:
     return {"written": True, "files": sorted(f"golden/{p.name}" for p in (folder / "golden").iterdir())}
 
 
-def _calibration_feeds(model, texts: list[str], inv_freq, mrope_section, batch: int = 8) -> dict[str, list[dict]]:
-    """Inputs of each graph for the calibration texts: each text embedded as a query and as a
-    document, and matched against the first text as the query."""
-    pre = model.preprocessor
-    prepared = [model.prepare(t) for t in texts]
-    embed = [pre.embed_sequence(p, side, model.head.tokens(side)) for side in ("query", "document") for p in prepared]
-    match = [pre.match_sequence(prepared[0], p) for p in prepared]
-    return {name: [dense_inputs(seqs[i: i + batch], name, pre.pad_id, model.dim, inv_freq, mrope_section)
-                   for i in range(0, len(seqs), batch)] for name, seqs in (("embed", embed), ("match", match))}
+def _decoder_feeds(model, embed: list, query, docs: list, batch: int = 8) -> dict[str, list[dict]]:
+    """Inputs (numpy, in batches) of each decoder graph: `embed` (Sequences) for embed.onnx, the
+    `query` (a PreparedItem) matched against every one of `docs` for match.onnx and, with a
+    query-first template, its prefix for prefill.onnx and the docs continuing it, with the
+    prefix's keys and values from the torch graph, for match_prefix.onnx."""
+    from ..model.decoder import inverse_frequencies
+
+    pre, cfg = model.preprocessor, model.backend.cfg.text
+    inv_freq = inverse_frequencies(cfg)
+    seqs = {"embed": embed, "match": [pre.match_sequence(query, d) for d in docs]}
+    if model.config.query_first:
+        prefix, next_pos = pre.match_prefix(query)
+        seqs["prefill"], seqs["match_prefix"] = [prefix], [pre.match_suffix(d, next_pos) for d in docs]
+    feeds = {name: [dense_inputs(s[i: i + batch], name, pre.pad_id, model.dim, inv_freq, cfg.mrope_section)
+                    for i in range(0, len(s), batch)] for name, s in seqs.items()}
+    if "prefill" in feeds:
+        with torch.no_grad():
+            keys, values = PrefillGraph(model.backend.model)(*(torch.from_numpy(v) for v in feeds["prefill"][0].values()))
+        for feed in feeds["match_prefix"]:
+            feed.update(prefix_keys=keys[:, 0].numpy(), prefix_values=values[:, 0].numpy())
+    return feeds
 
 
 def _quantize_in_place(folder: Path, file: str, write) -> None:

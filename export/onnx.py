@@ -17,7 +17,10 @@ longest^2, never an N x N mask over the batch, and any number of images and grid
 one graph. Its features go into the decoder graphs as soft rows at the image tokens.
 
 GRAPHS declares every graph in one place: inputs, outputs, dynamic axes and the fp32
-tolerance of each output against the reference model.
+tolerance of each output against the reference model. Every graph's inputs and outputs are
+fp32 (ids and indices int64) whatever its precision: an fp16 graph (`--precision fp16`) keeps
+its weights and activations in fp16 and computes norms, rotary and the attention softmax in
+fp32.
 """
 from __future__ import annotations
 
@@ -82,6 +85,13 @@ GRAPHS = {
                        {"unit": 1e-4, "norm": 1e-4}),  # pool_index [B, K]: the K learnable tokens
     "match": GraphSpec("match", {**_COMMON, "last_index": {0: "batch"}}, ("answer_logits",),
                        {"answer_logits": 1e-4}),  # last_index [B]: each sequence's last real token
+    # shared-prefix matching: a query's part of the prompt once (its keys and values, per layer,
+    # after rotary: [layers, B, kv_heads, S, head_dim]), then every candidate continuing it
+    "prefill": GraphSpec("prefill", dict(_COMMON), ("keys", "values"), {"keys": 1e-4, "values": 1e-4}),
+    "match_prefix": GraphSpec("match_prefix", {**_COMMON, "last_index": {0: "batch"},
+                                               # [layers, kv_heads, P, head_dim]: one prefix for the batch
+                                               "prefix_keys": {2: "prefix"}, "prefix_values": {2: "prefix"}},
+                              ("answer_logits",), {"answer_logits": 1e-4}),
 }
 
 
@@ -93,22 +103,33 @@ class DenseDecoder(nn.Module):
         super().__init__()
         self.decoder, self.ops = model.decoder, model.ops
 
-    def hidden(self, input_ids, attention_mask, cos, sin, soft_rows, soft_embeds) -> torch.Tensor:
+    def hidden(self, input_ids, attention_mask, cos, sin, soft_rows, soft_embeds, prefix=None,
+               capture: list | None = None) -> torch.Tensor:
+        """Last hidden states [B * S, d]. `prefix`: (keys, values) [layers, kv_heads, P, D] that
+        every sequence continues; `capture`: a list that receives each layer's (keys, values)."""
         B, S = input_ids.shape
         x = self.decoder.embed_tokens(input_ids).reshape(B * S, -1)
         x = x.index_put((soft_rows,), soft_embeds.to(x.dtype))
         cos, sin = cos.reshape(B * S, -1), sin.reshape(B * S, -1)
         causal = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
         mask = causal[None, None] & attention_mask.bool()[:, None, None, :]  # [B, 1, S, S]
-        for layer in self.decoder.layers:
+        if prefix is not None:  # every query sees the whole prefix
+            seen = torch.ones(B, 1, S, prefix[0].shape[2], dtype=torch.bool, device=x.device)
+            mask = torch.cat([seen, mask], dim=-1)
+        for i, layer in enumerate(self.decoder.layers):
             H, Hkv, D = layer.heads, layer.kv_heads, layer.head_dim
             q, k, v = layer.qkv_proj.split(layer.input_layernorm(x))
             q = layer.rope(q.reshape(B * S, H, D), cos, sin).reshape(B, S, H, D).transpose(1, 2)
             k = layer.rope(k.reshape(B * S, Hkv, D), cos, sin).reshape(B, S, Hkv, D).transpose(1, 2)
             v = v.reshape(B, S, Hkv, D).transpose(1, 2)
+            if capture is not None:
+                capture.append((k, v))
+            if prefix is not None:
+                k = torch.cat([prefix[0][i].expand(B, -1, -1, -1).to(k.dtype), k], dim=2)
+                v = torch.cat([prefix[1][i].expand(B, -1, -1, -1).to(v.dtype), v], dim=2)
             if Hkv != H:
                 k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            attn = _attention(q, k, v, mask)
             x = x + layer.o_proj(attn.transpose(1, 2).reshape(B * S, H * D))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.decoder.norm(x)  # [B * S, d]
@@ -127,11 +148,23 @@ class MatchGraph(DenseDecoder):
         super().__init__(model)
         self.register_buffer("answer_rows", model.output_rows(answer_ids).detach().clone().float())
 
-    def forward(self, input_ids, attention_mask, cos, sin, soft_rows, soft_embeds, last_index):
+    def forward(self, input_ids, attention_mask, cos, sin, soft_rows, soft_embeds, last_index,
+                prefix_keys=None, prefix_values=None):
         B, S = input_ids.shape
-        hidden = self.hidden(input_ids, attention_mask, cos, sin, soft_rows, soft_embeds)
+        prefix = None if prefix_keys is None else (prefix_keys, prefix_values)
+        hidden = self.hidden(input_ids, attention_mask, cos, sin, soft_rows, soft_embeds, prefix)
         last = hidden[last_index + torch.arange(B, device=hidden.device) * S]
         return (last.float() @ self.answer_rows.T,)  # [B, 2]
+
+
+class PrefillGraph(DenseDecoder):
+    """A shared prefix's keys and values, every layer (only the layers' attention inputs are
+    computed: the rest is not an output)."""
+
+    def forward(self, input_ids, attention_mask, cos, sin, soft_rows, soft_embeds):
+        kv = []
+        self.hidden(input_ids, attention_mask, cos, sin, soft_rows, soft_embeds, capture=kv)
+        return torch.stack([k for k, _ in kv]).float(), torch.stack([v for _, v in kv]).float()
 
 
 class VisionGraph(nn.Module):
@@ -144,7 +177,7 @@ class VisionGraph(nn.Module):
     def forward(self, pixels, cos, sin, frame_index, frame_keep, frame_back,
                 window_index=None, window_keep=None, window_back=None):
         tower = self.visual
-        x = tower.patch_embed(pixels)
+        x = tower.patch_embed(pixels.to(tower.patch_embed.weight.dtype))
         frames, windows = (frame_index, frame_keep, frame_back), (window_index, window_keep, window_back)
         for i, blk in enumerate(tower.blocks):
             full = window_index is None or i in tower.cfg.fullatt_blocks
@@ -154,7 +187,7 @@ class VisionGraph(nn.Module):
             attn = _segment_attention(q, k, v, *(frames if full else windows))
             x = x + blk.proj(attn.reshape(P, -1))
             x = x + blk.mlp(blk.norm2(x))
-        return (tower.merger(x),)
+        return (tower.merger(x).float(),)
 
 
 def _segment_attention(q, k, v, index, keep, back):
@@ -162,8 +195,15 @@ def _segment_attention(q, k, v, index, keep, back):
     masked by `keep`, the result put back in patch order by `back`. Returns [P, H, D]."""
     S, L = index.shape
     qs, ks, vs = (t[index].transpose(1, 2) for t in (q, k, v))  # [S, H, L, D]
-    out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=keep[:, None, None, :])
+    out = _attention(qs, ks, vs, keep[:, None, None, :])
     return out.transpose(1, 2).reshape(S * L, *q.shape[1:])[back]
+
+
+def _attention(q, k, v, mask):
+    """SDPA with a boolean mask; in an fp16 graph the scores and softmax run in fp32."""
+    if q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
 
 
 def _segments(rows: torch.Tensor, lengths: list[int], prefix: str) -> dict:
@@ -238,6 +278,6 @@ def dense_inputs(seqs, graph: str, pad_id: int, dim: int, inv_freq: torch.Tensor
            "soft_embeds": torch.cat(soft).numpy() if soft else np.zeros((0, dim), dtype=np.float32)}
     if graph == "embed":
         out["pool_index"] = np.stack([seq.readout.numpy() for seq in seqs])
-    else:
+    elif graph in ("match", "match_prefix"):
         out["last_index"] = np.array([int(seq.readout[-1]) for seq in seqs], dtype=np.int64)
     return out

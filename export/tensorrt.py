@@ -6,10 +6,10 @@ cache, the engine cache and its key) is unit-tested against a fake `tensorrt` mo
 themselves follow TensorRT 10's documented API. A user with TensorRT checks an engine with
 `polygraphy run --trt` on the same graph.
 
-Profiles: every dynamic axis of GRAPHS (batch, seq, soft; the vision graph's patches, frames,
-frame_patches, windows, window_patches) gets (min, opt, max) sizes; each input's three shapes
-follow from its axes and the graph's static dimensions. In an int8 export only the Q/DQ graphs
-are built in int8; the vision graph, kept fp32 by the presets, is built in fp16. Engines are cached
+Profiles: every dynamic axis of GRAPHS (batch, seq, soft, prefix; the vision graph's patches,
+frames, frame_patches, windows, window_patches) gets (min, opt, max) sizes; each input's three
+shapes follow from its axes and the graph's static dimensions. In an int8 export only the Q/DQ
+graphs are built in int8; the vision graph, kept fp32 by the presets, is built in fp16. Engines are cached
 by a key of the graph's bytes, its weights, the precision, the profile and TensorRT's version,
 so a rebuild happens only when one of them changes; the timing cache is kept beside the engines
 and reused across builds.
@@ -25,6 +25,7 @@ from .onnx import GRAPHS
 
 DEFAULT_PROFILE = {
     "batch": (1, 8, 64), "seq": (1, 256, 1024), "soft": (0, 128, 16384),  # soft: learnable + image tokens
+    "prefix": (1, 256, 16384),  # a matching query's prefix, which may hold an image
     # vision, per call: all patches, whole frames and their longest, windows and their longest
     # (Qwen2.5-VL's 112-pixel windows hold at most 64 patches)
     "patches": (4, 4096, 65536), "frames": (1, 4, 64), "frame_patches": (4, 1024, 16384),

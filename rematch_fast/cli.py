@@ -460,16 +460,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="onnx: the checkpoint; tensorrt: an export folder written by `export onnx`")
     p.add_argument("--out", help="onnx: the export folder to write (required)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"],
-                   help="onnx: fp32 (the default; fp16 graphs are not exported yet); tensorrt: the engines' "
-                        "precision (default fp16; int8 needs an int8-qdq export)")
+                   help="onnx: fp32 (the default) or fp16 (weights and activations; norms, rotary and softmax "
+                        "in fp32); tensorrt: the engines' precision (default fp16; int8 needs an int8-qdq export)")
     p.add_argument("--profile", help="tensorrt: sizes per dynamic axis as AXIS=MIN:OPT:MAX, comma-separated "
                                      "over the defaults (batch=1:8:64,seq=1:256:1024,soft=0:128:16384; vision: "
                                      "patches, frames, frame_patches, windows, window_patches)")
     p.add_argument("--cache-dir", help="tensorrt: where engines and the timing cache go (default: FOLDER/tensorrt)")
     _overwrite(p, "export folder")
-    p.add_argument("--quantize", choices=["int8-dynamic", "int8-qdq"],
+    p.add_argument("--quantize", choices=["int8-dynamic", "int8-weight", "int8-qdq"],
                    help="int8 preset: int8-dynamic (ONNX Runtime on the CPU: MatMul weights int8 per channel, "
-                        "activations per tensor at run time) or int8-qdq (SmoothQuant, then static symmetric Q/DQ "
+                        "activations per tensor at run time), int8-weight (ONNX Runtime: weights int8 in blocks "
+                        "of 32, activations fp32) or int8-qdq (SmoothQuant, then static symmetric Q/DQ "
                         "calibrated on --calibration texts; the int8 graph TensorRT builds)")
     p.add_argument("--calibration", help="JSONL whose texts int8-qdq calibrates on (default: a small built-in set)")
     p.add_argument("--parity", action="store_true", help="then compare the export with the checkpoint "
@@ -560,6 +561,10 @@ def _check_export_usage(args) -> None:
             raise UsageError(f"{', '.join(trt_only)}: options of `export tensorrt`, not `export onnx`")
         if args.calibration and args.quantize != "int8-qdq":
             raise UsageError("--calibration goes with --quantize int8-qdq")
+        if args.precision == "int8":
+            raise UsageError("export onnx writes fp32 or fp16 graphs; for int8 add --quantize PRESET")
+        if args.quantize and args.precision == "fp16":
+            raise UsageError("the int8 presets quantize fp32 graphs: --quantize goes without --precision fp16")
     else:
         if onnx_only:
             raise UsageError(f"{', '.join(onnx_only)}: options of `export onnx`, not `export tensorrt`")

@@ -46,13 +46,69 @@ def test_embeddings_equal_the_reference(models, exports, arch):
 
 
 @pytest.mark.parametrize("query_view, doc_view", [("raw", "raw"), ("raw", "feat"), ("feat", "feat")])
-def test_matching_equals_the_reference(models, exports, arch, query_view, doc_view):
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_matching_equals_the_reference(models, exports, arch, query_view, doc_view, share_prefix):
+    """Through match.onnx, and through prefill.onnx + match_prefix.onnx (the query's prefix once,
+    the candidates continuing it in batches the export never saw)."""
     ref, onnx_model = models[arch], ReMatch.from_pretrained(exports[arch], backend="onnx")
     docs = _texts(seed=11, n=6)
     query = "which river photo"
-    got = onnx_model.score(query, docs, query_view, doc_view, batch_size=4)
-    assert got.path == "full"  # the export has no prefix graph yet
+    got = onnx_model.score(query, docs, query_view, doc_view, batch_size=4, share_prefix=share_prefix)
+    assert got.path == ("shared-prefix" if share_prefix else "full")
     torch.testing.assert_close(got.p_yes, ref.match(query, docs, query_view, doc_view), atol=TOL, rtol=0)
+
+
+def test_many_queries_share_batches_through_the_prefix_graphs(models, exports, arch):
+    """Candidates of several queries (texts and an image) in one batch, each continuing its own
+    query's prefix keys and values."""
+    ref, onnx_model = models[arch], ReMatch.from_pretrained(exports[arch], backend="onnx")
+    image = Item(text="a photo", image=random_image(150, 61, seed=3))
+    requests = [("first query", _texts(seed=21, n=3)), (image, _texts(seed=22, n=2) + [image]),
+                ("a third, longer query about engines and rivers", _texts(seed=23, n=4))]
+    results = onnx_model.score_many(requests, batch_size=5)
+    for (query, docs), got in zip(requests, results):
+        assert got.path == "shared-prefix"
+        torch.testing.assert_close(got.p_yes, ref.match(query, docs), atol=TOL, rtol=0)
+
+
+def test_a_document_first_template_exports_no_prefix_graphs(tiny_paths, tmp_path):
+    src = tmp_path / "docfirst"
+    shutil.copytree(tiny_paths["qwen2-vl"], src)
+    cfg = json.loads((src / "rematch_config.json").read_text())
+    cfg["match_template"] = ("<|im_start|>user\nDocument:\n{document}<|im_end|>\n<|im_start|>user\n"
+                             "Query:\n{query}<|im_end|>\n<|im_start|>assistant\n")
+    (src / "rematch_config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "exp"
+    assert main(["export", "onnx", str(src), "--out", str(out), "--quiet"]) == EXIT_OK
+    assert set(json.loads((out / "export.json").read_text())["graphs"]) == {"vision", "embed", "match"}
+    assert not (out / "prefill.onnx").exists()
+    docs = _texts(seed=5, n=3)
+    got = ReMatch.from_pretrained(out, backend="onnx").score("a query", docs)
+    assert got.path == "full"
+    torch.testing.assert_close(got.p_yes, ReMatch.from_pretrained(src).match("a query", docs), atol=TOL, rtol=0)
+
+
+def test_fp16_graphs_pass_their_gate(models, tiny_paths, tmp_path, arch):
+    """--precision fp16: fp16 weights and activations in every graph (fp32 inputs and outputs),
+    within the fp16 gate (cosine >= 0.999, top-10 overlap >= 0.95) on the built-in texts and
+    images, and p(yes) close through both matching paths."""
+    import collections
+
+    out = tmp_path / "fp16"
+    assert main(["export", "onnx", str(tiny_paths[arch]), "--out", str(out), "--quiet", "--precision", "fp16",
+                 "--parity"]) == EXIT_OK
+    report, manifest = (json.loads((out / f).read_text()) for f in ("parity.json", "export.json"))
+    assert manifest["precision"] == "fp16" and report["passed"] and report["images"] > 0
+    assert report["thresholds"] == {"cosine_min": 0.999, "top10_overlap": 0.95} and 0 < report["max_abs"]
+    graph = onnx.load(str(out / "embed.onnx"), load_external_data=False).graph
+    weights = collections.Counter(t.data_type for t in graph.initializer if len(t.dims) == 2)
+    assert weights[onnx.TensorProto.FLOAT16] >= 2 * 4  # the linear layers are fp16...
+    assert all(i.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16 for i in [*graph.input, *graph.output])
+    model, docs = ReMatch.from_pretrained(out, backend="onnx"), _texts(seed=31, n=5)
+    want = models[arch].match("which engine", docs)
+    for share in (True, False):
+        got = model.score("which engine", docs, share_prefix=share).p_yes
+        torch.testing.assert_close(got, want, atol=5e-3, rtol=0)
 
 
 def test_images_equal_the_reference(models, exports, arch):
@@ -99,8 +155,9 @@ def test_the_export_folder(exports, tiny_paths):
     folder = exports["qwen2-vl"]
     manifest = json.loads((folder / "export.json").read_text())
     assert manifest["precision"] == "fp32" and manifest["opset"] == 20 and manifest["format_version"] == 2
-    assert set(manifest["graphs"]) == {"vision", "embed", "match"} and all((folder / g["file"]).is_file()
-                                                                           for g in manifest["graphs"].values())
+    assert set(manifest["graphs"]) == {"vision", "embed", "match", "prefill", "match_prefix"}
+    assert all((folder / g["file"]).is_file() for g in manifest["graphs"].values())
+    assert manifest["graphs"]["match_prefix"]["inputs"]["prefix_keys"] == {"2": "prefix"}
     assert manifest["graphs"]["embed"]["inputs"]["input_ids"] == {"0": "batch", "1": "seq"}
     assert "window_index" not in manifest["graphs"]["vision"]["inputs"]  # Qwen2-VL attends over whole frames
     windows = json.loads((exports["qwen2.5-vl"] / "export.json").read_text())["graphs"]["vision"]["inputs"]
@@ -193,8 +250,8 @@ def test_tensorrt_lint(exports, tmp_path):
     from rematch_fast.export.lint import tensorrt_problems
 
     for arch, folder in exports.items():
-        assert json.loads((folder / "export.json").read_text())["tensorrt_lint"] == {"vision": [], "embed": [],
-                                                                                     "match": []}
+        lint = json.loads((folder / "export.json").read_text())["tensorrt_lint"]
+        assert lint == {g: [] for g in ("vision", "embed", "match", "prefill", "match_prefix")}
         assert tensorrt_problems(folder / "embed.onnx") == [] and tensorrt_problems(folder / "vision.onnx") == []
 
     def graph(nodes, inits, opset=20):
@@ -253,6 +310,45 @@ def test_int8_dynamic_passes_its_gate_and_the_gate_catches_outliers(tiny_paths, 
         assert not failed["passed"] and failed["failures"]
 
 
+def test_int8_weight_keeps_activations_and_survives_outlier_channels(tiny_paths, tmp_path, arch, exports):
+    """int8-weight: every linear layer of the decoder graphs an 8-bit MatMulNBits (activations
+    fp32), its gate passed; on a model with outlier channels too (they live in the activations,
+    which it leaves alone). The Gemm -> MatMul rewrite before it changes no output."""
+    import collections
+
+    import onnxruntime as ort
+
+    from rematch_fast.export.weight_only import gemms_as_matmuls
+
+    plain = onnx.load(str(exports[arch] / "match.onnx"))
+    assert gemms_as_matmuls(plain) == 2 * 4  # two layers, four linear layers each (the LM rows are a MatMul)
+    rewritten = tmp_path / "rewritten.onnx"
+    onnx.save(plain, str(rewritten), save_as_external_data=True, location="rewritten.onnx.data")
+    golden = json.loads((exports[arch] / "export.json").read_text())["golden"]
+    assert golden["written"]
+    from polygraphy.json import load_json
+
+    feed = load_json(str(exports[arch] / "golden" / "match_inputs.json"))[0]
+    before, after = (ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+                     for f in (exports[arch] / "match.onnx", rewritten))
+    assert abs(before - after).max() <= 1e-5
+    sources = {"plain": tiny_paths[arch]}
+    if arch == "qwen2-vl":
+        sources["outliers"] = _with_outlier_channels(tiny_paths[arch], tmp_path / "spiky")
+    for name, source in sources.items():
+        out = tmp_path / name
+        assert main(["export", "onnx", str(source), "--out", str(out), "--quiet", "--quantize", "int8-weight",
+                     "--parity"]) == EXIT_OK, name
+        report, manifest = (json.loads((out / f).read_text()) for f in ("parity.json", "export.json"))
+        assert report["passed"] and manifest["quantize"] == "int8-weight" and 0 < report["max_abs"]
+        graph = onnx.load(str(out / "embed.onnx"), load_external_data=False).graph
+        ops = collections.Counter(n.op_type for n in graph.node)
+        assert ops["MatMulNBits"] == 2 * 4 and not ops["Gemm"] and not ops["MatMulInteger"]
+        assert manifest["graphs"]["match_prefix"]["precision"] == "int8" == manifest["graphs"]["prefill"]["precision"]
+        assert all(a.i == 8 for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits")
+        assert any("com.microsoft" in p for p in manifest["tensorrt_lint"]["embed"])  # ONNX Runtime only
+
+
 def test_int8_qdq_is_symmetric_qdq_and_smoothquant_saves_outlier_channels(models, tiny_paths, tmp_path, monkeypatch):
     """int8-qdq: the linear layers as explicit symmetric Q/DQ (TensorRT's lint passes), its gate
     passed on a plain model; on a model with outlier channels SmoothQuant's scaling keeps more of
@@ -269,7 +365,7 @@ def test_int8_qdq_is_symmetric_qdq_and_smoothquant_saves_outlier_channels(models
                  "--calibration", str(calibration), "--parity"]) == EXIT_OK
     manifest = json.loads((out / "export.json").read_text())
     assert manifest["quantize"] == "int8-qdq" and manifest["calibration"]["texts"] == 12
-    assert manifest["tensorrt_lint"] == {"vision": [], "embed": [], "match": []}
+    assert manifest["tensorrt_lint"] == {g: [] for g in ("vision", "embed", "match", "prefill", "match_prefix")}
     assert manifest["graphs"]["vision"]["precision"] == "fp32" and manifest["graphs"]["embed"]["precision"] == "int8"
     ops = collections.Counter(n.op_type for n in onnx.load(str(out / "embed.onnx"), load_external_data=False).graph.node)
     layers = 2 * 4  # two decoder layers of the tiny model, four linear layers each
@@ -412,10 +508,10 @@ def test_tensorrt_profiles_and_engine_cache(exports, tmp_path):
 
     trt = FakeTensorRT()
     engines = rt.build_engines(folder, "fp16", trt=trt)
-    assert set(engines) == {"vision", "embed", "match"} and engines["embed"].read_bytes().endswith(b"embed.onnx")
+    assert set(engines) == set(GRAPHS) and engines["embed"].read_bytes().endswith(b"embed.onnx")
     set_shapes = {c[1] for c in trt.calls if c[0] == "set_shape"}
     vision_inputs = set(GRAPHS["vision"].inputs) - GRAPHS["vision"].optional  # Qwen2-VL: no windows
-    assert set_shapes == set(GRAPHS["embed"].inputs) | set(GRAPHS["match"].inputs) | vision_inputs
+    assert set_shapes == {k for g in ("embed", "match", "prefill", "match_prefix") for k in GRAPHS[g].inputs} | vision_inputs
     assert ("flag", "FP16") in trt.calls
     vision = rt.input_shapes("vision", rt.static_shapes(folder / "vision.onnx"), rt.DEFAULT_PROFILE)
     assert vision["frame_index"] == ((1, 4), (4, 1024), (64, 16384)) and vision["pixels"][2][0] == 65536
@@ -423,7 +519,7 @@ def test_tensorrt_profiles_and_engine_cache(exports, tmp_path):
     manifest = {"graphs": {"vision": {"precision": "fp32"}, "embed": {"precision": "int8"}}}
     assert rt.graph_precision(manifest, "vision", "int8") == "fp16"
     assert rt.graph_precision(manifest, "embed", "int8") == "int8" and rt.graph_precision(manifest, "vision", "fp32") == "fp32"
-    assert (folder / "tensorrt" / "timing.cache").read_bytes() == b"+++"  # reused by each next build, then saved
+    assert (folder / "tensorrt" / "timing.cache").read_bytes() == b"+" * len(GRAPHS)  # each build reuses it, then saves it
     again = FakeTensorRT()
     assert rt.build_engines(folder, "fp16", trt=again) == engines and ("builder",) not in again.calls  # cached
     other = rt.build_engines(folder, "fp16", profile=rt.parse_profile("seq=1:64:128"), trt=FakeTensorRT())
@@ -449,6 +545,8 @@ def test_tensorrt_refuses_a_graph_its_lint_flagged(tiny_paths, tmp_path):
     ["export", "tensorrt", "FOLDER", "--quantize", "int8-dynamic"],
     ["export", "tensorrt", "FOLDER", "--profile", "seq=4:2:1"],
     ["export", "tensorrt", "FOLDER", "--profile", "width=1:2:3"],
+    ["export", "onnx", "CKPT", "--out", "x", "--precision", "int8"],  # int8 is a --quantize preset
+    ["export", "onnx", "CKPT", "--out", "x", "--precision", "fp16", "--quantize", "int8-qdq"],
 ])
 def test_export_usage_errors_exit_2(args, capsys):
     from rematch_fast.cli import EXIT_USAGE
