@@ -120,6 +120,8 @@ def build_engines(folder: str | Path, precision: str = "fp16", profile: dict | N
     timing_file = cache / "timing.cache"
     engines = {}
     for graph, spec in GRAPHS.items():
+        if graph not in manifest.get("graphs", {}):  # the prefix graphs of a document-first template
+            continue
         built = graph_precision(manifest, graph, precision)
         key = engine_key(folder, graph, built, profile, trt.__version__)
         engine_file = cache / f"{graph}-{built}-{key}.engine"
@@ -151,4 +153,15 @@ def build_engines(folder: str | Path, precision: str = "fp16", profile: dict | N
         engine_file.write_bytes(bytes(serialized))
         timing_file.write_bytes(bytes(config.get_timing_cache().serialize()))
         engines[graph] = engine_file
+    _record(cache, precision, engines)
     return engines
+
+
+ENGINES_INDEX = "engines.json"  # in the cache folder: {precision: {graph: engine file name}}, what backend="tensorrt" opens
+
+
+def _record(cache: Path, precision: str, engines: dict[str, Path]) -> None:
+    index_file = cache / ENGINES_INDEX
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    index[precision] = {graph: path.name for graph, path in engines.items()}
+    index_file.write_text(json.dumps(index, indent=2) + "\n")

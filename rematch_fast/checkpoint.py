@@ -26,7 +26,7 @@ REMATCH_CONFIG = "rematch_config.json"
 REMATCH_HEAD = "rematch_head.safetensors"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 EXPORT_MANIFEST = "export.json"  # what marks an export folder (rematch_fast.export)
-EXPORT_BACKENDS = ("onnx",)  # the backends that run export folders
+EXPORT_BACKENDS = ("onnx", "tensorrt")  # the backends that run export folders
 _SAMPLE = 1 << 20  # bytes of a weight file read at each of three places for the fingerprint
 # our architecture name -> transformers' model and config classes
 TRANSFORMERS_CLASSES = {

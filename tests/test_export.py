@@ -10,11 +10,11 @@ from pathlib import Path
 import onnx  # noqa: F401 - the test extra installs it: missing, this file fails rather than skips
 import pytest
 import torch
-
 from conftest import random_image
+from rematch_fast.export.onnx import GRAPHS
+
 from rematch_fast import CheckpointError, InputError, Item, ReMatch
 from rematch_fast.cli import EXIT_ERROR, EXIT_OK, main
-from rematch_fast.export.onnx import GRAPHS
 
 TOL = GRAPHS["embed"].tolerance["unit"]  # fp32: 1e-4 max abs against the reference
 
@@ -133,8 +133,8 @@ def test_the_vision_graph_at_new_grids(tiny_paths, exports, arch):
     """vision.onnx alone against the torch tower: one image, many, a long thin one; for
     Qwen2.5-VL, windows cut at the image's edge."""
     import onnxruntime as ort
-
     from rematch_fast.export.onnx import vision_inputs
+
     from rematch_fast.model.vision import vision_inverse_frequencies
 
     fast = ReMatch.from_pretrained(tiny_paths[arch], backend="fast", kernels="torch")
@@ -246,7 +246,6 @@ def test_export_with_parity_writes_its_report(tiny_paths, tmp_path):
 def test_tensorrt_lint(exports, tmp_path):
     """The exported graphs pass; integer ops, asymmetric Q/DQ and a newer opset are named."""
     from onnx import TensorProto, helper
-
     from rematch_fast.export.lint import tensorrt_problems
 
     for arch, folder in exports.items():
@@ -317,7 +316,6 @@ def test_int8_weight_keeps_activations_and_survives_outlier_channels(tiny_paths,
     import collections
 
     import onnxruntime as ort
-
     from rematch_fast.export.weight_only import gemms_as_matmuls
 
     plain = onnx.load(str(exports[arch] / "match.onnx"))
@@ -432,8 +430,12 @@ class FakeTensorRT:
         fake = self
 
         class Profile:
+            def __init__(self):
+                self.shapes = {}
+
             def set_shape(self, name, lo, opt, hi):
                 fake.calls.append(("set_shape", name, lo, opt, hi))
+                self.shapes[name] = [list(lo), list(opt), list(hi)]
 
         class Cache:
             def __init__(self, data):
@@ -448,6 +450,7 @@ class FakeTensorRT:
 
             def add_optimization_profile(self, profile):
                 fake.calls.append(("profile",))
+                self.profile = profile
 
             def create_timing_cache(self, data):
                 fake.calls.append(("timing_in", data))
@@ -485,10 +488,88 @@ class FakeTensorRT:
             def create_optimization_profile(self):
                 return Profile()
 
-            def build_serialized_network(self, network, config):
-                return ("engine of " + network.path).encode()
+            def build_serialized_network(self, network, config):  # an "engine": its graph and profile
+                return json.dumps({"onnx": network.path, "profile": config.profile.shapes}).encode()
 
         self.Builder, self.OnnxParser = Builder, Parser
+
+    # the runtime: an engine runs its ONNX graph with ONNX Runtime, reading its inputs from and
+    # writing its outputs to the addresses bound to it, as TensorRT would on a GPU
+    class TensorIOMode:
+        INPUT, OUTPUT = "input", "output"
+
+    class DataType:
+        FLOAT, HALF, INT32, INT64, BOOL, INT8 = 1, 10, 6, 7, 9, 3  # ONNX's element type numbers
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            return FakeEngine(json.loads(data))
+
+
+class FakeEngine:
+    def __init__(self, built):
+        import onnxruntime as ort
+
+        self.profile = built["profile"]
+        graph = onnx.load(built["onnx"], load_external_data=False).graph
+        self.io = [(t.name, "input", t.type.tensor_type.elem_type) for t in graph.input]
+        self.io += [(t.name, "output", t.type.tensor_type.elem_type) for t in graph.output]
+        self.session = ort.InferenceSession(built["onnx"], providers=["CPUExecutionProvider"])
+
+    num_io_tensors = property(lambda self: len(self.io))
+
+    def get_tensor_name(self, i):
+        return self.io[i][0]
+
+    def get_tensor_mode(self, name):
+        return {n: m for n, m, _ in self.io}[name]
+
+    def get_tensor_dtype(self, name):
+        return {n: t for n, _, t in self.io}[name]
+
+    def get_tensor_profile_shape(self, name, index):
+        return self.profile[name]
+
+    def create_execution_context(self):
+        return FakeContext(self)
+
+
+class FakeContext:
+    def __init__(self, engine):
+        self.engine, self.shapes, self.addresses, self.results = engine, {}, {}, None
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name], self.results = tuple(shape), None
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+
+    def _array(self, name, elem):
+        import ctypes
+
+        import numpy as np
+
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
+        n = int(np.prod(self.shapes[name])) * np.dtype(dtype).itemsize
+        raw = (ctypes.c_char * n).from_address(self.addresses[name]) if n else b""
+        return np.frombuffer(bytes(raw), dtype=dtype).reshape(self.shapes[name])
+
+    def get_tensor_shape(self, name):
+        if self.results is None:  # output shapes follow from the inputs: run the graph
+            feed = {n: self._array(n, t) for n, m, t in self.engine.io if m == "input"}
+            outputs = [n for n, m, _ in self.engine.io if m == "output"]
+            self.results = dict(zip(outputs, self.engine.session.run(outputs, feed)))
+        return self.results[name].shape
+
+    def execute_async_v3(self, stream):
+        import ctypes
+
+        for name, value in self.results.items():
+            ctypes.memmove(self.addresses[name], value.ctypes.data, value.nbytes)
+        return True
 
 
 def test_tensorrt_profiles_and_engine_cache(exports, tmp_path):
@@ -508,7 +589,7 @@ def test_tensorrt_profiles_and_engine_cache(exports, tmp_path):
 
     trt = FakeTensorRT()
     engines = rt.build_engines(folder, "fp16", trt=trt)
-    assert set(engines) == set(GRAPHS) and engines["embed"].read_bytes().endswith(b"embed.onnx")
+    assert set(engines) == set(GRAPHS) and json.loads(engines["embed"].read_bytes())["onnx"].endswith("embed.onnx")
     set_shapes = {c[1] for c in trt.calls if c[0] == "set_shape"}
     vision_inputs = set(GRAPHS["vision"].inputs) - GRAPHS["vision"].optional  # Qwen2-VL: no windows
     assert set_shapes == {k for g in ("embed", "match", "prefill", "match_prefix") for k in GRAPHS[g].inputs} | vision_inputs
@@ -526,6 +607,38 @@ def test_tensorrt_profiles_and_engine_cache(exports, tmp_path):
     assert other["embed"] != engines["embed"]  # another profile, another engine
     with pytest.raises(InputError, match="int8-qdq"):
         rt.build_engines(folder, "int8", trt=FakeTensorRT())
+
+
+def test_backend_tensorrt_binds_engines_and_checks_their_profiles(models, exports, tmp_path, monkeypatch):
+    """backend="tensorrt" end to end over fake engines that run the ONNX graphs: inputs bound at
+    the engines' dtypes, outputs at the shapes they infer, results equal to the reference model
+    (texts, images, both matching paths); a size outside an engine's profile is an InputError."""
+    from rematch_fast.export import tensorrt as rt
+
+    from rematch_fast.backends import tensorrt as backend
+
+    folder = tmp_path / "exp"
+    shutil.copytree(exports["qwen2.5-vl"], folder)
+    fake = FakeTensorRT()
+    rt.build_engines(folder, "fp16", trt=fake)
+    with pytest.raises(InputError, match="NVIDIA GPU"):
+        ReMatch.from_pretrained(folder, backend="tensorrt")  # on the CPU
+    monkeypatch.setattr(backend, "_tensorrt", lambda: fake)
+    monkeypatch.setattr(backend, "ENGINE_DEVICE", "cpu")
+    with pytest.raises(CheckpointError, match="no int8 engines"):
+        ReMatch.from_pretrained(folder, backend="tensorrt", precision="int8")
+    model, ref = ReMatch.from_pretrained(folder, backend="tensorrt"), models["qwen2.5-vl"]
+    items = _texts(seed=61, n=3) + [Item(image=random_image(130, 70, seed=62)), Item(text="c", image=random_image(60, 90, seed=63))]
+    got, want = model.encode(items, side="document", batch_size=2), ref.encode(items, side="document")
+    torch.testing.assert_close(got.unit, want.unit, atol=TOL, rtol=0)  # the fake's engines are the fp32 graphs
+    for share in (True, False):
+        result = model.score("which one", items, batch_size=3, share_prefix=share)
+        assert result.path == ("shared-prefix" if share else "full")
+        torch.testing.assert_close(result.p_yes, ref.match("which one", items), atol=TOL, rtol=0)
+    rt.build_engines(folder, "fp32", profile=rt.parse_profile("seq=1:8:16"), trt=fake)
+    narrow = ReMatch.from_pretrained(folder, backend="tensorrt", precision="fp32")
+    with pytest.raises(InputError, match="input input_ids has size .* on axis 1, outside the engine's profile 1..16"):
+        narrow.encode(["a text long enough to need more than sixteen tokens, with its template around it"])
 
 
 def test_tensorrt_refuses_a_graph_its_lint_flagged(tiny_paths, tmp_path):

@@ -5,6 +5,7 @@ from .base import Backend, PrefixBackend, backend_factory, create_backend, regis
 register_backend("reference", "rematch_fast.backends.reference:ReferenceBackend")
 register_backend("fast", "rematch_fast.backends.fast:FastBackend")
 register_backend("onnx", "rematch_fast.backends.onnx:OnnxBackend")
+register_backend("tensorrt", "rematch_fast.backends.tensorrt:TensorRTBackend")
 
 
 
