@@ -8,6 +8,8 @@ Providers, timed round-robin in one run (medians), each embedding the same texts
   onnx-int8-dynamic  the same with the int8-dynamic preset
   onnx-int8-weight the same with the int8-weight preset (8-bit weight-only MatMulNBits)
   onnx-int8-qdq    the same with the int8-qdq preset (SmoothQuant, static Q/DQ)
+  torch-fast-cuda  on a machine with a GPU only: the fast backend on it in bf16, beside the
+                   CPU providers (ONNX Runtime's CPU provider against the GPU engine, one run)
 cosine_min and top10_overlap compare each provider's embeddings with torch-reference's
 (rematch_fast.export.parity.compare: each text as a query and as a document).
 
@@ -41,7 +43,7 @@ def main(argv=None) -> str:
     ap.add_argument("--iters", type=int, default=5, help="timed rounds (default: 5)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
-    dev = torch.device("cpu")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # what the timer synchronises
     res = Results(args.out, "export")
     arch, sizes = MODELS[args.model]
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,13 +58,16 @@ def main(argv=None) -> str:
                   "onnx-int8-dynamic": ReMatch.from_pretrained(Path(tmp) / "onnx-int8", backend="onnx"),
                   "onnx-int8-weight": ReMatch.from_pretrained(Path(tmp) / "onnx-weight", backend="onnx"),
                   "onnx-int8-qdq": ReMatch.from_pretrained(Path(tmp) / "onnx-qdq", backend="onnx")}
+        if dev.type == "cuda":
+            models["torch-fast-cuda"] = ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=torch.bfloat16)
         lengths = np.random.default_rng(0).integers(32, 129, args.texts)
         texts = texts_of_lengths(models["torch-fast"], lengths, seed=1)
         tokens = int(lengths.sum())
         ms = interleaved_median_ms({name: (lambda m=m: m.encode(texts, side="document")) for name, m in models.items()},
                                    dev, iters=args.iters, warmup=1)
         for name, m in models.items():
-            quality = compare(models["torch-reference"], m, texts, "int8" if "int8" in name else "fp32")
+            precision = "int8" if "int8" in name else "fp16" if name.endswith("cuda") else "fp32"
+            quality = compare(models["torch-reference"], m, texts, precision)
             res.add(model=args.model, provider=name, texts=len(texts), ms=ms[name], tokens_per_s=tokens / ms[name] * 1e3,
                     x_torch=ms["torch-reference"] / ms[name], cosine_min=quality.cosine_min,
                     top10_overlap=quality.top10_overlap, threads=torch.get_num_threads())
