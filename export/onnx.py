@@ -177,7 +177,7 @@ class VisionGraph(nn.Module):
     def forward(self, pixels, cos, sin, frame_index, frame_keep, frame_back,
                 window_index=None, window_keep=None, window_back=None):
         tower = self.visual
-        x = tower.patch_embed(pixels.to(tower.patch_embed.weight.dtype))
+        x = tower.patch_embed(pixels.to(tower.merger.ln_q.weight.dtype))
         frames, windows = (frame_index, frame_keep, frame_back), (window_index, window_keep, window_back)
         for i, blk in enumerate(tower.blocks):
             full = window_index is None or i in tower.cfg.fullatt_blocks

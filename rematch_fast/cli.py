@@ -42,8 +42,9 @@ def _log(msg: str) -> None:
 def _load_model(args):
     from .api import ReMatch
 
+    options = {"quantize": args.quantize} if args.quantize else {}  # a fast-backend option
     return ReMatch.from_pretrained(args.checkpoint, backend=args.backend, device=args.device, dtype=args.dtype,
-                                   max_image_pixels=args.max_image_pixels or None)
+                                   max_image_pixels=args.max_image_pixels or None, **options)
 
 
 # -- outputs: checked before any work, never replaced without --overwrite ------------------
@@ -384,6 +385,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help=f"implementation to run, one of {registered_backends()} (default: reference)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda or cuda:1 (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(MODEL_DTYPES), help="model dtype (default: float32)")
+    p.add_argument("--quantize", choices=["bf16", "int8-weight"],
+                   help="weight format of the linear layers, with --backend fast: bf16 (the model dtype, the "
+                        "default) or int8-weight (int8 weights, one scale per output channel)")
     p.add_argument("--batch-size", type=int, help=f"most sequences per forward pass (default: {EMBED_BATCH_SIZE} when "
                                                   f"embedding, {MATCH_BATCH_SIZE} when matching; the token budget "
                                                   "binds first for long inputs)")

@@ -81,7 +81,7 @@ def test_bench_export_small(tmp_path):
     _script("bench_export").main(["--model", "tiny", "--texts", "4", "--iters", "1", "--out", str(tmp_path)])
     rows = [json.loads(line) for line in (tmp_path / "export.jsonl").read_text().splitlines()]
     assert {r["provider"] for r in rows} == {"torch-reference", "torch-fast", "onnx-fp32", "onnx-int8-dynamic",
-                                             "onnx-int8-qdq"}
+                                             "onnx-int8-weight", "onnx-int8-qdq"}
     assert all(r["ms"] > 0 and r["cosine_min"] > (0.99 if "int8" in r["provider"] else 0.9999) for r in rows)
 
 

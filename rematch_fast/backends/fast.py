@@ -16,6 +16,7 @@ from ..model.batch import PackedBatch
 from ..model.cascade import PrefixKV
 from ..model.config import model_config
 from ..model.loader import load_model
+from ..model.quant import check_preset, quantize_linears
 from ..ops import select_ops
 from ..sequence import Sequence
 from .base import INPUT_KINDS
@@ -28,18 +29,22 @@ class FastBackend:
     inputs = frozenset(INPUT_KINDS)
 
     def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, latency_buckets=(),
-                 kernels="auto", share_prefix: bool = True):
+                 kernels="auto", share_prefix: bool = True, quantize: str | None = None):
         """latency_buckets: sequence lengths (e.g. (64, 128, 256)) for which a single text query, or
         a small batch of them, runs with static shapes, as a CUDA graph on CUDA (see latency.py).
         kernels: "auto" (Triton kernels on CUDA, torch elsewhere) or "torch" (torch references everywhere).
         share_prefix: compute the embed template's part before the item once per side and let every
-        embedding batch continue it (False: every sequence from its first token, for comparison)."""
+        embedding batch continue it (False: every sequence from its first token, for comparison).
+        quantize: the linear layers' weight format, a preset of rematch_fast.model.quant ("bf16",
+        the default: the model's dtype; "int8-weight": int8 weights per output channel)."""
+        self.quantize = check_preset(quantize)  # before any weight is read
         self.device, self.dtype = device, dtype
         self.share_prefix = share_prefix
         self._template_prefixes: dict[tuple[int, ...], PrefixKV] = {}  # template ids -> their keys/values
         self.ops = select_ops(kernels, device)
         self.cfg = model_config(ckpt)
         self.model = load_model(ckpt.path, self.cfg, device, dtype, self.ops)
+        quantize_linears(self.model, self.quantize)
         self.image_token_id = ckpt.special_tokens.image
         self.latency = None
         if latency_buckets:

@@ -81,7 +81,7 @@ class VisionTower(nn.Module):
     def forward(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """pixels [P, 3*T*p*p], grid_thw [n, 3] -> merged features [P / m^2, d], image by image."""
         cfg, m = self.cfg, self.cfg.merge_size
-        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))  # [P, C]
+        x = self.patch_embed(pixels.to(self.merger.ln_q.weight.dtype))  # [P, C], in the model's dtype
         angles = patch_angles(grid_thw.tolist(), m, self.inv_freq)
         full = _image_plan(grid_thw.tolist(), x.device)
         order = None

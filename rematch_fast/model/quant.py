@@ -1,0 +1,96 @@
+"""Weight formats of the linear layers: the one seam every quantization preset goes through.
+
+`quantize_linears(model, preset)` replaces every linear layer of the model (decoder, vision
+tower, patch embedding, patch merger; fused q/k/v and gate/up keep their parts) by the preset's
+module, one layer at a time, so the full-precision copy of a layer is freed as soon as its
+quantized one exists. Presets:
+
+- "bf16": the weights stay in the model's own dtype (nothing is replaced).
+- "int8-weight": weight-only int8, symmetric, one scale per output channel (absmax / 127).
+  Activations stay in the model's dtype and are never quantized, so outlier activation
+  channels pass exactly; only the weights' rounding remains (at most half a step per weight).
+  The matmul is `torch._weight_int8pack_mm` on the CPU; elsewhere the torch reference
+  (`int8_weight_mm_torch`: widen the weights, then matmul) until a GPU benchmark picks a kernel.
+
+fp8, bnb-int8 and bnb-nf4 are planned: asking for them is an InputError that says so.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from .layers import FusedLinear
+
+PRESETS = ("bf16", "int8-weight")
+PLANNED = ("fp8", "bnb-int8", "bnb-nf4")
+
+
+def check_preset(preset: str | None) -> str:
+    """The preset, validated ("bf16" for None)."""
+    preset = preset or "bf16"
+    if preset in PLANNED:
+        raise InputError(f"quantize preset {preset!r} is not available yet; available: {PRESETS}")
+    if preset not in PRESETS:
+        raise InputError(f"unknown quantize preset {preset!r}; choose from {PRESETS}")
+    return preset
+
+
+def int8_weight_mm_torch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The reference: x [M, K] @ (weight [N, K] int8 * scale [N]).T, in x's dtype."""
+    return x @ (weight.to(x.dtype) * scale.to(x.dtype)[:, None]).T
+
+
+def int8_weight_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Dispatch: torch's packed int8 kernel on the CPU (fp32, bf16, fp16 activations), the
+    reference elsewhere."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return torch._weight_int8pack_mm(x.contiguous(), weight, scale.to(x.dtype))
+    return int8_weight_mm_torch(x, weight, scale)
+
+
+class Int8WeightLinear(nn.Module):
+    """A linear layer whose weights are int8 with one scale per output channel. A fused
+    projection keeps its `parts` (and `split`), its rows each with their own scale."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 parts: dict[str, int] | None = None):
+        super().__init__()
+        self.register_buffer("weight", weight)  # [N, K] int8
+        self.register_buffer("scale", scale)  # [N] fp32
+        self.register_buffer("bias", bias)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.parts = parts
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8WeightLinear:
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
+        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(q, scale, bias, getattr(linear, "parts", None))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = int8_weight_mm(x.reshape(-1, self.in_features), self.weight, self.scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self(x).split(list(self.parts.values()), dim=-1)
+
+    rows = FusedLinear.rows
+
+
+def quantize_linears(model: nn.Module, preset: str | None) -> int:
+    """Replace every linear layer of `model` in place by `preset`'s module; returns how many."""
+    preset = check_preset(preset)
+    if preset == "bf16":
+        return 0
+    # the LM head is never run as a layer: matching reads two of its rows (QwenVL.output_rows)
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"]
+    for name, linear in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, Int8WeightLinear.from_linear(linear))  # the old weights go with the old module
+    return len(targets)
