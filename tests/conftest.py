@@ -46,6 +46,22 @@ def random_image(w, h, seed, mode="RGB"):
     return Image.fromarray(a, "RGB") if mode == "RGB" else Image.fromarray(a, "RGB").convert(mode)
 
 
+def with_outlier_channels(src, dst):
+    """A copy of a tiny checkpoint whose hidden states carry outlier channels: three channels of
+    every norm weight scaled x50, as trained LLMs have (random weights have none)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    for name, w in weights.items():
+        if name.endswith("layernorm.weight"):
+            w[:3] *= 50
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
 # Benchmarks time things rather than test them: run them only when asked (pytest --benchmark-only).
 def pytest_collection_modifyitems(config, items):
     if config.getoption("benchmark_only", False):

@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx  # noqa: F401 - the test extra installs it: missing, this file fails rather than skips
 import pytest
 import torch
-from conftest import random_image
+from conftest import random_image, with_outlier_channels
 from rematch_fast.export.onnx import GRAPHS
 
 from rematch_fast import CheckpointError, InputError, Item, ReMatch
@@ -274,20 +274,6 @@ def test_tensorrt_lint(exports, tmp_path):
     assert tensorrt_problems(graph([helper.make_node("Identity", ["x"], ["y"])], [], opset=21)) == ["opset 21 > 20"]
 
 
-def _with_outlier_channels(src, dst):
-    """A copy of a tiny checkpoint whose hidden states carry outlier channels: three channels of
-    every norm weight scaled x50, as trained LLMs have (random weights have none)."""
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    weights = load_file(str(dst / "model.safetensors"))
-    for name, w in weights.items():
-        if name.endswith("layernorm.weight"):
-            w[:3] *= 50
-    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
-
-
 def test_int8_dynamic_passes_its_gate_and_the_gate_catches_outliers(tiny_paths, tmp_path, arch):
     """int8-dynamic keeps cosine >= 0.99 and top-10 overlap >= 0.9 on a plain model; with outlier
     channels its per-tensor activations lose ranking quality, and `export --parity` says so."""
@@ -301,7 +287,7 @@ def test_int8_dynamic_passes_its_gate_and_the_gate_catches_outliers(tiny_paths, 
     assert any("integer" in p for p in manifest["tensorrt_lint"]["embed"])  # never offered to TensorRT
     assert not list(out.glob("*.q*")) and not (out / ".quantized").exists()  # no leftovers
     if arch == "qwen2-vl":
-        spiky = _with_outlier_channels(tiny_paths[arch], tmp_path / "spiky")
+        spiky = with_outlier_channels(tiny_paths[arch], tmp_path / "spiky")
         out2 = tmp_path / "q2"
         assert main(["export", "onnx", str(spiky), "--out", str(out2), "--quiet", "--quantize", "int8-dynamic",
                      "--parity"]) == EXIT_ERROR
@@ -332,7 +318,7 @@ def test_int8_weight_keeps_activations_and_survives_outlier_channels(tiny_paths,
     assert abs(before - after).max() <= 1e-5
     sources = {"plain": tiny_paths[arch]}
     if arch == "qwen2-vl":
-        sources["outliers"] = _with_outlier_channels(tiny_paths[arch], tmp_path / "spiky")
+        sources["outliers"] = with_outlier_channels(tiny_paths[arch], tmp_path / "spiky")
     for name, source in sources.items():
         out = tmp_path / name
         assert main(["export", "onnx", str(source), "--out", str(out), "--quiet", "--quantize", "int8-weight",
@@ -374,7 +360,7 @@ def test_int8_qdq_is_symmetric_qdq_and_smoothquant_saves_outlier_channels(models
     engines = rt.build_engines(out, "int8", trt=trt)  # the int8 graph TensorRT takes
     assert engines["embed"].name.startswith("embed-int8-") and engines["vision"].name.startswith("vision-fp16-")
     assert ("flag", "INT8") in trt.calls and ("flag", "FP16") in trt.calls
-    spiky = _with_outlier_channels(tiny_paths["qwen2-vl"], tmp_path / "spiky")
+    spiky = with_outlier_channels(tiny_paths["qwen2-vl"], tmp_path / "spiky")
     ref = ReMatch.from_pretrained(spiky)
 
     def quality(name, quantize):

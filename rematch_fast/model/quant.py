@@ -9,8 +9,9 @@ quantized one exists. Presets:
 - "int8-weight": weight-only int8, symmetric, one scale per output channel (absmax / 127).
   Activations stay in the model's dtype and are never quantized, so outlier activation
   channels pass exactly; only the weights' rounding remains (at most half a step per weight).
-  The matmul is `torch._weight_int8pack_mm` on the CPU; elsewhere the torch reference
-  (`int8_weight_mm_torch`: widen the weights, then matmul) until a GPU benchmark picks a kernel.
+  The matmul is `torch._weight_int8pack_mm` on the CPU (see `int8_weight_mm` for its rule);
+  elsewhere the torch reference (`int8_weight_mm_torch`: widen the weights, then matmul) until
+  a GPU benchmark picks a kernel.
 
 fp8, bnb-int8 and bnb-nf4 are planned: asking for them is an InputError that says so.
 """
@@ -42,9 +43,11 @@ def int8_weight_mm_torch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Ten
 
 
 def int8_weight_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Dispatch: torch's packed int8 kernel on the CPU (fp32, bf16, fp16 activations), the
-    reference elsewhere."""
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+    """Dispatch: torch's packed int8 kernel on the CPU for fp32 and fp16 activations, and for
+    bf16 when K is a multiple of 16 (torch 2.13's bf16 kernel crashes the process otherwise);
+    the reference everywhere else."""
+    if x.device.type == "cpu" and (x.dtype in (torch.float32, torch.float16)
+                                   or x.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0):
         return torch._weight_int8pack_mm(x.contiguous(), weight, scale.to(x.dtype))
     return int8_weight_mm_torch(x, weight, scale)
 

@@ -1,0 +1,96 @@
+"""The linear layers' weight formats (rematch_fast.model.quant): the int8-weight kernel against
+its torch reference, the quantized layer against the float one, and whole models (with outlier
+channels injected) against the unquantized model through the parity gate."""
+import pytest
+import torch
+from torch import nn
+
+from conftest import random_image, with_outlier_channels
+from rematch_fast import InputError, Item, ReMatch
+from rematch_fast.cli import EXIT_OK, EXIT_USAGE, main
+from rematch_fast.model import quant
+from rematch_fast.model.layers import FusedLinear
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_kernel_equals_its_reference(dtype):
+    """torch's packed int8 matmul (the CPU path) against widen-then-matmul, at awkward shapes
+    (in bf16, K = 129 and 200 take the reference: torch's bf16 kernel crashes on them)."""
+    g = torch.Generator().manual_seed(20261126)
+    for m, k, n in [(1, 48, 96), (7, 129, 33), (33, 64, 7), (64, 200, 130), (3, 40, 16)]:
+        x = torch.randn(m, k, generator=g).to(dtype)
+        w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        scale = torch.rand(n, generator=g) * 0.02 + 1e-3
+        got, want = quant.int8_weight_mm(x, w, scale), quant.int8_weight_mm_torch(x.float(), w, scale)
+        assert got.dtype == dtype and got.shape == (m, n)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding
+        torch.testing.assert_close(got.float(), want, atol=tol * want.abs().max().item(), rtol=0)
+
+
+def test_a_quantized_layer_is_within_half_a_step_and_keeps_its_parts():
+    g = torch.Generator().manual_seed(7)
+    fused = FusedLinear(40, {"q_proj": 24, "k_proj": 8, "v_proj": 8}, bias=True)
+    with torch.no_grad():
+        fused.weight.copy_(torch.randn(40, 40, generator=g))
+        fused.weight[:, 3] *= 50  # an outlier input column: its rows' scales grow, others' do not
+        fused.bias.copy_(torch.randn(40, generator=g))
+    q = quant.Int8WeightLinear.from_linear(fused)
+    assert q.weight.dtype == torch.int8 and q.scale.shape == (40,)
+    widened = q.weight.float() * q.scale[:, None]
+    assert ((widened - fused.weight).abs() <= q.scale[:, None] / 2 + 1e-6).all()  # round to nearest, per row
+    x = torch.randn(3, 5, 40, generator=g)
+    want = torch.nn.functional.linear(x, widened, fused.bias)
+    torch.testing.assert_close(q(x), want, atol=1e-4, rtol=1e-5)
+    for got, ref in zip(q.split(x), want.split([24, 8, 8], dim=-1)):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
+    assert q.rows("k_proj") == slice(24, 32)
+
+
+def test_every_linear_layer_but_the_lm_head_is_replaced(tiny_paths, arch):
+    model = ReMatch.from_pretrained(tiny_paths[arch], backend="fast", quantize="int8-weight")
+    net = model.backend.model
+    quantized = [n for n, m in net.named_modules() if isinstance(m, quant.Int8WeightLinear)]
+    left = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    assert left == ([] if net.cfg.text.tie_word_embeddings else ["lm_head"])
+    layers = net.cfg.text.num_layers
+    assert len(quantized) == 4 * layers + (4 * len(net.visual.blocks) + 3)  # qkv, o, gate_up, down; vision + embed + merger
+    assert "visual.patch_embed" in quantized and "decoder.layers.0.qkv_proj" in quantized
+
+
+def test_int8_weight_passes_the_int8_gate_with_outlier_channels(tiny_paths, tmp_path, arch):
+    """Against the same model unquantized: the int8 gate (cosine >= 0.99, top-10 overlap >= 0.9)
+    on texts and images, with outlier channels injected into the hidden states; the CPU kernel
+    path equals the torch reference path."""
+    from rematch_fast.export.parity import compare
+
+    spiky = with_outlier_channels(tiny_paths[arch], tmp_path / "spiky")
+    full = ReMatch.from_pretrained(spiky, backend="fast")
+    int8 = ReMatch.from_pretrained(spiky, backend="fast", quantize="int8-weight")
+    report = compare(full, int8, precision="int8")
+    assert report, report.summary()
+    assert report.images > 0 and 0 < report.max_abs and report.cosine_min < 1 - 1e-7  # really quantized
+    items = ["a text", Item(text="a caption", image=random_image(97, 41, seed=9))]
+    through_kernel = int8.encode(items).unit
+    reference = pytest.MonkeyPatch.context()
+    with reference as mp:
+        mp.setattr(quant, "int8_weight_mm", quant.int8_weight_mm_torch)
+        through_reference = int8.encode(items).unit
+    torch.testing.assert_close(through_kernel, through_reference, atol=1e-4, rtol=0)
+
+
+def test_presets_are_checked_before_any_weight_is_read(tiny_paths, tmp_path):
+    with pytest.raises(InputError, match="'fp8' is not available yet"):
+        ReMatch.from_pretrained(tiny_paths["qwen2-vl"], backend="fast", quantize="fp8")
+    with pytest.raises(InputError, match="unknown quantize preset 'int4'"):
+        ReMatch.from_pretrained(tiny_paths["qwen2-vl"], backend="fast", quantize="int4")
+    with pytest.raises(InputError, match="backend 'reference' takes no option \\['quantize'\\]"):
+        ReMatch.from_pretrained(tiny_paths["qwen2-vl"], quantize="int8-weight")
+    plain = ReMatch.from_pretrained(tiny_paths["qwen2-vl"], backend="fast", quantize="bf16")  # the model's dtype
+    assert not any(isinstance(m, quant.Int8WeightLinear) for m in plain.backend.model.modules())
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"id": "a", "text": "one"}\n{"id": "b", "text": "two"}\n')
+    args = ["embed", str(tiny_paths["qwen2-vl"]), str(corpus), "--quiet", "--backend", "fast"]
+    assert main(args + ["--out", str(tmp_path / "i"), "--quantize", "int8-weight"]) == EXIT_OK
+    with pytest.raises(SystemExit) as exited:  # argparse's own choice check
+        main(args + ["--out", str(tmp_path / "j"), "--quantize", "nf3"])
+    assert exited.value.code == EXIT_USAGE
