@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU benchmark in one call (installs nothing): matching (W3, W3s, W3f), embedding (W1, W1e, W2,
-# W5) on Qwen2.5-VL-3B shapes with hf beside every figure, search (W4), pooling. Budget: at most 9.6
-# minutes on one 80 GB card (the parts' limits; --tests adds at most 2.5);
+# W5) on Qwen2.5-VL-3B shapes with hf beside every figure, search (W4), pooling, low precision (W6 and
+# the presets on the whole model). Budget: at most 10.6 minutes on one 80 GB card (the parts' limits;
+# --tests adds at most 2.5): past a 10-minute call limit, run it in two calls with PARTS (below);
 # each part runs under its own time limit (PART_LIMITS below), so one hang cannot starve the others.
 # Usage: benchmarks/gpu_suite.sh OUT_DIR [--tests]   (run from the repository root)
 #   --tests  first run the CUDA-only tests (kernels, fast engine, CUDA graphs), under their own limit
@@ -14,10 +15,11 @@ mkdir -p "$out"
 # seconds per part (LIMIT_TESTS, LIMIT_POOLING, ... override them): a part past its limit is killed
 # and reported, and the suite goes on
 declare -A PART_LIMITS=([tests]=${LIMIT_TESTS:-150} [pooling]=${LIMIT_POOLING:-45} [search]=${LIMIT_SEARCH:-90}
-                        [embed]=${LIMIT_EMBED:-240} [match]=${LIMIT_MATCH:-200})
+                        [embed]=${LIMIT_EMBED:-240} [match]=${LIMIT_MATCH:-200} [quant]=${LIMIT_QUANT:-60})
 # newest work first, so that a call cut short still brings back the figures that matter most;
 # matching and embedding also write a profile of the fast engine (*_profile*.txt) for tuning
-parts=(match embed search pooling)
+# PARTS="quant search" runs only those
+read -r -a parts <<< "${PARTS:-match embed search pooling quant}"
 declare -A PART_ARGS=([match]=--profile [embed]=--profile)
 # rematch_fast.kernels is the top-level kernels/ folder mapped by setup.py: the package must be installed,
 # a bare PYTHONPATH cannot map it.
@@ -52,6 +54,11 @@ for part in "${parts[@]}"; do
     run_part "$part" "$out/$part.log" python3 "benchmarks/bench_$part.py" --gpu --out "$out" ${PART_ARGS[$part]:-}
 done
 for part in "${parts[@]}"; do
-    echo; echo "## $part"; grep '^#' "$out/$part.log" || true; cat "$out/$part.md" 2>/dev/null || echo "(no table)"
+    echo; echo "## $part"; grep '^#' "$out/$part.log" || true
+    found=0
+    for table in "$out/$part".md "$out/$part"_*.md; do  # quant writes quant_w6.md and quant_model.md
+        [ -f "$table" ] && { cat "$table"; found=1; }
+    done
+    [ $found = 1 ] || echo "(no table)"
 done
 exit $status

@@ -52,6 +52,7 @@ def test_gpu_suite_limits_each_part_and_goes_on(tmp_path):
         '  *bench_pooling*) echo "# pooling ran"; echo "| provider |" > "${@: -1}/pooling.md" ;;\n'
         '  *bench_search*) exec sleep 60 ;;\n'
         '  *bench_embed*) echo boom; exit 3 ;;\n'
+        '  *bench_quant*) echo "| w6 |" > "${@: -1}/quant_w6.md"; echo "| model |" > "${@: -1}/quant_model.md" ;;\n'
         'esac\n')
     for f in bin_dir.iterdir():
         f.chmod(0o755)
@@ -64,6 +65,10 @@ def test_gpu_suite_limits_each_part_and_goes_on(tmp_path):
     assert "search: TIMED OUT after 1 s" in run.stdout
     assert "embed: failed with status 3" in run.stdout and "boom" in run.stdout
     assert "# pooling ran" in run.stdout and "| provider |" in run.stdout
+    assert "| w6 |" in run.stdout and "| model |" in run.stdout  # a part's several tables
+    only = subprocess.run(["bash", str(BENCH / "gpu_suite.sh"), str(tmp_path / "out2")], capture_output=True, text=True,
+                          env={**env, "PARTS": "quant pooling"}, timeout=60)
+    assert only.returncode == 0 and "## quant" in only.stdout and "## embed" not in only.stdout
 
 
 def test_every_provider_is_timed_under_inference_mode():
@@ -83,6 +88,15 @@ def test_bench_export_small(tmp_path):
     assert {r["provider"] for r in rows} == {"torch-reference", "torch-fast", "onnx-fp32", "onnx-int8-dynamic",
                                              "onnx-int8-weight", "onnx-int8-qdq"}
     assert all(r["ms"] > 0 and r["cosine_min"] > (0.99 if "int8" in r["provider"] else 0.9999) for r in rows)
+
+
+def test_bench_quant_small(tmp_path):
+    _script("bench_quant").main(["--model", "tiny", "--rows", "1,5", "--texts", "3", "--iters", "1", "--out", str(tmp_path)])
+    layer = [json.loads(line) for line in (tmp_path / "quant_w6.jsonl").read_text().splitlines()]
+    model = [json.loads(line) for line in (tmp_path / "quant_model.jsonl").read_text().splitlines()]
+    assert {(r["M"], r["preset"]) for r in layer} == {(m, p) for m in (1, 5) for p in ("base", "int8-weight")}
+    int8 = next(r for r in model if r["preset"] == "int8-weight")
+    assert int8["of_base_bytes"] < 0.3 and int8["cosine_min"] > 0.99 and int8["W5_ms"] > 0
 
 
 def test_bench_match_small(tmp_path):
