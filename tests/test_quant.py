@@ -94,3 +94,26 @@ def test_presets_are_checked_before_any_weight_is_read(tiny_paths, tmp_path):
     with pytest.raises(SystemExit) as exited:  # argparse's own choice check
         main(args + ["--out", str(tmp_path / "j"), "--quantize", "nf3"])
     assert exited.value.code == EXIT_USAGE
+
+
+def test_the_footprint_check_names_a_preset_that_fits(tiny_paths):
+    """A model that cannot fit the free memory is refused at load, naming the preset that would."""
+    from rematch_fast.checkpoint import open_checkpoint
+    from rematch_fast.model.config import model_config
+
+    cfg = model_config(open_checkpoint(tiny_paths["qwen2.5-vl"]))
+    full, int8 = (quant.weight_bytes(cfg, torch.float32, p) for p in ("bf16", "int8-weight"))
+    model = ReMatch.from_pretrained(tiny_paths["qwen2.5-vl"], backend="fast")
+    loaded = sum(p.numel() * p.element_size() for p in model.backend.model.parameters())
+    assert full == loaded  # the estimate counts exactly what the loader allocates
+    q = ReMatch.from_pretrained(tiny_paths["qwen2.5-vl"], backend="fast", quantize="int8-weight").backend.model
+    held = sum(p.numel() * p.element_size() for p in q.parameters())
+    held += sum(b.numel() * b.element_size() for m in q.modules() if isinstance(m, quant.Int8WeightLinear)
+                for b in m.buffers())
+    assert int8 == held < full  # linear weights at a byte each plus their scales, the rest as it was
+    need = quant.footprint(cfg, torch.float32, "int8-weight")
+    quant.check_fits(cfg, torch.float32, "int8-weight", need, "cuda:0")  # exactly enough
+    with pytest.raises(InputError, match="quantize='int8-weight' fits"):
+        quant.check_fits(cfg, torch.float32, "bf16", need, "cuda:0")
+    with pytest.raises(InputError, match="no preset fits"):
+        quant.check_fits(cfg, torch.float32, "int8-weight", need - 1, "cuda:0")

@@ -16,7 +16,7 @@ from ..model.batch import PackedBatch
 from ..model.cascade import PrefixKV
 from ..model.config import model_config
 from ..model.loader import load_model
-from ..model.quant import check_preset, quantize_linears
+from ..model.quant import check_fits, check_preset, quantize_linears
 from ..ops import select_ops
 from ..sequence import Sequence
 from .base import INPUT_KINDS
@@ -43,6 +43,8 @@ class FastBackend:
         self._template_prefixes: dict[tuple[int, ...], PrefixKV] = {}  # template ids -> their keys/values
         self.ops = select_ops(kernels, device)
         self.cfg = model_config(ckpt)
+        if device.type == "cuda":  # refused now rather than out of memory halfway through a corpus
+            check_fits(self.cfg, dtype, self.quantize, torch.cuda.mem_get_info(device)[0], str(device))
         self.model = load_model(ckpt.path, self.cfg, device, dtype, self.ops)
         quantize_linears(self.model, self.quantize)
         self.image_token_id = ckpt.special_tokens.image

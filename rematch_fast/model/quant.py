@@ -97,3 +97,50 @@ def quantize_linears(model: nn.Module, preset: str | None) -> int:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, Int8WeightLinear.from_linear(linear))  # the old weights go with the old module
     return len(targets)
+
+
+# -- footprint: refuse a model that cannot fit, before loading it -------------------------------
+ACTIVATION_TOKENS = 8192  # the default token budget of a batch (the scheduler's batch_tokens)
+WORKSPACE = 512 * 2**20  # kernels' workspace, the CUDA context's own allocations, fragmentation
+
+
+def weight_bytes(cfg, dtype: torch.dtype, preset: str | None) -> int:
+    """Bytes of the model's weights under `preset` (the model built on the meta device: nothing
+    is allocated)."""
+    from ..ops import TORCH_OPS
+    from .loader import QwenVL
+
+    preset = check_preset(preset)
+    with torch.device("meta"):
+        model = QwenVL(cfg, TORCH_OPS)
+    size = torch.empty(0, dtype=dtype).element_size()
+    total = 0
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            linear = isinstance(module, nn.Linear) and name != "lm_head" and pname == "weight"
+            if linear and preset == "int8-weight":
+                total += p.numel() + 4 * p.shape[0]  # int8 weights and an fp32 scale per row
+            else:
+                total += p.numel() * size
+    return total
+
+
+def footprint(cfg, dtype: torch.dtype, preset: str | None) -> int:
+    """What serving needs on a device: the weights, a full batch's largest activations (the MLP's
+    gate/up output and its product, the residual stream) and a fixed workspace."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    t = cfg.text
+    activations = ACTIVATION_TOKENS * (3 * t.intermediate_size + 4 * t.hidden_size) * size
+    return weight_bytes(cfg, dtype, preset) + activations + WORKSPACE
+
+
+def check_fits(cfg, dtype: torch.dtype, preset: str | None, free: int, where: str) -> None:
+    """An InputError, naming the presets that would fit, when the model's footprint is more than
+    `free` bytes: better refused at load than out of memory halfway through a corpus."""
+    need = footprint(cfg, dtype, preset)
+    if need <= free:
+        return
+    fits = [p for p in PRESETS if footprint(cfg, dtype, p) <= free]
+    hint = f"quantize={fits[0]!r} fits" if fits else "no preset fits; use a larger device"
+    raise InputError(f"the model needs about {need / 2**30:.1f} GiB on {where} (weights, a batch of "
+                     f"{ACTIVATION_TOKENS} tokens, workspace), {free / 2**30:.1f} GiB is free: {hint}")
