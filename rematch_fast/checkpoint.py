@@ -27,6 +27,7 @@ REMATCH_HEAD = "rematch_head.safetensors"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 EXPORT_MANIFEST = "export.json"  # what marks an export folder (rematch_fast.export)
 EXPORT_BACKENDS = ("onnx", "tensorrt")  # the backends that run export folders
+QUANTIZED_MANIFEST = "quantization.json"  # what marks a pre-quantized checkpoint (rematch-fast quantize)
 _SAMPLE = 1 << 20  # bytes of a weight file read at each of three places for the fingerprint
 # our architecture name -> transformers' model and config classes
 TRANSFORMERS_CLASSES = {
@@ -118,6 +119,17 @@ class Checkpoint:
                              vision_start=token("vision_start_token_id", "<|vision_start|>"),
                              vision_end=token("vision_end_token_id", "<|vision_end|>"),
                              pad=self.tokenizers.special_id("<|endoftext|>"))
+
+    @functools.cached_property
+    def quantized(self) -> str | None:
+        """The preset of a pre-quantized checkpoint (rematch-fast quantize), else None."""
+        path = self.path / QUANTIZED_MANIFEST
+        if not path.is_file():
+            return None
+        preset = _read_json(path).get("preset")
+        if not isinstance(preset, str):
+            raise CheckpointError(f"{path} names no preset: quantize the checkpoint again")
+        return preset
 
     @property
     def exported(self) -> bool:
@@ -223,6 +235,9 @@ def check_backend_fits(ckpt: Checkpoint, backend: str) -> None:
     if not ckpt.exported and backend in EXPORT_BACKENDS:
         raise CheckpointError(f"backend {backend!r} runs an export folder; {ckpt.path} is a checkpoint: "
                               f"run `rematch-fast export onnx {ckpt.path} --out DIR` and open DIR")
+    if ckpt.quantized and backend != "fast":
+        raise CheckpointError(f"{ckpt.path} is pre-quantized ({ckpt.quantized}, {QUANTIZED_MANIFEST}): it runs on "
+                              f"backend='fast'; open the checkpoint it was quantized from for backend={backend!r}")
 
 
 def check_model_files(ckpt: Checkpoint) -> None:
@@ -237,7 +252,7 @@ def check_model_files(ckpt: Checkpoint) -> None:
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{ckpt.path}/config.json does not describe a complete {ckpt.arch} model: "
                               f"{type(e).__name__} {e}") from None
-    check_weights(ckpt.path, cfg)
+    check_weights(ckpt.path, cfg, ckpt.quantized)
 
 
 def _read_json(path: Path) -> dict:

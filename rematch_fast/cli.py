@@ -1,4 +1,4 @@
-"""The `rematch-fast` command line: init-tiny, embed, search, rerank, export, parity, demo.
+"""The `rematch-fast` command line: init-tiny, embed, search, rerank, export, quantize, parity, demo.
 
 Exit status:
   0  done
@@ -186,6 +186,17 @@ def cmd_export(args) -> int:
     if not args.parity:
         return EXIT_OK
     return _parity(args.checkpoint, out, items, out / "parity.json")
+
+
+def cmd_quantize(args) -> int:
+    from .quantized_checkpoint import quantize_checkpoint
+
+    _check_output(Path(args.out), "folder", args.overwrite)
+    import torch
+
+    out = quantize_checkpoint(args.checkpoint, args.out, args.preset, getattr(torch, args.dtype), args.overwrite)
+    print(f"quantized {args.checkpoint} ({args.preset}) to {out}; open it with backend='fast'")
+    return EXIT_OK
 
 
 def cmd_parity(args) -> int:
@@ -483,6 +494,15 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(default: a small built-in set of texts and images)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("quantize", help="write a pre-quantized checkpoint (loads without quantizing; backend fast)")
+    p.add_argument("checkpoint")
+    p.add_argument("--preset", required=True, choices=["int8-weight"], help="weight format of the linear layers")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="dtype of everything but the quantized weights (default: bfloat16)")
+    _overwrite(p, "pre-quantized checkpoint")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("parity", help="compare an export with its reference checkpoint (exit 1 on failure)")
     p.add_argument("--reference", required=True, help="the checkpoint")

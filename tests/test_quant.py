@@ -117,3 +117,34 @@ def test_the_footprint_check_names_a_preset_that_fits(tiny_paths):
         quant.check_fits(cfg, torch.float32, "bf16", need, "cuda:0")
     with pytest.raises(InputError, match="no preset fits"):
         quant.check_fits(cfg, torch.float32, "int8-weight", need - 1, "cuda:0")
+
+
+def test_a_pre_quantized_checkpoint_loads_to_the_same_model(tiny_paths, tmp_path, arch):
+    """rematch-fast quantize, then load: no quantizing, smaller weights on disk, exactly the
+    outputs of quantizing at load time; its rules (backend, preset, overwrite) are clear errors."""
+    import json
+
+    from rematch_fast import CheckpointError
+
+    out = tmp_path / "q"
+    args = ["quantize", str(tiny_paths[arch]), "--preset", "int8-weight", "--out", str(out), "--dtype", "float32"]
+    assert main(args) == EXIT_OK
+    manifest = json.loads((out / "quantization.json").read_text())
+    assert manifest["preset"] == "int8-weight" and manifest["dtype"] == "float32"
+    assert (out / "model.safetensors").stat().st_size < (tiny_paths[arch] / "model.safetensors").stat().st_size
+    calls = []
+    real = quant.Int8WeightLinear.from_linear
+    with pytest.MonkeyPatch.context() as mp:  # loading builds the layers as shells, never quantizes real weights
+        mp.setattr(quant.Int8WeightLinear, "from_linear",
+                   classmethod(lambda cls, lin: calls.append(lin.weight.device.type) or real(lin)))
+        loaded = ReMatch.from_pretrained(out, backend="fast")
+    assert set(calls) == {"meta"}
+    at_load = ReMatch.from_pretrained(tiny_paths[arch], backend="fast", quantize="int8-weight")
+    items = ["a text", Item(text="a caption", image=random_image(75, 130, seed=4)), "another, longer text here"]
+    assert torch.equal(loaded.encode(items).unit, at_load.encode(items).unit)
+    assert torch.equal(loaded.match("a query", items), at_load.match("a query", items))
+    with pytest.raises(CheckpointError, match="pre-quantized .* runs on backend='fast'"):
+        ReMatch.from_pretrained(out)  # transformers cannot read it
+    with pytest.raises(InputError, match="pre-quantized as int8-weight; it cannot be loaded as bf16"):
+        ReMatch.from_pretrained(out, backend="fast", quantize="bf16")
+    assert main(args) != EXIT_OK and main(args + ["--overwrite"]) == EXIT_OK  # replaced only when asked

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..checkpoint import Checkpoint
+from ..errors import InputError
 from ..embeddings import Embeddings
 from ..model.batch import PackedBatch
 from ..model.cascade import PrefixKV
@@ -37,7 +38,9 @@ class FastBackend:
         embedding batch continue it (False: every sequence from its first token, for comparison).
         quantize: the linear layers' weight format, a preset of rematch_fast.model.quant ("bf16",
         the default: the model's dtype; "int8-weight": int8 weights per output channel)."""
-        self.quantize = check_preset(quantize)  # before any weight is read
+        if ckpt.quantized and quantize not in (None, ckpt.quantized):
+            raise InputError(f"{ckpt.path} is pre-quantized as {ckpt.quantized}; it cannot be loaded as {quantize}")
+        self.quantize = check_preset(quantize or ckpt.quantized)  # before any weight is read
         self.device, self.dtype = device, dtype
         self.share_prefix = share_prefix
         self._template_prefixes: dict[tuple[int, ...], PrefixKV] = {}  # template ids -> their keys/values
@@ -45,8 +48,9 @@ class FastBackend:
         self.cfg = model_config(ckpt)
         if device.type == "cuda":  # refused now rather than out of memory halfway through a corpus
             check_fits(self.cfg, dtype, self.quantize, torch.cuda.mem_get_info(device)[0], str(device))
-        self.model = load_model(ckpt.path, self.cfg, device, dtype, self.ops)
-        quantize_linears(self.model, self.quantize)
+        self.model = load_model(ckpt.path, self.cfg, device, dtype, self.ops, ckpt.quantized)
+        if not ckpt.quantized:  # quantized as it loads (a pre-quantized checkpoint is read as it is)
+            quantize_linears(self.model, self.quantize)
         self.image_token_id = ckpt.special_tokens.image
         self.latency = None
         if latency_buckets:

@@ -61,16 +61,17 @@ def _fused_parts(model: nn.Module) -> dict[str, tuple[str, slice]]:
     return out
 
 
-def _placements(path: str | Path, model: QwenVL, device: str = "cpu"):
+def _placements(path: str | Path, model: QwenVL, device: str = "cpu", ours: bool = False):
     """Match every checkpoint tensor to its place in `model`, reading headers only; yields
     (open file, key, destination view) and raises CheckpointError for a tensor with no place,
-    a wrong shape, a missing one, or a file that cannot be read (truncated, not safetensors)."""
+    a wrong shape, a missing one, or a file that cannot be read (truncated, not safetensors).
+    ours: the files hold our own state dict (a pre-quantized checkpoint: our names, fused)."""
     files = sorted(Path(path).glob("model*.safetensors"))
     if not files:
         raise CheckpointError(f"{path} has no model*.safetensors weights")
     tied = model.cfg.text.tie_word_embeddings
     params = model.state_dict()
-    fused = _fused_parts(model)
+    fused = {} if ours else _fused_parts(model)
     # every checkpoint tensor we need: our own names, with fused ones replaced by their parts
     targets = {n: (n, slice(None)) for n in params if n not in {t for t, _ in fused.values()}} | fused
     seen = set()
@@ -81,7 +82,7 @@ def _placements(path: str | Path, model: QwenVL, device: str = "cpu"):
             raise CheckpointError(f"{f} cannot be read as safetensors (truncated or damaged?): {e}") from None
         with sf:
             for key in sf.keys():
-                name = _our_name(key)
+                name = key if ours else _our_name(key)
                 if name is None or (name == "lm_head.weight" and tied):
                     continue
                 if name not in targets:
@@ -89,7 +90,7 @@ def _placements(path: str | Path, model: QwenVL, device: str = "cpu"):
                 target, rows = targets[name]
                 dest = params[target][rows]
                 shape = sf.get_slice(key).get_shape()
-                if name == "visual.patch_embed.weight":  # Conv3d kernel == stride: a plain matmul
+                if name == "visual.patch_embed.weight" and not ours:  # Conv3d kernel == stride: a plain matmul
                     shape = [shape[0], math.prod(shape[1:])]
                 if tuple(shape) != tuple(dest.shape):
                     raise CheckpointError(f"{f.name}: {key} has shape {tuple(shape)}, the config needs {tuple(dest.shape)}")
@@ -101,13 +102,23 @@ def _placements(path: str | Path, model: QwenVL, device: str = "cpu"):
                               f"files, e.g. {missing[:4]}: is config.json the one these weights were saved with?")
 
 
-def check_weights(path: str | Path, cfg: ModelConfig) -> None:
-    """Every tensor the config implies is present with the right shape (headers only; no weights read)."""
-    from ..ops import TORCH_OPS
+def _build(cfg: ModelConfig, ops: Ops, preset: str | None) -> QwenVL:
+    """The model on the meta device; for a pre-quantized checkpoint, with `preset`'s layers."""
+    from .quant import quantize_linears
 
     with torch.device("meta"):
-        model = QwenVL(cfg, TORCH_OPS)
-    for _ in _placements(path, model):
+        model = QwenVL(cfg, ops)
+        if preset:
+            quantize_linears(model, preset)
+    return model
+
+
+def check_weights(path: str | Path, cfg: ModelConfig, preset: str | None = None) -> None:
+    """Every tensor the config implies is present with the right shape (headers only; no weights
+    read). preset: the files are a pre-quantized checkpoint's (rematch-fast quantize)."""
+    from ..ops import TORCH_OPS
+
+    for _ in _placements(path, _build(cfg, TORCH_OPS, preset), ours=bool(preset)):
         pass
 
 
@@ -123,13 +134,14 @@ def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> 
             module._buffers[name] = torch.empty(buf.shape, dtype=buf.dtype, device=device)
 
 
-def load_model(path: str | Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, ops: Ops) -> QwenVL:
-    """The model built with `ops` (rematch_fast.ops.select_ops) and filled from the safetensors in `path`."""
-    with torch.device("meta"):
-        model = QwenVL(cfg, ops)
+def load_model(path: str | Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, ops: Ops,
+               preset: str | None = None) -> QwenVL:
+    """The model built with `ops` (rematch_fast.ops.select_ops) and filled from the safetensors in
+    `path`; preset: the files are a pre-quantized checkpoint's, read as they are."""
+    model = _build(cfg, ops, preset)
     _materialize(model, device, dtype)
     with torch.no_grad():
-        for sf, key, dest in _placements(path, model, str(device)):
+        for sf, key, dest in _placements(path, model, str(device), ours=bool(preset)):
             dest.copy_(sf.get_tensor(key).reshape(dest.shape))
     model.visual.reset_buffers()
     model.decoder.reset_buffers()

@@ -61,7 +61,8 @@ class Int8WeightLinear(nn.Module):
         super().__init__()
         self.register_buffer("weight", weight)  # [N, K] int8
         self.register_buffer("scale", scale)  # [N] fp32
-        self.register_buffer("bias", bias)
+        # a parameter, in the model's dtype like the others (the loader casts parameters)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.parts = parts
 
