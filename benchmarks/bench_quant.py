@@ -1,6 +1,8 @@
 """Low-precision benchmark (W6 of docs/benchmarks.md): each weight format of
 rematch_fast.model.quant against the model's own dtype, in one run.
 
+Presets: every one of rematch_fast.model.quant.PRESETS, fp8 only on GPUs of compute capability 8.9+.
+
   W6      one linear layer, 2048 -> 11008 and 11008 -> 2048 (Qwen2.5-VL-3B's MLP), at
           M = 1, 16, 256, 4096 rows: ms per call and x_base (base ms / preset ms)
   model   the fast backend with each preset: W1e (texts of 128 tokens) throughput, W5 (one 48-token
@@ -29,7 +31,7 @@ from harness import Results, interleaved_median_ms  # noqa: E402
 
 from rematch_fast import ReMatch  # noqa: E402
 from rematch_fast.export.parity import compare  # noqa: E402
-from rematch_fast.model.quant import PRESETS, Int8WeightLinear  # noqa: E402
+from rematch_fast.model.quant import LAYERS, PRESETS, QuantizedLinear  # noqa: E402
 from rematch_fast.tiny import make_tiny_checkpoint  # noqa: E402
 
 W6_SHAPES = ((2048, 11008), (11008, 2048))  # (in, out)
@@ -39,11 +41,18 @@ def linear_bytes(model: ReMatch) -> int:
     """Bytes of the linear layers' weights (and scales) in the fast model."""
     total = 0
     for m in model.backend.model.modules():
-        if isinstance(m, Int8WeightLinear):
+        if isinstance(m, QuantizedLinear):
             total += m.weight.nbytes + m.scale.nbytes
         elif isinstance(m, torch.nn.Linear):
             total += m.weight.nbytes
     return total
+
+
+def presets(dev) -> list[str]:
+    """The presets timed here: fp8 only where its tensor-core path runs (compute capability 8.9+;
+    elsewhere it is the slow reference, a check rather than a speed)."""
+    fp8 = dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 9)
+    return [p for p in PRESETS if p != "fp8" or fp8]
 
 
 def w6(res: Results, dev, dtype, rows, iters: int) -> None:
@@ -53,7 +62,7 @@ def w6(res: Results, dev, dtype, rows, iters: int) -> None:
         with torch.no_grad():
             base.weight.copy_(torch.randn(n, k, generator=g) * k**-0.5)
         base = base.to(dev, dtype)
-        layers = {"base": base, "int8-weight": Int8WeightLinear.from_linear(base)}
+        layers = {"base": base, **{p: LAYERS[p].from_linear(base) for p in presets(dev) if p in LAYERS}}
         for m in rows:
             x = torch.randn(m, k, generator=g).to(dev, dtype)
             ms = interleaved_median_ms({p: (lambda layer=layer: layer(x)) for p, layer in layers.items()}, dev,
@@ -63,7 +72,7 @@ def w6(res: Results, dev, dtype, rows, iters: int) -> None:
 
 
 def whole_model(res: Results, ckpt, dev, dtype, texts: int, iters: int) -> None:
-    models = {p: ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, quantize=p) for p in PRESETS}
+    models = {p: ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, quantize=p) for p in presets(dev)}
     base = models["bf16"]
     docs = texts_of_lengths(base, [128] * texts, seed=1)
     query = texts_of_lengths(base, [48], seed=2)

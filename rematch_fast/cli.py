@@ -396,9 +396,10 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help=f"implementation to run, one of {registered_backends()} (default: reference)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda or cuda:1 (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(MODEL_DTYPES), help="model dtype (default: float32)")
-    p.add_argument("--quantize", choices=["bf16", "int8-weight"],
+    p.add_argument("--quantize", choices=["bf16", "int8-weight", "fp8"],
                    help="weight format of the linear layers, with --backend fast: bf16 (the model dtype, the "
-                        "default) or int8-weight (int8 weights, one scale per output channel)")
+                        "default), int8-weight (int8 weights, one scale per output channel) or fp8 (e4m3 weights "
+                        "and per-token activations; fast on compute capability 8.9+)")
     p.add_argument("--batch-size", type=int, help=f"most sequences per forward pass (default: {EMBED_BATCH_SIZE} when "
                                                   f"embedding, {MATCH_BATCH_SIZE} when matching; the token budget "
                                                   "binds first for long inputs)")
@@ -497,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="write a pre-quantized checkpoint (loads without quantizing; backend fast)")
     p.add_argument("checkpoint")
-    p.add_argument("--preset", required=True, choices=["int8-weight"], help="weight format of the linear layers")
+    p.add_argument("--preset", required=True, choices=["int8-weight", "fp8"], help="weight format of the linear layers")
     p.add_argument("--out", required=True, help="the folder to write")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype of everything but the quantized weights (default: bfloat16)")

@@ -13,7 +13,12 @@ quantized one exists. Presets:
   elsewhere the torch reference (`int8_weight_mm_torch`: widen the weights, then matmul) until
   a GPU benchmark picks a kernel.
 
-fp8, bnb-int8 and bnb-nf4 are planned: asking for them is an InputError that says so.
+- "fp8": e4m3 weights with one scale per output channel, activations rounded to e4m3 at run
+  time with one scale per token (dynamic). `torch._scaled_mm` on GPUs of compute capability
+  8.9+ (Hopper, Ada); elsewhere the torch reference (`fp8_mm_torch`), which runs anywhere,
+  slowly: it is there to check the preset, not to serve with.
+
+bnb-int8 and bnb-nf4 are planned: asking for them is an InputError that says so.
 """
 from __future__ import annotations
 
@@ -23,8 +28,8 @@ from torch import nn
 from ..errors import InputError
 from .layers import FusedLinear
 
-PRESETS = ("bf16", "int8-weight")
-PLANNED = ("fp8", "bnb-int8", "bnb-nf4")
+PRESETS = ("bf16", "int8-weight", "fp8")
+PLANNED = ("bnb-int8", "bnb-nf4")
 
 
 def check_preset(preset: str | None) -> str:
@@ -52,30 +57,36 @@ def int8_weight_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -
     return int8_weight_mm_torch(x, weight, scale)
 
 
-class Int8WeightLinear(nn.Module):
-    """A linear layer whose weights are int8 with one scale per output channel. A fused
-    projection keeps its `parts` (and `split`), its rows each with their own scale."""
+class QuantizedLinear(nn.Module):
+    """A linear layer with quantized weights and one fp32 scale per output channel. A fused
+    projection keeps its `parts` (and `split`), its rows each with their own scale. Subclasses
+    say how weights are stored (`quantize`) and multiplied (`matmul`)."""
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  parts: dict[str, int] | None = None):
         super().__init__()
-        self.register_buffer("weight", weight)  # [N, K] int8
+        self.register_buffer("weight", weight)  # [N, K], the format's dtype
         self.register_buffer("scale", scale)  # [N] fp32
         # a parameter, in the model's dtype like the others (the loader casts parameters)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.parts = parts
 
+    @staticmethod
+    def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8WeightLinear:
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
-        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    def from_linear(cls, linear: nn.Linear) -> QuantizedLinear:
+        q, scale = cls.quantize(linear.weight.detach().float())
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(q, scale, bias, getattr(linear, "parts", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = int8_weight_mm(x.reshape(-1, self.in_features), self.weight, self.scale)
+        y = self.matmul(x.reshape(-1, self.in_features))
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -84,6 +95,62 @@ class Int8WeightLinear(nn.Module):
         return self(x).split(list(self.parts.values()), dim=-1)
 
     rows = FusedLinear.rows
+
+
+class Int8WeightLinear(QuantizedLinear):
+    """int8 weights, symmetric per output channel; activations untouched."""
+
+    @staticmethod
+    def quantize(w):
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
+        return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+    def matmul(self, x):
+        return int8_weight_mm(x, self.weight, self.scale)
+
+
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def fp8_mm_torch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The reference of the fp8 matmul: x rounded to e4m3 with one scale per row (token), times
+    the e4m3 weights with theirs, accumulated in fp32; the result in x's dtype."""
+    xq, xs = fp8_rows(x)
+    return ((xq.float() * xs[:, None]) @ (weight.float() * scale[:, None]).T).to(x.dtype)
+
+
+def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] as e4m3 with an fp32 scale per row (absmax / 448)."""
+    xs = x.float().abs().amax(dim=1).clamp_min(1e-12) / FP8_MAX
+    return (x.float() / xs[:, None]).to(torch.float8_e4m3fn), xs
+
+
+def fp8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Dispatch: torch._scaled_mm (fp8 tensor cores, row-wise scales) on CUDA devices of compute
+    capability 8.9 and newer when K and N are multiples of 16; the reference elsewhere (so that
+    the preset runs, slowly, on any device: for tests and checks, not for speed)."""
+    k, n = x.shape[-1], weight.shape[0]
+    if x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9) and k % 16 == 0 and n % 16 == 0:
+        xq, xs = fp8_rows(x)
+        return torch._scaled_mm(xq, weight.T, scale_a=xs[:, None], scale_b=scale[None, :].float(),
+                                out_dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16).to(x.dtype)
+    return fp8_mm_torch(x, weight, scale)
+
+
+class Fp8Linear(QuantizedLinear):
+    """e4m3 weights with a scale per output channel, activations e4m3 with a scale per token
+    computed at run time (Hopper's fp8 tensor cores)."""
+
+    @staticmethod
+    def quantize(w):
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / FP8_MAX
+        return (w / scale[:, None]).to(torch.float8_e4m3fn), scale
+
+    def matmul(self, x):
+        return fp8_mm(x, self.weight, self.scale)
+
+
+LAYERS = {"int8-weight": Int8WeightLinear, "fp8": Fp8Linear}
 
 
 def quantize_linears(model: nn.Module, preset: str | None) -> int:
@@ -96,7 +163,7 @@ def quantize_linears(model: nn.Module, preset: str | None) -> int:
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, Int8WeightLinear.from_linear(linear))  # the old weights go with the old module
+        setattr(parent, attr, LAYERS[preset].from_linear(linear))  # the old weights go with the old module
     return len(targets)
 
 
@@ -119,8 +186,8 @@ def weight_bytes(cfg, dtype: torch.dtype, preset: str | None) -> int:
     for name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             linear = isinstance(module, nn.Linear) and name != "lm_head" and pname == "weight"
-            if linear and preset == "int8-weight":
-                total += p.numel() + 4 * p.shape[0]  # int8 weights and an fp32 scale per row
+            if linear and preset in LAYERS:
+                total += p.numel() + 4 * p.shape[0]  # a byte per weight and an fp32 scale per row
             else:
                 total += p.numel() * size
     return total
