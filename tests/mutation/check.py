@@ -218,6 +218,18 @@ MUTANTS: list[Mutant] = [
     M("jsonl-image-root-not-resolved", "jsonl", "rematch_fast/jsonl.py",
       "resolved = (root / image).resolve()", "resolved = root / image",
       T_HD + "test_image_paths_are_confined_to_the_image_root"),
+
+    # -- quantized weights and exported graphs ---------------------------------------------------------------------
+    M("int8-weight-scale-off", "quant", "rematch_fast/model/quant.py",
+      "scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127", "scale = w.abs().amax(dim=1).clamp_min(1e-12) / 128",
+      "tests/test_quant.py::test_a_quantized_layer_is_within_half_a_step_and_keeps_its_parts"),
+    M("vision-segments-attend-padding", "export", "export/onnx.py",
+      "keep = torch.zeros(S, L, dtype=torch.bool)", "keep = torch.ones(S, L, dtype=torch.bool)",
+      "tests/test_export.py::test_the_vision_graph_at_new_grids"),
+    M("prefix-graph-hides-the-prefix", "export", "export/onnx.py",
+      "seen = torch.ones(B, 1, S, prefix[0].shape[2], dtype=torch.bool, device=x.device)",
+      "seen = torch.zeros(B, 1, S, prefix[0].shape[2], dtype=torch.bool, device=x.device)",
+      "tests/test_export.py::test_many_queries_share_batches_through_the_prefix_graphs"),
 ]
 
 
