@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from ..errors import InputError
+from ..folders import check_replaceable, staged_folder
 from .lint import tensorrt_problems
 from .onnx import (
     FORMAT_VERSION,
@@ -49,7 +49,6 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
     Returns the folder."""
     from .. import __version__
     from ..api import ReMatch
-    from ..jsonl import set_user_mode
     from ..model.vision import vision_inverse_frequencies
 
     if precision not in PRECISIONS:
@@ -59,11 +58,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
     if quantize is not None and precision != "fp32":
         raise InputError(f"the int8 presets quantize fp32 graphs: drop --precision {precision} or --quantize")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise InputError(f"{out} exists: pass overwrite=True (--overwrite) to replace it")
-        if out.is_symlink() or not (out / MANIFEST).is_file():
-            raise InputError(f"{out} is not an export folder; overwrite replaces only those")
+    check_replaceable(out, MANIFEST, overwrite, "an export folder")
     say = progress or (lambda msg: None)
     dtype = torch.float16 if precision == "fp16" else torch.float32
     model = ReMatch.from_pretrained(checkpoint, backend="fast", kernels="torch", dtype=dtype)  # CPU, torch ops
@@ -88,8 +83,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
     examples["vision"] = vision_inputs(torch.cat([i.pixel_values for i in images]), [list(i.grid_thw) for i in images],
                                        vcfg, vision_inverse_frequencies(vcfg))
     exported = {n: GRAPHS[n] for n in GRAPHS if n in examples}  # the prefix graphs need a query-first template
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
-    try:
+    with staged_folder(out, MANIFEST, overwrite, "an export folder") as staging:
         for name, spec in exported.items():
             say(f"exporting {spec.file}")
             _trace(modules[name], spec, examples[name], staging)
@@ -101,7 +95,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
             elif quantize == "int8-weight":
                 _quantize_in_place(staging, spec.file, quantize_weight_only)
             else:
-                _quantize_in_place(staging, spec.file, lambda src, dst: quantize_qdq(src, dst, feeds[name]))
+                _quantize_in_place(staging, spec.file, lambda src, dst, name=name: quantize_qdq(src, dst, feeds[name]))
         golden = _save_golden(staging, examples, say)
         lint = {name: tensorrt_problems(staging / spec.file) for name, spec in exported.items()}
         for name, problems in lint.items():
@@ -127,15 +121,6 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
             "versions": {"rematch_fast": __version__, "torch": torch.__version__, "onnx": _version("onnx")},
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        for path in [staging, *staging.rglob("*")]:
-            set_user_mode(path)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(staging), str(out))
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return out
 
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -133,29 +131,14 @@ def _index_store(folder, checkpoint, allow_mismatch: bool):
 
 # -- commands ----------------------------------------------------------------
 def cmd_init_tiny(args) -> int:
-    from .jsonl import set_user_mode
+    from .folders import staged_folder
     from .tiny import make_tiny_checkpoint
 
     out = Path(args.dir)
     _check_output(out, "folder", args.overwrite)
-    replace = out.exists() and any(out.iterdir())
-    if replace and (out.is_symlink() or not (out / "rematch_config.json").is_file()):
-        raise InputError(f"{out} is not a rematch_fast checkpoint folder; --overwrite replaces only those")
     # built beside, then swapped in: a failed build leaves the old checkpoint as it was
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
-    try:
+    with staged_folder(out, "rematch_config.json", args.overwrite, "a rematch_fast checkpoint folder") as staging:
         make_tiny_checkpoint(staging, arch=args.arch, seed=args.seed, **args.sizes)
-        for path in [staging, *staging.rglob("*")]:  # mkdtemp's 0700 and safetensors' 0600 otherwise
-            set_user_mode(path)
-        if replace:
-            shutil.rmtree(out)
-        elif out.exists():
-            out.rmdir()  # empty
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(staging), str(out))
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     print(f"tiny {args.arch} checkpoint (random weights, seed {args.seed}) written to {out}")
     return EXIT_OK
 

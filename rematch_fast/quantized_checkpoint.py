@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .checkpoint import QUANTIZED_MANIFEST
 from .errors import InputError
+from .folders import check_replaceable, staged_folder
 
 FORMAT_VERSION = 1
 
@@ -31,24 +31,18 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, preset: str, dt
     from safetensors.torch import save_file
 
     from .api import ReMatch
-    from .jsonl import set_user_mode
     from .model.quant import check_preset
 
     if check_preset(preset) == "bf16":
         raise InputError("preset 'bf16' keeps the weights as they are: there is nothing to write")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise InputError(f"{out} exists: pass overwrite=True (--overwrite) to replace it")
-        if out.is_symlink() or not (out / QUANTIZED_MANIFEST).is_file():
-            raise InputError(f"{out} is not a pre-quantized checkpoint; overwrite replaces only those")
+    check_replaceable(out, QUANTIZED_MANIFEST, overwrite, "a pre-quantized checkpoint")
     model = ReMatch.from_pretrained(checkpoint, backend="fast", kernels="torch", dtype=dtype, quantize=preset)
     source = model.checkpoint
     if source.quantized:
         raise InputError(f"{source.path} is already pre-quantized ({source.quantized})")
     state = {k: v.contiguous() for k, v in model.backend.model.state_dict().items()}
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
-    try:
+    with staged_folder(out, QUANTIZED_MANIFEST, overwrite, "a pre-quantized checkpoint") as staging:
         for f in source.path.iterdir():  # everything but the weights, as it is
             if f.is_file() and not (f.name.startswith("model") and f.name.endswith((".safetensors", ".json"))):
                 shutil.copy2(f, staging / f.name)
@@ -56,13 +50,4 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, preset: str, dt
         manifest = {"format_version": FORMAT_VERSION, "preset": preset, "dtype": str(dtype).removeprefix("torch."),
                     "source": {"checkpoint": str(source.path.resolve()), "fingerprint": source.fingerprint}}
         (staging / QUANTIZED_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        for path in [staging, *staging.rglob("*")]:
-            set_user_mode(path)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(staging), str(out))
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return out

@@ -190,9 +190,8 @@ MUTANTS: list[Mutant] = [
     M("cli-rejects-may-replace-corpus", "cli", "rematch_fast/cli.py",
       'for k in ("corpus", "queries", "hits")', 'for k in ("queries", "hits")',
       T_CLI + "test_rejects_may_not_overwrite_an_input_or_the_output"),
-    M("cli-init-tiny-replaces-any-folder", "cli", "rematch_fast/cli.py",
-      'if replace and (out.is_symlink() or not (out / "rematch_config.json").is_file()):',
-      "if replace and out.is_symlink():",
+    M("cli-init-tiny-replaces-any-folder", "cli", "rematch_fast/folders.py",
+      "if out.is_symlink() or not (out / marker).is_file():", "if out.is_symlink():",
       T_CLI + "test_init_tiny_overwrite_replaces_only_a_checkpoint"),
 
     # -- store: fingerprint, ids and value checks of embedding folders ------------------------------------------
