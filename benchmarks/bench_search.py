@@ -3,7 +3,9 @@
 Providers, timed round-robin: `torch` (matmul + topk, what a user writes by hand; for an int8
 corpus over a copy dequantized once, outside the timing: the fair baseline, which costs memory) and
 rematch_fast.Index: `triton` on CUDA (the fused kernel), `streamed` on the
-CPU (the chunked torch reference, bounded memory). Reports median ms, corpus
+CPU (the chunked torch reference, bounded memory); on the CPU also `faiss` (faiss-cpu's exact
+inner-product index, IndexFlatIP, over the fp32 corpus) when it is installed (the `faiss`
+extra), the well-kept alternative in the same run. Reports median ms, corpus
 GB/s, TFLOP/s, the fraction of this card's roofline, and peak extra memory.
 
     python benchmarks/bench_search.py --gpu --out results/    # W4: 1,000,000 x 1536 bf16, k=100
@@ -44,6 +46,15 @@ def main(argv=None) -> str:
     g = torch.Generator(device=dev).manual_seed(0)
     corpus = F.normalize(torch.randn(N, D, device=dev, generator=g), dim=-1).to(base_dtype)
     indexes = {str(base_dtype).replace("torch.", ""): Index(corpus), "int8": Index(corpus, dtype="int8")}
+    flat = None
+    if dev.type == "cpu":
+        try:
+            import faiss
+
+            flat = faiss.IndexFlatIP(D)
+            flat.add(corpus.float().numpy())
+        except ImportError:
+            print("# faiss-cpu is not installed (pip install 'rematch_fast[faiss]'): no faiss rows")
     for name, index in indexes.items():
         corpus_bytes = index.data.numel() * index.data.element_size() + (4 * N if index.scale is not None else 0)
         if index.scale is not None:  # torch's fair int8 baseline: the corpus dequantized once, outside the timing
@@ -58,6 +69,9 @@ def main(argv=None) -> str:
                 torch_fn = lambda: torch.topk(qh @ dequantized.T, args.k, dim=-1)  # noqa: E731
             # rematch_fast's own path: the fused kernel on CUDA, the streamed reference on the CPU
             providers = {"torch": torch_fn, "triton" if dev.type == "cuda" else "streamed": lambda: index.search(q, args.k)}
+            if flat is not None and index.scale is None:
+                qn = q.float().numpy()
+                providers["faiss"] = lambda: flat.search(qn, args.k)
             times = interleaved_median_ms(providers, dev, iters=20, warmup=3)  # round-robin: drift hits both alike
             for prov, fn in providers.items():
                 ms = times[prov]

@@ -33,7 +33,8 @@ def test_bench_embed_small(tmp_path):
 def test_bench_search_small(tmp_path):
     _script("bench_search").main(["--n", "3000", "--d", "32", "--q", "1", "5", "-k", "7", "--out", str(tmp_path)])
     rows = [json.loads(line) for line in (tmp_path / "search.jsonl").read_text().splitlines()]
-    assert {(r["provider"], r["Q"]) for r in rows} == {(p, q) for p in ("torch", "streamed") for q in (1, 5)}
+    assert {(r["provider"], r["Q"]) for r in rows} == {(p, q) for p in ("torch", "streamed", "faiss") for q in (1, 5)}
+    assert all(r["corpus"].endswith("float32") for r in rows if r["provider"] == "faiss")  # the float corpus only
 
 
 def test_gpu_suite_limits_each_part_and_goes_on(tmp_path):
