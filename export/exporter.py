@@ -38,7 +38,9 @@ PRECISIONS = ("fp32", "fp16")  # fp16: weights and activations; norms, rotary, s
 # vision.onnx stays fp32 (calibration corpora are texts).
 QUANTIZE_PRESETS = ("int8-dynamic", "int8-weight", "int8-qdq")
 QUANTIZED_GRAPHS = ("embed", "match", "prefill", "match_prefix")
-EXAMPLE_IMAGES = ((56, 84), (112, 84))  # (width, height): two frames of different sizes, several windows
+# (width, height): two frames of different sizes (tracing needs two of each dynamic size; the
+# tiny models' 56-pixel windows cut them into several windows, the published 112-pixel ones do not)
+EXAMPLE_IMAGES = ((56, 84), (112, 84))
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32", overwrite: bool = False,
@@ -114,7 +116,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
             "graphs": {n: {"file": s.file, "inputs": {k: {str(a): d for a, d in s.inputs[k].items()}
                                                       for k in s.inputs_of(examples[n])},
                            "outputs": list(s.outputs), "tolerance": s.tolerance,
-                           "precision": "int8" if quantize and n in QUANTIZED_GRAPHS else "fp32"}
+                           "precision": "int8" if quantize and n in QUANTIZED_GRAPHS else precision,
+                           "quantize": quantize if n in QUANTIZED_GRAPHS else None}
                        for n, s in exported.items()},
             "tensorrt_lint": lint,  # what TensorRT's parser would refuse, per graph (rematch_fast.export.lint)
             "golden": golden,  # polygraphy-format inputs and ONNX Runtime outputs per graph, or why not
@@ -188,15 +191,19 @@ def _decoder_feeds(model, embed: list, query, docs: list, batch: int = 8) -> dic
 
     pre, cfg = model.preprocessor, model.backend.cfg.text
     inv_freq = inverse_frequencies(cfg)
+    def inputs(seqs, name):
+        return dense_inputs(seqs, name, pre.pad_id, model.dim, inv_freq, cfg.mrope_section)
+
     seqs = {"embed": embed, "match": [pre.match_sequence(query, d) for d in docs]}
     if model.config.query_first:
         prefix, next_pos = pre.match_prefix(query)
-        seqs["prefill"], seqs["match_prefix"] = [prefix], [pre.match_suffix(d, next_pos) for d in docs]
-    feeds = {name: [dense_inputs(s[i: i + batch], name, pre.pad_id, model.dim, inv_freq, cfg.mrope_section)
-                    for i in range(0, len(s), batch)] for name, s in seqs.items()}
-    if "prefill" in feeds:
+        # prefill: the query's prefix and every doc's as a query (a batch, for calibration's range)
+        seqs["prefill"] = [prefix] + [pre.match_prefix(d)[0] for d in docs]
+        seqs["match_prefix"] = [pre.match_suffix(d, next_pos) for d in docs]
+    feeds = {name: [inputs(s[i: i + batch], name) for i in range(0, len(s), batch)] for name, s in seqs.items()}
+    if "prefill" in feeds:  # the candidates continue the query's prefix alone (unpadded)
         with torch.no_grad():
-            keys, values = PrefillGraph(model.backend.model)(*(torch.from_numpy(v) for v in feeds["prefill"][0].values()))
+            keys, values = PrefillGraph(model.backend.model)(*(torch.from_numpy(v) for v in inputs([prefix], "prefill").values()))
         for feed in feeds["match_prefix"]:
             feed.update(prefix_keys=keys[:, 0].numpy(), prefix_values=values[:, 0].numpy())
     return feeds

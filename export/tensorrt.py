@@ -25,7 +25,9 @@ from .onnx import GRAPHS
 
 DEFAULT_PROFILE = {
     "batch": (1, 8, 64), "seq": (1, 256, 1024), "soft": (0, 128, 16384),  # soft: learnable + image tokens
-    "prefix": (1, 256, 16384),  # a matching query's prefix, which may hold an image
+    # a matching query's prefix (prefill.onnx computes it under `seq`'s range: queries with large
+    # images need both widened, e.g. seq=1:256:8192,prefix=1:256:8192)
+    "prefix": (1, 256, 1024),
     # vision, per call: all patches, whole frames and their longest, windows and their longest
     # (Qwen2.5-VL's 112-pixel windows hold at most 64 patches)
     "patches": (4, 4096, 65536), "frames": (1, 4, 64), "frame_patches": (4, 1024, 16384),
@@ -153,15 +155,23 @@ def build_engines(folder: str | Path, precision: str = "fp16", profile: dict | N
         engine_file.write_bytes(bytes(serialized))
         timing_file.write_bytes(bytes(config.get_timing_cache().serialize()))
         engines[graph] = engine_file
-    _record(cache, precision, engines)
+    _record(cache, precision, export_digest(folder), engines)
     return engines
 
 
-ENGINES_INDEX = "engines.json"  # in the cache folder: {precision: {graph: engine file name}}, what backend="tensorrt" opens
+# in the cache folder: {precision: {"export": digest of export.json, "engines": {graph: engine file}}},
+# what backend="tensorrt" opens (it refuses engines recorded for another export)
+ENGINES_INDEX = "engines.json"
 
 
-def _record(cache: Path, precision: str, engines: dict[str, Path]) -> None:
+def export_digest(folder: Path) -> str:
+    """Which export engines belong to: its manifest (which names its source's fingerprint, its
+    graphs, precision and preset) is rewritten by every export."""
+    return hashlib.sha256((Path(folder) / "export.json").read_bytes()).hexdigest()[:16]
+
+
+def _record(cache: Path, precision: str, digest: str, engines: dict[str, Path]) -> None:
     index_file = cache / ENGINES_INDEX
     index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-    index[precision] = {graph: path.name for graph, path in engines.items()}
+    index[precision] = {"export": digest, "engines": {graph: path.name for graph, path in engines.items()}}
     index_file.write_text(json.dumps(index, indent=2) + "\n")

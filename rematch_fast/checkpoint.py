@@ -126,7 +126,11 @@ class Checkpoint:
         path = self.path / QUANTIZED_MANIFEST
         if not path.is_file():
             return None
-        preset = _read_json(path).get("preset")
+        manifest = _read_json(path)
+        if manifest.get("format_version") != 1:
+            raise CheckpointError(f"{path}: format_version {manifest.get('format_version')!r}, this release reads 1: "
+                                  "quantize the checkpoint again")
+        preset = manifest.get("preset")
         if not isinstance(preset, str):
             raise CheckpointError(f"{path} names no preset: quantize the checkpoint again")
         return preset

@@ -165,7 +165,8 @@ def cmd_export(args) -> int:
     with contextlib.redirect_stdout(sys.stderr if not args.quiet else io.StringIO()):
         out = export_onnx(args.checkpoint, args.out, args.precision or "fp32", args.overwrite,
                           progress=None if args.quiet else _log, quantize=args.quantize, calibration=calibration)
-    print(f"exported {args.checkpoint} to {out} (vision.onnx, embed.onnx, match.onnx; open it with backend='onnx')")
+    graphs = ", ".join(g["file"] for g in json.loads((out / "export.json").read_text())["graphs"].values())
+    print(f"exported {args.checkpoint} to {out} ({graphs}; open it with backend='onnx')")
     if not args.parity:
         return EXIT_OK
     return _parity(args.checkpoint, out, items, out / "parity.json")

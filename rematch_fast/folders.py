@@ -29,14 +29,14 @@ def staged_folder(out: str | Path, marker: str, overwrite: bool, what: str):
 
     out = Path(out)
     check_replaceable(out, marker, overwrite, what)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)  # staged beside it: the final move is a rename
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield staging
         for path in [staging, *staging.rglob("*")]:  # mkdtemp's 0700 and safetensors' 0600 otherwise
             set_user_mode(path)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
-        out.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(staging), str(out))
     finally:
         if staging.exists():

@@ -4,9 +4,10 @@ The folder written holds the source's config, tokenizer, preprocessor and head f
 are, `model.safetensors` with the fast model's own state dict after quantization (our layer
 names, q/k/v and gate/up fused; int8 weights with their fp32 scales; the rest in the chosen
 dtype), and `quantization.json` (preset, dtype, the source's fingerprint). Loading it reads the
-int8 weights as they are: no quantizing, a quarter of the linear layers' bytes on disk and in
-host memory, and exactly the model that quantizing at load time gives. It runs on
-backend="fast" only (transformers cannot read it).
+quantized weights as they are: no quantizing, half of the linear layers' bf16 bytes (a quarter
+of fp32's) on disk and in host memory, and, opened in the dtype it was written in, exactly the
+model that quantizing at load time gives. It runs on backend="fast" only (transformers cannot
+read it).
 """
 from __future__ import annotations
 

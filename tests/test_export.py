@@ -99,6 +99,7 @@ def test_fp16_graphs_pass_their_gate(models, tiny_paths, tmp_path, arch):
                  "--parity"]) == EXIT_OK
     report, manifest = (json.loads((out / f).read_text()) for f in ("parity.json", "export.json"))
     assert manifest["precision"] == "fp16" and report["passed"] and report["images"] > 0
+    assert {g["precision"] for g in manifest["graphs"].values()} == {"fp16"}
     assert report["thresholds"] == {"cosine_min": 0.999, "top10_overlap": 0.95} and 0 < report["max_abs"]
     graph = onnx.load(str(out / "embed.onnx"), load_external_data=False).graph
     weights = collections.Counter(t.data_type for t in graph.initializer if len(t.dims) == 2)
@@ -625,6 +626,11 @@ def test_backend_tensorrt_binds_engines_and_checks_their_profiles(models, export
     narrow = ReMatch.from_pretrained(folder, backend="tensorrt", precision="fp32")
     with pytest.raises(InputError, match="input input_ids has size .* on axis 1, outside the engine's profile 1..16"):
         narrow.encode(["a text long enough to need more than sixteen tokens, with its template around it"])
+    manifest = json.loads((folder / "export.json").read_text())
+    manifest["versions"]["note"] = "exported again"  # another export in the same folder: its engines are stale
+    (folder / "export.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="built from another export"):
+        ReMatch.from_pretrained(folder, backend="tensorrt")
 
 
 def test_tensorrt_refuses_a_graph_its_lint_flagged(tiny_paths, tmp_path):

@@ -186,3 +186,10 @@ def test_a_pre_quantized_checkpoint_loads_to_the_same_model(tiny_paths, tmp_path
     with pytest.raises(InputError, match=f"pre-quantized as {preset}; it cannot be loaded as bf16"):
         ReMatch.from_pretrained(out, backend="fast", quantize="bf16")
     assert main(args) != EXIT_OK and main(args + ["--overwrite"]) == EXIT_OK  # replaced only when asked
+    other = "fp8" if preset == "int8-weight" else "int8-weight"
+    (out / "quantization.json").write_text(json.dumps({**manifest, "preset": other}))
+    with pytest.raises(CheckpointError, match="is stored as .* its preset needs"):  # never cast between formats
+        ReMatch.from_pretrained(out, backend="fast")
+    (out / "quantization.json").write_text(json.dumps({**manifest, "format_version": 2}))
+    with pytest.raises(CheckpointError, match="format_version 2"):
+        ReMatch.from_pretrained(out, backend="fast")

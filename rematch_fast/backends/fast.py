@@ -48,9 +48,12 @@ class FastBackend:
         self.cfg = model_config(ckpt)
         if device.type == "cuda":  # refused now rather than out of memory halfway through a corpus
             check_fits(self.cfg, dtype, self.quantize, torch.cuda.mem_get_info(device)[0], str(device))
-        self.model = load_model(ckpt.path, self.cfg, device, dtype, self.ops, ckpt.quantized)
-        if not ckpt.quantized:  # quantized as it loads (a pre-quantized checkpoint is read as it is)
+        if ckpt.quantized or self.quantize == "bf16":
+            self.model = load_model(ckpt.path, self.cfg, device, dtype, self.ops, ckpt.quantized)
+        else:  # quantized on the host, then moved: the device never holds the full-precision weights
+            self.model = load_model(ckpt.path, self.cfg, torch.device("cpu"), dtype, self.ops)
             quantize_linears(self.model, self.quantize)
+            self.model.to(device)
         self.image_token_id = ckpt.special_tokens.image
         self.latency = None
         if latency_buckets:

@@ -74,8 +74,10 @@ class EngineRunner:
         for n in self.inputs:
             t = torch.from_numpy(np.ascontiguousarray(feed[n])).to(self.device, self.dtypes[n]).contiguous()
             self.context.set_input_shape(n, tuple(t.shape))
-            self.context.set_tensor_address(n, t.data_ptr())
-            keep.append(t)
+            # an empty input (no soft rows) still gets a real address: never bind a null pointer
+            bound = t if t.numel() else torch.empty(1, dtype=t.dtype, device=self.device)
+            self.context.set_tensor_address(n, bound.data_ptr())
+            keep.append(bound)
         outputs = {}
         for n in self.outputs:
             shape = tuple(self.context.get_tensor_shape(n))
@@ -93,14 +95,17 @@ def load_runners(folder, precision: str, cache_dir, device: torch.device, trt) -
     """The engines `export tensorrt` recorded for `precision`, deserialized, one runner each."""
     from pathlib import Path
 
-    from ..export.tensorrt import ENGINES_INDEX
+    from ..export.tensorrt import ENGINES_INDEX, export_digest
 
     cache = Path(cache_dir) if cache_dir else Path(folder) / "tensorrt"
     index_file = cache / ENGINES_INDEX
-    index = json.loads(index_file.read_text()).get(precision) if index_file.is_file() else None
-    if not index:
-        raise CheckpointError(f"no {precision} engines in {cache}: run rematch-fast export tensorrt {folder} "
-                              f"--precision {precision} first")
+    entry = json.loads(index_file.read_text()).get(precision) if index_file.is_file() else None
+    build = f"run rematch-fast export tensorrt {folder} --precision {precision}"
+    if not entry:
+        raise CheckpointError(f"no {precision} engines in {cache}: {build} first")
+    if entry.get("export") != export_digest(folder):
+        raise CheckpointError(f"the {precision} engines in {cache} were built from another export: {build} again")
+    index = entry["engines"]
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     runners = {}
     for graph, file in index.items():

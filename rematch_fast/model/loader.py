@@ -61,6 +61,10 @@ def _fused_parts(model: nn.Module) -> dict[str, tuple[str, slice]]:
     return out
 
 
+# quantized weights are read as they are: a cast between these formats would be silent nonsense
+_QUANTIZED_DTYPES = {torch.int8: "I8", torch.float8_e4m3fn: "F8_E4M3"}
+
+
 def _placements(path: str | Path, model: QwenVL, device: str = "cpu", ours: bool = False):
     """Match every checkpoint tensor to its place in `model`, reading headers only; yields
     (open file, key, destination view) and raises CheckpointError for a tensor with no place,
@@ -94,6 +98,10 @@ def _placements(path: str | Path, model: QwenVL, device: str = "cpu", ours: bool
                     shape = [shape[0], math.prod(shape[1:])]
                 if tuple(shape) != tuple(dest.shape):
                     raise CheckpointError(f"{f.name}: {key} has shape {tuple(shape)}, the config needs {tuple(dest.shape)}")
+                stored = sf.get_slice(key).get_dtype()
+                if ours and dest.dtype in _QUANTIZED_DTYPES and stored != _QUANTIZED_DTYPES[dest.dtype]:
+                    raise CheckpointError(f"{f.name}: {key} is stored as {stored}, its preset needs "
+                                          f"{_QUANTIZED_DTYPES[dest.dtype]}: is quantization.json this folder's own?")
                 seen.add(name)
                 yield sf, key, dest
     missing = sorted(set(targets) - seen)

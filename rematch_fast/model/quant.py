@@ -3,7 +3,8 @@
 `quantize_linears(model, preset)` replaces every linear layer of the model (decoder, vision
 tower, patch embedding, patch merger; fused q/k/v and gate/up keep their parts) by the preset's
 module, one layer at a time, so the full-precision copy of a layer is freed as soon as its
-quantized one exists. Presets:
+quantized one exists. The fast backend quantizes on the host and then moves the model, so the
+device never holds the full-precision weights. Presets:
 
 - "bf16": the weights stay in the model's own dtype (nothing is replaced).
 - "int8-weight": weight-only int8, symmetric, one scale per output channel (absmax / 127).
@@ -132,8 +133,9 @@ def fp8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.
     k, n = x.shape[-1], weight.shape[0]
     if x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9) and k % 16 == 0 and n % 16 == 0:
         xq, xs = fp8_rows(x)
+        # row-wise scales: torch's kernel writes bf16 only; cast after
         return torch._scaled_mm(xq, weight.T, scale_a=xs[:, None], scale_b=scale[None, :].float(),
-                                out_dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16).to(x.dtype)
+                                out_dtype=torch.bfloat16).to(x.dtype)
     return fp8_mm_torch(x, weight, scale)
 
 
