@@ -68,7 +68,7 @@ def test_gpu_suite_limits_each_part_and_goes_on(tmp_path):
     assert "# pooling ran" in run.stdout and "| provider |" in run.stdout
     assert "| w6 |" in run.stdout and "| model |" in run.stdout  # a part's several tables
     only = subprocess.run(["bash", str(BENCH / "gpu_suite.sh"), str(tmp_path / "out2")], capture_output=True, text=True,
-                          env={**env, "PARTS": "quant pooling"}, timeout=60)
+                          env={**env, "PARTS": "quant pooling"}, timeout=60, check=False)
     assert only.returncode == 0 and "## quant" in only.stdout and "## embed" not in only.stdout
 
 

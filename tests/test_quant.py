@@ -140,7 +140,7 @@ def test_fp8_layer_rounds_each_weight_to_e4m3():
     # e4m3: 3 mantissa bits, so at most 1/16 relative error, plus the subnormal floor near zero
     assert ((widened - linear.weight).abs() <= linear.weight.abs() / 16 + q.scale[:, None] * 2**-9).all()
     x = torch.randn(9, 64, generator=g)
-    xq, xs = quant.fp8_rows(x)
+    xq, _ = quant.fp8_rows(x)
     assert xq.dtype == torch.float8_e4m3fn and (xq.float().abs().amax(dim=1) <= quant.FP8_MAX).all()
     torch.testing.assert_close(q(x), quant.fp8_mm_torch(x, q.weight, q.scale) + linear.bias, atol=1e-5, rtol=0)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..checkpoint import Checkpoint
-from ..errors import InputError
 from ..embeddings import Embeddings
+from ..errors import InputError
 from ..model.batch import PackedBatch
 from ..model.cascade import PrefixKV
 from ..model.config import model_config
