@@ -36,10 +36,11 @@ def gemms_as_matmuls(model) -> int:
         if node.op_type != "Gemm" or node.input[1] not in weights or not plain:
             nodes.append(node)
             continue
-        w = numpy_helper.to_array(weights[node.input[1]])
-        w = np.ascontiguousarray(w.T if attrs.get("transB", 0) else w)  # [K, N]
-        name = f"{node.input[1]}.kn"
-        graph.initializer.append(numpy_helper.from_array(w, name))
+        name = f"{node.input[1]}.kn" if attrs.get("transB", 0) else node.input[1]
+        if name not in weights:  # once per weight, however many Gemms share it
+            w = numpy_helper.to_array(weights[node.input[1]])
+            weights[name] = numpy_helper.from_array(np.ascontiguousarray(w.T), name)  # [K, N]
+            graph.initializer.append(weights[name])
         has_bias = len(node.input) > 2 and node.input[2]
         out = f"{node.output[0]}.matmul" if has_bias else node.output[0]
         nodes.append(helper.make_node("MatMul", [node.input[0], name], [out], name=f"{node.name}.matmul"))
