@@ -62,6 +62,20 @@ def with_outlier_channels(src, dst):
     return dst
 
 
+def document_first_copy(src, dst):
+    """A copy of a checkpoint whose matching template shows the document before the query (no
+    shared query prefix)."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "rematch_config.json").read_text())
+    cfg["match_template"] = ("<|im_start|>user\nDocument:\n{document}<|im_end|>\n<|im_start|>user\n"
+                             "Query:\n{query}<|im_end|>\n<|im_start|>assistant\n")
+    (dst / "rematch_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
 # Benchmarks time things rather than test them: run them only when asked (pytest --benchmark-only).
 def pytest_collection_modifyitems(config, items):
     if config.getoption("benchmark_only", False):

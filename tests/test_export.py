@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx  # noqa: F401 - the test extra installs it: missing, this file fails rather than skips
 import pytest
 import torch
-from conftest import random_image, with_outlier_channels
+from conftest import document_first_copy, random_image, with_outlier_channels
 from rematch_fast.export.onnx import GRAPHS
 
 from rematch_fast import CheckpointError, InputError, Item, ReMatch
@@ -72,12 +72,7 @@ def test_many_queries_share_batches_through_the_prefix_graphs(models, exports, a
 
 
 def test_a_document_first_template_exports_no_prefix_graphs(tiny_paths, tmp_path):
-    src = tmp_path / "docfirst"
-    shutil.copytree(tiny_paths["qwen2-vl"], src)
-    cfg = json.loads((src / "rematch_config.json").read_text())
-    cfg["match_template"] = ("<|im_start|>user\nDocument:\n{document}<|im_end|>\n<|im_start|>user\n"
-                             "Query:\n{query}<|im_end|>\n<|im_start|>assistant\n")
-    (src / "rematch_config.json").write_text(json.dumps(cfg))
+    src = document_first_copy(tiny_paths["qwen2-vl"], tmp_path / "docfirst")
     out = tmp_path / "exp"
     assert main(["export", "onnx", str(src), "--out", str(out), "--quiet"]) == EXIT_OK
     assert set(json.loads((out / "export.json").read_text())["graphs"]) == {"vision", "embed", "match"}

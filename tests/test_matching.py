@@ -1,12 +1,10 @@
 """Generative matching with a shared prefix: the fast engine's cascade (query prefix computed once,
 every candidate continues it) against the reference's full-sequence scoring, fp32."""
-import json
-import shutil
 
 import pytest
 import torch
 
-from conftest import random_image
+from conftest import document_first_copy, random_image
 from rematch_fast import InputError, Item, ReMatch, ops
 from rematch_fast.model import cascade
 from rematch_fast.model.batch import AttentionPlan, PrefixLayout
@@ -119,12 +117,7 @@ def test_many_queries_feat_views_and_named_errors(models, fast_models):
 
 
 def test_document_first_template_takes_the_full_path(tiny_paths, tmp_path):
-    dst = tmp_path / "docfirst"
-    shutil.copytree(tiny_paths["qwen2-vl"], dst)
-    cfg = json.loads((dst / "rematch_config.json").read_text())
-    cfg["match_template"] = ("<|im_start|>user\nDocument:\n{document}<|im_end|>\n<|im_start|>user\n"
-                             "Query:\n{query}<|im_end|>\n<|im_start|>assistant\n")
-    (dst / "rematch_config.json").write_text(json.dumps(cfg))
+    dst = document_first_copy(tiny_paths["qwen2-vl"], tmp_path / "docfirst")
     fast, ref = ReMatch.from_pretrained(dst, backend="fast"), ReMatch.from_pretrained(dst)
     docs = _docs(seed=51)[:3]
     got = fast.score("a query", docs)

@@ -10,6 +10,7 @@ keys and values once, and the match_prefix graph runs each batch of candidates c
 """
 from __future__ import annotations
 
+import abc
 import json
 
 import numpy as np
@@ -28,7 +29,7 @@ from .base import INPUT_KINDS
 REQUIRED_GRAPHS = ("vision", "embed", "match")  # prefill and match_prefix come with query-first templates
 
 
-class GraphBackend:
+class GraphBackend(abc.ABC):
     padded = True  # a batch costs count x longest
     longest_first = True
     inputs = frozenset(INPUT_KINDS)
@@ -59,9 +60,9 @@ class GraphBackend:
         self.dim, self.pad_id, self.device = cfg.text.hidden_size, ckpt.special_tokens.pad, device
         self.image_token_id = ckpt.special_tokens.image
 
+    @abc.abstractmethod
     def _execute(self, graph: str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Run one graph on its inputs; its outputs in GRAPHS order."""
-        raise NotImplementedError
+        """Run one graph on its inputs; its outputs in GRAPHS order (each runtime's own)."""
 
     def _run(self, graph: str, seqs: list[Sequence], **extra: np.ndarray) -> list[np.ndarray]:
         features = None

@@ -23,6 +23,8 @@ bnb-int8 and bnb-nf4 are planned: asking for them is an InputError that says so.
 """
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import nn
 
@@ -58,7 +60,7 @@ def int8_weight_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -
     return int8_weight_mm_torch(x, weight, scale)
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(nn.Module, abc.ABC):
     """A linear layer with quantized weights and one fp32 scale per output channel. A fused
     projection keeps its `parts` (and `split`), its rows each with their own scale. Subclasses
     say how weights are stored (`quantize`) and multiplied (`matmul`)."""
@@ -74,11 +76,13 @@ class QuantizedLinear(nn.Module):
         self.parts = parts
 
     @staticmethod
+    @abc.abstractmethod
     def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """fp32 weights [N, K] -> (stored weights, fp32 scale per row)."""
 
+    @abc.abstractmethod
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """x [M, K] -> x @ W.T [M, N] in x's dtype, from the stored weights and scales."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> QuantizedLinear:
