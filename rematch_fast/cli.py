@@ -22,7 +22,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .backends import registered_backends
-from .config import ARCHES, DEFAULT_DECODE_LIMIT, EMBED_BATCH_SIZE, INDEX_DTYPES, MATCH_BATCH_SIZE, MODEL_DTYPES
+from .config import (ARCHES, DEFAULT_DECODE_LIMIT, EMBED_BATCH_SIZE, INDEX_DTYPES, MATCH_BATCH_SIZE, MODEL_DTYPES,
+                     QUANTIZE_PRESETS)
 from .errors import InputError, ReMatchError, TruncationWarning
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REJECTS = 0, 1, 2, 3
@@ -380,10 +381,11 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help=f"implementation to run, one of {registered_backends()} (default: reference)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda or cuda:1 (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(MODEL_DTYPES), help="model dtype (default: float32)")
-    p.add_argument("--quantize", choices=["bf16", "int8-weight", "fp8"],
+    p.add_argument("--quantize", choices=list(QUANTIZE_PRESETS),
                    help="weight format of the linear layers, with --backend fast: bf16 (the model dtype, the "
-                        "default), int8-weight (int8 weights, one scale per output channel) or fp8 (e4m3 weights "
-                        "and per-token activations; fast on compute capability 8.9+)")
+                        "default), int8-weight (int8 weights, one scale per output channel), fp8 (e4m3 weights "
+                        "and per-token activations; fast on compute capability 8.9+), bnb-int8 or bnb-nf4 "
+                        "(bitsandbytes' LLM.int8 and 4-bit NormalFloat; pip install 'rematch-fast[bnb]')")
     p.add_argument("--batch-size", type=int, help=f"most sequences per forward pass (default: {EMBED_BATCH_SIZE} when "
                                                   f"embedding, {MATCH_BATCH_SIZE} when matching; the token budget "
                                                   "binds first for long inputs)")
@@ -482,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="write a pre-quantized checkpoint (loads without quantizing; backend fast)")
     p.add_argument("checkpoint")
-    p.add_argument("--preset", required=True, choices=["int8-weight", "fp8"], help="weight format of the linear layers")
+    p.add_argument("--preset", required=True, choices=[q for q in QUANTIZE_PRESETS if q != "bf16"],
+                   help="weight format of the linear layers")
     p.add_argument("--out", required=True, help="the folder to write")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype of everything but the quantized weights (default: bfloat16)")

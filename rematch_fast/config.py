@@ -29,6 +29,8 @@ VIEWS = ("raw", "feat")
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
 # what the search kernel reads: float32/16, bfloat16, or a per-row quantized int8 corpus
 INDEX_DTYPES = ("float32", "float16", "bfloat16", "int8")
+# weight formats of the fast backend's linear layers (rematch_fast.model.quant)
+QUANTIZE_PRESETS = ("bf16", "int8-weight", "fp8", "bnb-int8", "bnb-nf4")
 # most sequences per forward pass (the token budget, 8192 by default, binds first for long inputs):
 # matching's suffixes are short (a feat candidate is a few tokens), so it packs more of them
 EMBED_BATCH_SIZE, MATCH_BATCH_SIZE = 64, 512

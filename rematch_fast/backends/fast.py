@@ -37,7 +37,7 @@ class FastBackend:
         share_prefix: compute the embed template's part before the item once per side and let every
         embedding batch continue it (False: every sequence from its first token, for comparison).
         quantize: the linear layers' weight format, a preset of rematch_fast.model.quant ("bf16",
-        the default: the model's dtype; "int8-weight": int8 weights per output channel)."""
+        the default: the model's dtype; "int8-weight", "fp8", "bnb-int8", "bnb-nf4")."""
         if ckpt.quantized and quantize not in (None, ckpt.quantized):
             raise InputError(f"{ckpt.path} is pre-quantized as {ckpt.quantized}; it cannot be loaded as {quantize}")
         self.quantize = check_preset(quantize or ckpt.quantized)  # before any weight is read

@@ -62,7 +62,7 @@ def _fused_parts(model: nn.Module) -> dict[str, tuple[str, slice]]:
 
 
 # quantized weights are read as they are: a cast between these formats would be silent nonsense
-_QUANTIZED_DTYPES = {torch.int8: "I8", torch.float8_e4m3fn: "F8_E4M3"}
+_QUANTIZED_DTYPES = {torch.int8: "I8", torch.float8_e4m3fn: "F8_E4M3", torch.uint8: "U8"}
 
 
 def _placements(path: str | Path, model: QwenVL, device: str = "cpu", ours: bool = False):

@@ -19,30 +19,47 @@ device never holds the full-precision weights. Presets:
   8.9+ (Hopper, Ada); elsewhere the torch reference (`fp8_mm_torch`), which runs anywhere,
   slowly: it is there to check the preset, not to serve with.
 
-bnb-int8 and bnb-nf4 are planned: asking for them is an InputError that says so.
+- "bnb-int8": bitsandbytes' LLM.int8: int8 weights per output channel (its `SCB` absmax); at
+  run time activations are int8 per token, except the input columns holding a value of magnitude 6.0 or more,
+  which are multiplied in fp16 against their widened weight columns (outliers kept).
+- "bnb-nf4": bitsandbytes' 4-bit NormalFloat: blocks of 64 weights, each with an absmax that is
+  itself quantized to 8 bits in blocks of 256 ("double quant"); widened to the activations'
+  dtype for the matmul. Both need the optional `bitsandbytes` package (extra "bnb") and run
+  through its own kernels; `bnb_int8_mm_torch` and `nf4_widen_torch` are their references.
+
+Every format says what it stores (`layout`), so a model can be built as shells on the meta
+device for a pre-quantized checkpoint and its footprint counted without quantizing anything.
 """
 from __future__ import annotations
 
 import abc
+import math
 
 import torch
 from torch import nn
 
+from ..config import QUANTIZE_PRESETS as PRESETS
 from ..errors import InputError
 from .layers import FusedLinear
 
-PRESETS = ("bf16", "int8-weight", "fp8")
-PLANNED = ("bnb-int8", "bnb-nf4")
-
 
 def check_preset(preset: str | None) -> str:
-    """The preset, validated ("bf16" for None)."""
+    """The preset, validated ("bf16" for None); a bitsandbytes preset needs the package."""
     preset = preset or "bf16"
-    if preset in PLANNED:
-        raise InputError(f"quantize preset {preset!r} is not available yet; available: {PRESETS}")
     if preset not in PRESETS:
         raise InputError(f"unknown quantize preset {preset!r}; choose from {PRESETS}")
+    if preset.startswith("bnb-"):
+        bitsandbytes()
     return preset
+
+
+def bitsandbytes():
+    """The bitsandbytes module, or an InputError that says how to install it."""
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise InputError(f"the bnb-* presets need bitsandbytes: pip install 'rematch-fast[bnb]' ({e})") from None
+    return bitsandbytes
 
 
 def int8_weight_mm_torch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -61,34 +78,49 @@ def int8_weight_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -
 
 
 class QuantizedLinear(nn.Module, abc.ABC):
-    """A linear layer with quantized weights and one fp32 scale per output channel. A fused
-    projection keeps its `parts` (and `split`), its rows each with their own scale. Subclasses
-    say how weights are stored (`quantize`) and multiplied (`matmul`)."""
+    """A linear layer with quantized weights, stored as the buffers its format's `layout` names.
+    A fused projection keeps its `parts` (and `split`). Subclasses say what they store (`layout`),
+    how (`quantize`) and how they multiply (`matmul`)."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 parts: dict[str, int] | None = None):
+    def __init__(self, stored: dict[str, torch.Tensor], bias: torch.Tensor | None, in_features: int,
+                 out_features: int, parts: dict[str, int] | None = None):
         super().__init__()
-        self.register_buffer("weight", weight)  # [N, K], the format's dtype
-        self.register_buffer("scale", scale)  # [N] fp32
+        for name, tensor in stored.items():
+            self.register_buffer(name, tensor)
         # a parameter, in the model's dtype like the others (the loader casts parameters)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.in_features, self.out_features = in_features, out_features
         self.parts = parts
 
     @staticmethod
     @abc.abstractmethod
-    def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 weights [N, K] -> (stored weights, fp32 scale per row)."""
+    def layout(n: int, k: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of every tensor stored for weights [n, k]."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """fp32 weights [N, K] -> the stored tensors, as `layout` says."""
 
     @abc.abstractmethod
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] -> x @ W.T [M, N] in x's dtype, from the stored weights and scales."""
+        """x [M, K] -> x @ W.T [M, N] in x's dtype, from the stored tensors."""
+
+    @classmethod
+    def stored_bytes(cls, n: int, k: int) -> int:
+        return sum(math.prod(shape) * torch.empty(0, dtype=dt).element_size() for shape, dt in cls.layout(n, k).values())
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> QuantizedLinear:
-        q, scale = cls.quantize(linear.weight.detach().float())
+        """The layer quantized; from a meta layer, a shell of the layout (for a pre-quantized
+        checkpoint's weights to fill)."""
+        n, k = linear.weight.shape
+        if linear.weight.is_meta:
+            stored = {name: torch.empty(shape, dtype=dt, device="meta") for name, (shape, dt) in cls.layout(n, k).items()}
+        else:
+            stored = cls.quantize(linear.weight.detach().float())
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(q, scale, bias, getattr(linear, "parts", None))
+        return cls(stored, bias, k, n, getattr(linear, "parts", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x.reshape(-1, self.in_features))
@@ -102,13 +134,20 @@ class QuantizedLinear(nn.Module, abc.ABC):
     rows = FusedLinear.rows
 
 
+def _per_row(stored: torch.dtype):
+    """The layout of weights stored as `stored` with one fp32 scale per output channel."""
+    return staticmethod(lambda n, k: {"weight": ((n, k), stored), "scale": ((n,), torch.float32)})
+
+
 class Int8WeightLinear(QuantizedLinear):
     """int8 weights, symmetric per output channel; activations untouched."""
+
+    layout = _per_row(torch.int8)
 
     @staticmethod
     def quantize(w):
         scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
-        return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+        return {"weight": torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), "scale": scale}
 
     def matmul(self, x):
         return int8_weight_mm(x, self.weight, self.scale)
@@ -147,16 +186,114 @@ class Fp8Linear(QuantizedLinear):
     """e4m3 weights with a scale per output channel, activations e4m3 with a scale per token
     computed at run time (Hopper's fp8 tensor cores)."""
 
+    layout = _per_row(torch.float8_e4m3fn)
+
     @staticmethod
     def quantize(w):
         scale = w.abs().amax(dim=1).clamp_min(1e-12) / FP8_MAX
-        return (w / scale[:, None]).to(torch.float8_e4m3fn), scale
+        return {"weight": (w / scale[:, None]).to(torch.float8_e4m3fn), "scale": scale}
 
     def matmul(self, x):
         return fp8_mm(x, self.weight, self.scale)
 
 
-LAYERS = {"int8-weight": Int8WeightLinear, "fp8": Fp8Linear}
+# -- bitsandbytes ------------------------------------------------------------------------------
+BNB_THRESHOLD = 6.0  # LLM.int8: input columns with a value above this are multiplied in fp16
+
+
+def bnb_int8_mm_torch(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor,
+                      threshold: float = BNB_THRESHOLD) -> torch.Tensor:
+    """The reference of LLM.int8, in fp32: x rounded to fp16; its values of magnitude >= threshold
+    are outliers, and their columns are multiplied as they are against the widened weight
+    columns; every other column is rounded to int8 per row (scale: the row's absmax without the
+    outlier values, / 127) and multiplied exactly against the int8 weights. Rounded to fp16 where
+    bitsandbytes rounds: the widened weights, each part, and their sum."""
+    half = torch.float16
+    xh = x.to(half).float()
+    spikes = xh.abs() >= threshold
+    columns = spikes.any(dim=0)
+    row = xh.masked_fill(spikes, 0).abs().amax(dim=1, keepdim=True)
+    xq = torch.round(xh * 127 / row).masked_fill(columns, 0)
+    out = ((xq @ weight.float().T) * (row / 127) * (absmax.float() / 127)).to(half).float()
+    wide = (weight[:, columns].float() * (absmax.float() / 127)[:, None]).to(half).float()
+    spiky = (xh[:, columns] @ wide.T).to(half).float()
+    return (out + spiky).to(half).to(x.dtype)
+
+
+class BnbInt8Linear(QuantizedLinear):
+    """bitsandbytes' LLM.int8: int8 weights with their per-row absmax (bitsandbytes' `SCB`);
+    activations int8 per token with the outlier columns in fp16, through its own ops."""
+
+    @staticmethod
+    def layout(n, k):
+        return {"weight": ((n, k), torch.int8), "absmax": ((n,), torch.float32)}
+
+    @staticmethod
+    def quantize(w):
+        weight, absmax, _ = bitsandbytes().functional.int8_vectorwise_quant(w.to(torch.float16))
+        return {"weight": weight, "absmax": absmax}
+
+    def matmul(self, x):
+        ops = torch.ops.bitsandbytes
+        xh = x.to(torch.float16)
+        xq, row, outliers = ops.int8_vectorwise_quant(xh, BNB_THRESHOLD)
+        out, _ = ops.int8_mixed_scaled_mm(xh, xq, self.weight, row, self.absmax, outliers, None)
+        return out.to(x.dtype)
+
+
+NF4_BLOCK, NF4_ABSMAX_BLOCK = 64, 256  # weights per absmax; absmaxes per second-level absmax
+
+
+def nf4_widen_torch(layer: BnbNf4Linear) -> torch.Tensor:
+    """The reference of the nf4 format: the layer's weights [N, K] in fp32, from its stored
+    tensors (two 4-bit codes a byte, high nibble first; double-quantized absmaxes)."""
+    n, k = layer.out_features, layer.in_features
+    codes = torch.stack([layer.weight.view(-1) >> 4, layer.weight.view(-1) & 15], dim=1).view(-1)[:n * k]
+    absmax = layer.nested_code[layer.absmax.long()] * layer.nested_absmax.repeat_interleave(NF4_ABSMAX_BLOCK)[
+        :layer.absmax.numel()] + layer.offset
+    return (layer.code[codes.long()] * absmax.repeat_interleave(NF4_BLOCK)[:n * k]).view(n, k)
+
+
+class BnbNf4Linear(QuantizedLinear):
+    """bitsandbytes' nf4 with double-quantized absmaxes (its `Linear4bit` defaults with
+    compress_statistics); the stored tensors are its `QuantState`'s, flattened into buffers."""
+
+    @staticmethod
+    def layout(n, k):
+        blocks = -(-n * k // NF4_BLOCK)
+        return {"weight": (((n * k + 1) // 2, 1), torch.uint8), "absmax": ((blocks,), torch.uint8),
+                "code": ((16,), torch.float32), "offset": ((1,), torch.float32),
+                "nested_absmax": ((-(-blocks // NF4_ABSMAX_BLOCK),), torch.float32),
+                "nested_code": ((256,), torch.float32)}
+
+    @staticmethod
+    def quantize(w):
+        weight, state = bitsandbytes().functional.quantize_4bit(
+            w, blocksize=NF4_BLOCK, quant_type="nf4", compress_statistics=True)
+        return {"weight": weight, "absmax": state.absmax, "code": state.code, "offset": state.offset.reshape(1),
+                "nested_absmax": state.state2.absmax, "nested_code": state.state2.code}
+
+    def quant_state(self, dtype: torch.dtype):
+        """The stored tensors as bitsandbytes' QuantState (cheap: no copy)."""
+        QuantState = bitsandbytes().functional.QuantState
+        nested = QuantState(absmax=self.nested_absmax, code=self.nested_code, blocksize=NF4_ABSMAX_BLOCK,
+                            dtype=torch.float32)
+        return QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
+                          code=self.code, blocksize=NF4_BLOCK, quant_type="nf4", dtype=dtype,
+                          offset=self.offset[0], state2=nested)
+
+    def matmul(self, x):
+        """bitsandbytes' matmul_4bit, except on the CPU when K is even but not a multiple of 64:
+        there its dequantize kernel (0.50) restarts the blocks at every row, while quantize_4bit
+        (and CUDA) count them over the whole tensor, so it reads the wrong absmaxes; the
+        reference widening runs instead (Qwen2.5-VL's vision MLP has K = 3420, the patch
+        embedding K = 1176)."""
+        if x.device.type == "cpu" and self.in_features % NF4_BLOCK and self.in_features % 2 == 0:
+            return x @ nf4_widen_torch(self).to(x.dtype).T
+        return bitsandbytes().matmul_4bit(x, self.weight.t(), self.quant_state(x.dtype))
+
+
+LAYERS = {"int8-weight": Int8WeightLinear, "fp8": Fp8Linear, "bnb-int8": BnbInt8Linear, "bnb-nf4": BnbNf4Linear}
 
 
 def quantize_linears(model: nn.Module, preset: str | None) -> int:
@@ -193,7 +330,7 @@ def weight_bytes(cfg, dtype: torch.dtype, preset: str | None) -> int:
         for pname, p in module.named_parameters(recurse=False):
             linear = isinstance(module, nn.Linear) and name != "lm_head" and pname == "weight"
             if linear and preset in LAYERS:
-                total += p.numel() + 4 * p.shape[0]  # a byte per weight and an fp32 scale per row
+                total += LAYERS[preset].stored_bytes(*p.shape)
             else:
                 total += p.numel() * size
     return total
