@@ -128,7 +128,6 @@ def test_nf4_reference_reads_bitsandbytes_own_format():
     """nf4_widen_torch unpacks exactly what bitsandbytes' own dequantize gives."""
     g = torch.Generator().manual_seed(5)
     w = torch.randn(45, 71, generator=g)
-    layer = quant.BnbNf4Linear.from_linear(nn.Linear(71, 45, bias=False))
     layer = quant.BnbNf4Linear(quant.BnbNf4Linear.quantize(w), None, 71, 45)
     widened = quant.bitsandbytes().functional.dequantize_4bit(layer.weight, layer.quant_state(torch.float32))
     assert torch.equal(quant.nf4_widen_torch(layer), widened)
