@@ -11,12 +11,13 @@ from .errors import (CheckpointError, ConfigError, EmptyItemError, ImageError, I
 
 __version__ = "0.1.0"
 
-_LAZY = {"ReMatch": "api", "Embeddings": "embeddings", "Index": "index", "Item": "items", "search": "similarity"}
+_LAZY = {"ReMatch": "api", "Embeddings": "embeddings", "Index": "index", "Item": "items", "search": "similarity",
+         "native_available": "native"}
 
 __all__ = [
     "ReMatch", "ReMatchConfig", "Embeddings", "Index", "Item", "search", "ReMatchError", "CheckpointError",
     "ConfigError", "InputError", "EmptyItemError", "ImageError", "MissingPackageError", "NonFiniteError",
-    "TruncationWarning", "__version__",
+    "TruncationWarning", "native_available", "__version__",
 ]
 
 

@@ -15,6 +15,8 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 from .config import DEFAULT_DECODE_LIMIT
 from .errors import ImageError
 from .items import ConfinedPath
+from .native import PILLOW_MAJOR
+from .native import native as native_module
 
 MAX_ASPECT = 200  # Qwen2-VL's resize refuses longer/shorter side ratios above this
 
@@ -251,7 +253,24 @@ class ImageProcessor:
         return load_image(src, max_pixels=self.max_pixels, decode_limit=self.decode_limit)
 
     def __call__(self, im: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Patches [t*h*w, 3*T*p*p] float32 and the grid (t, h, w) of an RGB image: by the C++
+        extension when it is built, else by the pure-Python path (the same bytes)."""
         im = self._bound(im)
+        native = native_module()
+        if native is None:
+            return self._python(im)
+        s = self.settings
+        try:
+            h, w = native.smart_resize(im.height, im.width, s.patch_size * s.merge_size, s.min_pixels, s.max_pixels)
+            pixels = native.prepare(np.asarray(im), h, w, s.patch_size, s.temporal_patch_size, s.merge_size,
+                                    list(s.image_mean), list(s.image_std), PILLOW_MAJOR)
+        except ValueError as e:
+            raise ImageError(f"image of size {im.width}x{im.height} cannot be processed: {e}") from None
+        return torch.from_numpy(pixels), (1, h // s.patch_size, w // s.patch_size)
+
+    def _python(self, im: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """The pure-Python path: Pillow's resize, then transformers' processor."""
+        im = self._resize(im)
         try:
             out = self.hf(images=[im], return_tensors="pt")
         except ValueError as e:
@@ -274,6 +293,9 @@ class ImageProcessor:
             canvas = Image.new("RGB", size, (255, 255, 255))
             canvas.paste(im, (0, 0))
             im = canvas
+        return im
+
+    def _resize(self, im: Image.Image) -> Image.Image:
         # The exact resize to the patch grid, done here on the PIL image with the processor's own
         # size rule and filter (the very call it would make, so the pixels are the same), because
         # the processor would first copy the whole image into numpy arrays, several times its size.

@@ -1,0 +1,227 @@
+// See prepare.hpp. The resample follows Pillow's two-pass fixed-point scheme (libImaging/Resample.c)
+// operation for operation, since the goal is its exact bytes: the same double-precision filter
+// weights, normalized and rounded to 22 fractional bits, summed in int32 and shifted back. Build
+// without floating-point contraction (CMakeLists.txt): a fused multiply-add would round differently.
+#include "prepare.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace rematch {
+
+std::pair<int, int> smart_resize(int height, int width, int factor, int64_t min_pixels, int64_t max_pixels) {
+    if (height < 1 || width < 1 || factor < 1) {
+        throw std::invalid_argument("image and factor sizes must be positive");
+    }
+    const double ratio = static_cast<double>(std::max(height, width)) / std::min(height, width);
+    if (ratio > 200) {
+        throw std::invalid_argument("absolute aspect ratio must be smaller than 200, got " + std::to_string(ratio));
+    }
+    // Python's round() rounds half to even, as nearbyint does in the default rounding mode
+    int64_t h_bar = static_cast<int64_t>(std::nearbyint(static_cast<double>(height) / factor)) * factor;
+    int64_t w_bar = static_cast<int64_t>(std::nearbyint(static_cast<double>(width) / factor)) * factor;
+    const double area = static_cast<double>(static_cast<int64_t>(height) * width);
+    if (h_bar * w_bar > max_pixels) {
+        const double beta = std::sqrt(area / static_cast<double>(max_pixels));
+        h_bar = std::max<int64_t>(factor, static_cast<int64_t>(std::floor(height / beta / factor)) * factor);
+        w_bar = std::max<int64_t>(factor, static_cast<int64_t>(std::floor(width / beta / factor)) * factor);
+    } else if (h_bar * w_bar < min_pixels) {
+        const double beta = std::sqrt(static_cast<double>(min_pixels) / area);
+        h_bar = static_cast<int64_t>(std::ceil(height * beta / factor)) * factor;
+        w_bar = static_cast<int64_t>(std::ceil(width * beta / factor)) * factor;
+    }
+    return {static_cast<int>(h_bar), static_cast<int>(w_bar)};
+}
+
+namespace {
+
+constexpr int kPrecisionBits = 32 - 8 - 2;  // two bits of headroom: bicubic weights go negative and past 1
+
+double bicubic(double x) {  // Keys' cubic, a = -0.5, written as Pillow writes it
+    const double a = -0.5;
+    if (x < 0.0) x = -x;
+    if (x < 1.0) return ((a + 2.0) * x - (a + 3.0)) * x * x + 1;
+    if (x < 2.0) return (((x - 5) * x + 8) * x - 4) * a;
+    return 0.0;
+}
+
+// One axis: for every output index, the first input index, the tap count and fixed-point weights.
+struct Taps {
+    int ksize = 0;
+    std::vector<int> first, count;
+    std::vector<int32_t> weight;  // [out][ksize]
+};
+
+Taps taps(int in_size, int out_size) {
+    Taps t;
+    const float in0 = 0.0f, in1 = static_cast<float>(in_size);  // Pillow's box, in floats
+    const double scale = static_cast<double>(in1 - in0) / out_size;
+    const double filterscale = scale < 1.0 ? 1.0 : scale;
+    const double support = 2.0 * filterscale;
+    t.ksize = static_cast<int>(std::ceil(support)) * 2 + 1;
+    t.first.resize(out_size);
+    t.count.resize(out_size);
+    t.weight.assign(static_cast<size_t>(out_size) * t.ksize, 0);
+    std::vector<double> k(t.ksize);
+    const double inv_filterscale = 1.0 / filterscale;
+    for (int xx = 0; xx < out_size; ++xx) {
+        const double center = in0 + (xx + 0.5) * scale;
+        int xmin = static_cast<int>(center - support + 0.5);
+        if (xmin < 0) xmin = 0;
+        int xmax = static_cast<int>(center + support + 0.5);
+        if (xmax > in_size) xmax = in_size;
+        xmax -= xmin;
+        double ww = 0.0;
+        for (int x = 0; x < xmax; ++x) {
+            k[x] = bicubic((x + xmin - center + 0.5) * inv_filterscale);
+            ww += k[x];
+        }
+        int32_t* out = &t.weight[static_cast<size_t>(xx) * t.ksize];
+        for (int x = 0; x < xmax; ++x) {
+            const double v = ww != 0.0 ? k[x] / ww : k[x];
+            out[x] = v < 0 ? static_cast<int32_t>(-0.5 + v * (1 << kPrecisionBits))
+                           : static_cast<int32_t>(0.5 + v * (1 << kPrecisionBits));
+        }
+        t.first[xx] = xmin;
+        t.count[xx] = xmax;
+    }
+    return t;
+}
+
+inline uint8_t clip8(int32_t acc) {  // arithmetic shift, then clamp: Pillow's lookup table
+    const int32_t v = acc >> kPrecisionBits;
+    return static_cast<uint8_t>(v < 0 ? 0 : (v > 255 ? 255 : v));
+}
+
+// Rows [y0, y1) of src, resampled along x, into dst [y1 - y0, out_w, 3].
+void horizontal(const uint8_t* src, std::ptrdiff_t stride, int y0, int y1, const Taps& t, int out_w, uint8_t* dst) {
+    for (int y = y0; y < y1; ++y) {
+        const uint8_t* row = src + static_cast<std::ptrdiff_t>(y) * stride;
+        uint8_t* out = dst + static_cast<size_t>(y - y0) * out_w * 3;
+        for (int xx = 0; xx < out_w; ++xx) {
+            const int32_t* k = &t.weight[static_cast<size_t>(xx) * t.ksize];
+            const uint8_t* in = row + static_cast<size_t>(t.first[xx]) * 3;
+            int32_t r = 1 << (kPrecisionBits - 1), g = r, b = r;
+            for (int x = 0; x < t.count[xx]; ++x) {
+                r += in[3 * x] * k[x];
+                g += in[3 * x + 1] * k[x];
+                b += in[3 * x + 2] * k[x];
+            }
+            out[3 * xx] = clip8(r);
+            out[3 * xx + 1] = clip8(g);
+            out[3 * xx + 2] = clip8(b);
+        }
+    }
+}
+
+// src rows (stride bytes apart, row 0 = the taps' index `offset`), resampled along y into dst.
+// The sum runs tap by tap over a whole row (vectorizes); integer sums never overflow here, so the
+// order does not change a bit.
+void vertical(const uint8_t* src, std::ptrdiff_t stride, int offset, const Taps& t, int width, int out_h,
+              uint8_t* dst) {
+    const size_t n = static_cast<size_t>(width) * 3;
+    std::vector<int32_t> acc(n);
+    for (int yy = 0; yy < out_h; ++yy) {
+        std::fill(acc.begin(), acc.end(), 1 << (kPrecisionBits - 1));
+        const int32_t* k = &t.weight[static_cast<size_t>(yy) * t.ksize];
+        for (int y = 0; y < t.count[yy]; ++y) {
+            const uint8_t* row = src + static_cast<std::ptrdiff_t>(t.first[yy] - offset + y) * stride;
+            const int32_t ky = k[y];
+            for (size_t i = 0; i < n; ++i) acc[i] += row[i] * ky;
+        }
+        uint8_t* out = dst + static_cast<size_t>(yy) * n;
+        for (size_t i = 0; i < n; ++i) out[i] = clip8(acc[i]);
+    }
+}
+
+}  // namespace
+
+void resize_bicubic(const uint8_t* src, int h, int w, std::ptrdiff_t stride, uint8_t* dst, int out_h, int out_w,
+                    PassOrder order) {
+    const size_t out_row = static_cast<size_t>(out_w) * 3;
+    if (out_w == w && out_h == h) {  // Pillow copies
+        for (int y = 0; y < h; ++y) std::memcpy(dst + y * out_row, src + y * stride, out_row);
+        return;
+    }
+    const Taps ty = taps(h, out_h);
+    if (out_w == w) {  // vertical pass only
+        vertical(src, stride, 0, ty, w, out_h, dst);
+        return;
+    }
+    const Taps tx = taps(w, out_w);
+    if (out_h == h) {  // horizontal pass only
+        horizontal(src, stride, 0, h, tx, out_w, dst);
+        return;
+    }
+    // The pass order changes the 8-bit intermediate, hence the bytes. Pillow 13 runs the vertical
+    // pass first when the height shrinks by more than twice as many pixels as the width does.
+    if (order == PassOrder::pillow13 && out_h < h && h - out_h > 2 * (w - out_w)) {
+        std::vector<uint8_t> tmp(static_cast<size_t>(out_h) * w * 3);
+        vertical(src, stride, 0, ty, w, out_h, tmp.data());
+        horizontal(tmp.data(), static_cast<std::ptrdiff_t>(w) * 3, 0, out_h, tx, out_w, dst);
+        return;
+    }
+    // only the source rows the vertical pass reads
+    const int y0 = ty.first[0], y1 = ty.first[out_h - 1] + ty.count[out_h - 1];
+    std::vector<uint8_t> tmp(static_cast<size_t>(y1 - y0) * out_row);
+    horizontal(src, stride, y0, y1, tx, out_w, tmp.data());
+    vertical(tmp.data(), static_cast<std::ptrdiff_t>(out_row), y0, ty, out_w, out_h, dst);
+}
+
+namespace {
+
+void check_grid(int h, int w, const PatchSpec& s) {
+    const int unit = s.patch * s.merge;
+    if (h % unit || w % unit || h < unit || w < unit) {
+        throw std::invalid_argument("image " + std::to_string(w) + "x" + std::to_string(h) +
+                                    " is not a whole number of " + std::to_string(unit) + "-pixel blocks");
+    }
+}
+
+// Calls f(patch_row, channel, y, x, pixel) for every pixel of every patch, in the processor's order.
+template <typename F>
+void each_patch(const uint8_t* img, int w, const PatchSpec& s, int grid_h, int grid_w, F&& f) {
+    const int p = s.patch, m = s.merge;
+    int64_t row = 0;
+    for (int bh = 0; bh < grid_h / m; ++bh)
+        for (int bw = 0; bw < grid_w / m; ++bw)
+            for (int mh = 0; mh < m; ++mh)
+                for (int mw = 0; mw < m; ++mw, ++row) {
+                    const int top = (bh * m + mh) * p, left = (bw * m + mw) * p;
+                    for (int y = 0; y < p; ++y) {
+                        const uint8_t* line = img + (static_cast<size_t>(top + y) * w + left) * 3;
+                        for (int x = 0; x < p; ++x)
+                            for (int c = 0; c < 3; ++c) f(row, c, y, x, line[3 * x + c]);
+                    }
+                }
+}
+
+}  // namespace
+
+void patches_float(const uint8_t* img, int h, int w, const PatchSpec& s, float* out) {
+    check_grid(h, w, s);
+    float lut[3][256];  // (float(v * (1/255) in double) - mean) / std, all in float, as numpy does it
+    for (int c = 0; c < 3; ++c)
+        for (int v = 0; v < 256; ++v) lut[c][v] = (static_cast<float>(v * (1.0 / 255)) - s.mean[c]) / s.std[c];
+    const int p = s.patch, t = s.temporal;
+    const size_t cols = static_cast<size_t>(3) * t * p * p;
+    each_patch(img, w, s, h / p, w / p, [&](int64_t row, int c, int y, int x, uint8_t v) {
+        float* dst = out + row * cols + static_cast<size_t>(c) * t * p * p + y * p + x;
+        for (int f = 0; f < t; ++f) dst[static_cast<size_t>(f) * p * p] = lut[c][v];  // every frame the same
+    });
+}
+
+void patches_uint8(const uint8_t* img, int h, int w, const PatchSpec& s, uint8_t* out) {
+    check_grid(h, w, s);
+    const int p = s.patch;
+    const size_t cols = static_cast<size_t>(3) * p * p;
+    each_patch(img, w, s, h / p, w / p, [&](int64_t row, int c, int y, int x, uint8_t v) {
+        out[row * cols + static_cast<size_t>(c) * p * p + y * p + x] = v;
+    });
+}
+
+}  // namespace rematch
