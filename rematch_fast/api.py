@@ -46,7 +46,9 @@ class ReMatch:
         check_backend_fits(ckpt, backend)
         impl = create_backend(backend, ckpt, device, dtype, **backend_options)
         head = ckpt.load_head(device, dtype)
-        images = ImageProcessor(ckpt.image_settings, decode_limit=max_image_pixels)
+        # the patches' form the backend takes: normalized float32 unless it says otherwise
+        images = ImageProcessor(ckpt.image_settings, decode_limit=max_image_pixels,
+                                pixels=getattr(impl, "pixels", "float32"))
         pre = Preprocessor(ckpt.config, ckpt.tokenizers, images, ckpt.special_tokens)
         return cls(ckpt, impl, head, pre)
 

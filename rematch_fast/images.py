@@ -219,17 +219,27 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
+PIXEL_FORMATS = ("float32", "uint8")
+
+
 class ImageProcessor:
     """Turns an RGB image into Qwen2-VL pixel patches within the pixel limits.
 
-    Wraps transformers' `Qwen2VLImageProcessorPil` (the reference; it needs no
-    torchvision). Returns pixel_values [t*h*w, 3*T*p*p] and grid (t, h, w).
+    The C++ extension (rematch_fast._C) does it when built; the pure-Python path wraps
+    transformers' `Qwen2VLImageProcessorPil` (the reference; it needs no torchvision). Both give
+    the same bytes. Returns pixel_values [t*h*w, 3*T*p*p] and grid (t, h, w).
     """
 
-    def __init__(self, settings, decode_limit: int | None = DEFAULT_DECODE_LIMIT):
+    def __init__(self, settings, decode_limit: int | None = DEFAULT_DECODE_LIMIT, pixels: str = "float32"):
         """settings: the checkpoint's ImageSettings (rematch_fast.checkpoint): pixel bounds, patch,
         temporal patch and merge sizes, mean and std, all from its preprocessor_config.json.
-        decode_limit: the largest image file, in pixels, that `load` decodes (see load_image)."""
+        decode_limit: the largest image file, in pixels, that `load` decodes (see load_image).
+        pixels: "float32", the processor's normalized patches with every frame repeated, or
+        "uint8", the resized pixels themselves, one frame, [t*h*w, 3*p*p]: an eighth of the
+        bytes, for a model whose patch embedding does the rest (VisionTower.fold_pixel_normalization)."""
+        if pixels not in PIXEL_FORMATS:
+            raise ValueError(f"pixels must be one of {PIXEL_FORMATS}, not {pixels!r}")
+        self.pixels = pixels
         self.settings = settings
         self.max_pixels = settings.max_pixels
         self.decode_limit = decode_limit
@@ -258,15 +268,34 @@ class ImageProcessor:
         im = self._bound(im)
         native = native_module()
         if native is None:
-            return self._python(im)
+            return self._python(im) if self.pixels == "float32" else self._python_uint8(im)
         s = self.settings
         try:
             h, w = native.smart_resize(im.height, im.width, s.patch_size * s.merge_size, s.min_pixels, s.max_pixels)
             pixels = native.prepare(np.asarray(im), h, w, s.patch_size, s.temporal_patch_size, s.merge_size,
-                                    list(s.image_mean), list(s.image_std), PILLOW_MAJOR)
+                                    list(s.image_mean), list(s.image_std), PILLOW_MAJOR,
+                                    as_uint8=self.pixels == "uint8")
         except ValueError as e:
             raise ImageError(f"image of size {im.width}x{im.height} cannot be processed: {e}") from None
         return torch.from_numpy(pixels), (1, h // s.patch_size, w // s.patch_size)
+
+    def _python_uint8(self, im: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """The pure-Python uint8 patches: Pillow's resize to the processor's size, then the
+        processor's patch order on the pixels themselves."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        s, m = self.settings, self.merge_size
+        try:
+            h, w = smart_resize(im.height, im.width, factor=s.patch_size * m, min_pixels=s.min_pixels,
+                                max_pixels=self.max_pixels)
+        except ValueError as e:
+            raise ImageError(f"image of size {im.width}x{im.height} cannot be processed: {e}") from None
+        if (h, w) != (im.height, im.width):
+            im = im.resize((w, h), resample=Image.Resampling.BICUBIC)
+        p = s.patch_size
+        a = np.asarray(im).reshape(h // (p * m), m, p, w // (p * m), m, p, 3)  # (bh, mh, y, bw, mw, x, c)
+        patches = a.transpose(0, 3, 1, 4, 6, 2, 5).reshape(-1, 3 * p * p)  # rows (bh, bw, mh, mw), cols (c, y, x)
+        return torch.from_numpy(np.ascontiguousarray(patches)), (1, h // p, w // p)
 
     def _python(self, im: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """The pure-Python path: Pillow's resize, then transformers' processor."""

@@ -1,7 +1,8 @@
 """The one chunked prepare-and-embed loop: `ReMatch.encode`, the CLI and the demo all run it.
 
 Items are loaded and tokenized PREPARE_CHUNK at a time (texts of a chunk in one batched
-tokenization), the next chunk on a worker thread while the model embeds the current one;
+tokenization, its images decoded and patched on a pool of threads, one per core), the next
+chunk on a worker thread while the model embeds the current one;
 within a chunk, batches follow the backend's scheduling order and one batch stays in flight
 on the device while the next one's inputs are built. Results come back in input order.
 
@@ -10,6 +11,8 @@ on_error="reject": bad items are left out and reported with their position and r
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence as Seq
 
@@ -24,6 +27,7 @@ from .scheduler import plan_batches, prefetched
 from .sequence import PreparedItem
 
 PREPARE_CHUNK = 256  # items loaded and tokenized ahead of the model: bounds the memory of a large corpus
+IMAGE_THREADS = 16  # most threads that decode and patch the images of a chunk
 ON_ERROR = ("raise", "reject")
 
 
@@ -87,19 +91,41 @@ def prepare_items(model, items: Seq, first: int = 0, on_error: str = "raise") ->
         except InputError as e:
             bad_item[i] = e
     texts = dict(zip(checked, pre.tok.encode_texts([pre.text_of(x) for x in checked.values()])))  # one batch
-    for i in range(first, first + len(items)):  # in input order: "raise" names the first bad item
+
+    def prepare(i: int) -> PreparedItem | InputError:
         try:
             if i in bad_item:
                 raise bad_item[i]
             p = pre.prepare(checked[i], texts[i])
             if p.pixel_values is not None and "image" not in backend.inputs:
                 raise InputError(f"backend {backend.name!r} takes no images")
+            return p
         except InputError as e:
-            fail(i, e)
+            return e
+
+    positions = range(first, first + len(items))
+    images = sum(1 for x in checked.values() if x.image is not None)
+    # Decoding and patching release the GIL (Pillow, rematch_fast._C): images are prepared on
+    # threads, results kept in input order
+    results = image_pool().map(prepare, positions) if images > 1 else map(prepare, positions)
+    for i, p in zip(positions, results):  # in input order: "raise" names the first bad item
+        if isinstance(p, InputError):
+            fail(i, p)
             continue
         out.kept.append(i)
         out.items.append(p)
     return out
+
+
+_POOL = None
+
+
+def image_pool() -> ThreadPoolExecutor:
+    """The threads that load and patch images: one per core (at most IMAGE_THREADS), made once."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(min(IMAGE_THREADS, os.cpu_count() or 1), thread_name_prefix="rematch-images")
+    return _POOL
 
 
 @torch.inference_mode()

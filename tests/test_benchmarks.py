@@ -92,12 +92,30 @@ def test_bench_export_small(tmp_path):
 
 
 def test_bench_quant_small(tmp_path):
-    _script("bench_quant").main(["--model", "tiny", "--rows", "1,5", "--texts", "3", "--iters", "1", "--out", str(tmp_path)])
+    bench = _script("bench_quant")
+    bench.main(["--model", "tiny", "--rows", "1,5", "--texts", "3", "--iters", "1", "--out", str(tmp_path)])
     layer = [json.loads(line) for line in (tmp_path / "quant_w6.jsonl").read_text().splitlines()]
     model = [json.loads(line) for line in (tmp_path / "quant_model.jsonl").read_text().splitlines()]
-    assert {(r["M"], r["preset"]) for r in layer} == {(m, p) for m in (1, 5) for p in ("base", "int8-weight")}
+    timed = [p for p in bench.presets(__import__("torch").device("cpu")) if p != "bf16"]
+    assert "int8-weight" in timed and "fp8" not in timed  # fp8: its tensor cores only
+    assert {(r["M"], r["preset"]) for r in layer} == {(m, p) for m in (1, 5) for p in ["base", *timed]}
     int8 = next(r for r in model if r["preset"] == "int8-weight")
     assert int8["of_base_bytes"] < 0.3 and int8["cosine_min"] > 0.99 and int8["W5_ms"] > 0
+    if "bnb-nf4" in timed:
+        nf4 = next(r for r in model if r["preset"] == "bnb-nf4")
+        assert nf4["of_base_bytes"] < int8["of_base_bytes"] and nf4["cosine_min"] > 0.9
+
+
+def test_bench_images_small(tmp_path):
+    """C2 on every provider (outputs checked equal inside), the W2 / W2j stages on the tiny model."""
+    _script("bench_images").main(["--iters", "1", "--threads", "2", "--out", str(tmp_path), "--small"])
+    c2 = [json.loads(line) for line in (tmp_path / "images_c2.jsonl").read_text().splitlines()]
+    w2 = [json.loads(line) for line in (tmp_path / "images_w2.jsonl").read_text().splitlines()]
+    assert {r["provider"] for r in c2} == {"transformers", "python", "native", "native uint8"}
+    assert all(r["ms_1_thread"] > 0 and r["ms_per_image_n_threads"] > 0 for r in c2)
+    whole = {r["workload"]: r for r in w2 if r["stage"] == "whole"}
+    assert set(whole) == {"W2", "W2j"} and all(r["images_per_s"] > 0 for r in whole.values())
+    assert {r["stage"] for r in w2 if r["workload"] == "W2j"} >= {"decode", "resize", "patches", "vision tower"}
 
 
 def test_bench_match_small(tmp_path):

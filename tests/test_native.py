@@ -172,3 +172,44 @@ def test_without_the_extension_the_python_path_runs_with_one_warning(monkeypatch
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "REMATCH_FAST_NO_NATIVE": "1"})
     assert out.stdout.strip() == "False"
+
+
+@needs_native
+def test_uint8_patches_native_and_python_agree(monkeypatch):
+    for im, s, mode in cases(60, seed=77):
+        proc = ImageProcessor(s, pixels="uint8")
+        rgb = load_image(im, max_pixels=s.max_pixels)
+        got, grid = proc(rgb)
+        with monkeypatch.context() as m:
+            m.setattr(native, "_C", None)
+            m.setattr(native, "_warned", True)
+            want, want_grid = proc(rgb)
+        assert got.dtype == want.dtype == torch.uint8 and got.shape[1] == 3 * 14 * 14
+        assert grid == want_grid and torch.equal(got, want), (im.size, mode)
+        floats, float_grid = ImageProcessor(s)(rgb)
+        assert float_grid == grid and floats.shape[0] == got.shape[0]
+
+
+@pytest.mark.parametrize("quantize", [None, "int8-weight"])
+def test_the_folded_patch_embedding_equals_the_float_path(tiny_paths, arch, quantize):
+    """uint8_pixels=True: raw pixels in, normalization and frame repetition folded into the patch
+    embedding; against the processor's float patches through the same model (fp32 policy, 1e-4),
+    for embeddings and p(yes), plain and with quantized weights (folded from whatever format)."""
+    from rematch_fast import Item, ReMatch
+
+    options = {"quantize": quantize} if quantize else {}
+    floats = ReMatch.from_pretrained(tiny_paths[arch], backend="fast", **options)
+    raw = ReMatch.from_pretrained(tiny_paths[arch], backend="fast", uint8_pixels=True, **options)
+    assert floats.backend.pixels == "float32" and raw.backend.pixels == "uint8"
+    items = [Item(image=random_image(97, 41, seed=3)), Item(text="a caption", image=random_image(300, 200, seed=4)),
+             "only text", Item(image=random_image(28, 900, seed=5))]
+    assert raw.prepare(items[0]).pixel_values.dtype == torch.uint8
+    got, want = raw.encode(items).unit, floats.encode(items).unit
+    assert (got - want).abs().max() <= 1e-4 and not torch.equal(got[:2], torch.zeros_like(got[:2]))
+    torch.testing.assert_close(raw.match("a query", items), floats.match("a query", items), atol=1e-4, rtol=0)
+    tower = raw.backend.model.visual
+    pixels, _ = ImageProcessor(raw.checkpoint.image_settings, pixels="uint8")(random_image(56, 84, seed=6))
+    normalized, _ = ImageProcessor(raw.checkpoint.image_settings)(random_image(56, 84, seed=6))
+    with torch.no_grad():
+        a, b = tower.patch_embed_uint8(pixels.float()), tower.patch_embed(normalized)
+    assert (a - b).abs().max() <= 1e-5 * b.abs().max()

@@ -30,14 +30,19 @@ class FastBackend:
     inputs = frozenset(INPUT_KINDS)
 
     def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, latency_buckets=(),
-                 kernels="auto", share_prefix: bool = True, quantize: str | None = None):
+                 kernels="auto", share_prefix: bool = True, quantize: str | None = None,
+                 uint8_pixels: bool | None = None):
         """latency_buckets: sequence lengths (e.g. (64, 128, 256)) for which a single text query, or
         a small batch of them, runs with static shapes, as a CUDA graph on CUDA (see latency.py).
         kernels: "auto" (Triton kernels on CUDA, torch elsewhere) or "torch" (torch references everywhere).
         share_prefix: compute the embed template's part before the item once per side and let every
         embedding batch continue it (False: every sequence from its first token, for comparison).
         quantize: the linear layers' weight format, a preset of rematch_fast.model.quant ("bf16",
-        the default: the model's dtype; "int8-weight", "fp8", "bnb-int8", "bnb-nf4")."""
+        the default: the model's dtype; "int8-weight", "fp8", "bnb-int8", "bnb-nf4").
+        uint8_pixels: images reach the model as their raw uint8 pixels, one frame per patch (an
+        eighth of the float patches' bytes to move), and the patch embedding does the processor's
+        normalization and frame repetition (folded in at load: VisionTower.fold_pixel_normalization).
+        Default: on CUDA, where those bytes cross to the device."""
         if ckpt.quantized and quantize not in (None, ckpt.quantized):
             raise InputError(f"{ckpt.path} is pre-quantized as {ckpt.quantized}; it cannot be loaded as {quantize}")
         self.quantize = check_preset(quantize or ckpt.quantized)  # before any weight is read
@@ -54,6 +59,11 @@ class FastBackend:
             self.model = load_model(ckpt.path, self.cfg, torch.device("cpu"), dtype, self.ops)
             quantize_linears(self.model, self.quantize)
             self.model.to(device)
+        # what the image processor hands over (ReMatch.from_pretrained reads it)
+        self.pixels = "uint8" if (device.type == "cuda" if uint8_pixels is None else uint8_pixels) else "float32"
+        if self.pixels == "uint8":
+            settings = ckpt.image_settings
+            self.model.visual.fold_pixel_normalization(settings.image_mean, settings.image_std)
         self.image_token_id = ckpt.special_tokens.image
         self.latency = None
         if latency_buckets:

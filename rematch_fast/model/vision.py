@@ -78,10 +78,37 @@ class VisionTower(nn.Module):
     def reset_buffers(self) -> None:
         self.inv_freq = vision_inverse_frequencies(self.cfg, self.inv_freq.device)
 
+    def fold_pixel_normalization(self, mean, std) -> None:
+        """Let the tower take raw uint8 patches [P, 3*p*p] (one frame, the pixels themselves): the
+        processor's (x / 255 - mean) / std is affine and its T frames are copies of one, so both
+        fold into one patch embedding with a bias, `patch_embed_uint8`: the frames' kernel slices
+        summed, scaled by 1 / (255 std), and the means moved into the bias. The embedding's weights
+        are read by multiplying the identity, so any weight format (rematch_fast.model.quant)
+        folds alike; the folded layer itself stays in the model's dtype (it is small)."""
+        cfg = self.cfg
+        k, frames, area = 3 * cfg.temporal_patch_size * cfg.patch_size**2, cfg.temporal_patch_size, cfg.patch_size**2
+        dtype, device = self.merger.ln_q.weight.dtype, self.merger.ln_q.weight.device
+        with torch.no_grad():
+            w = self.patch_embed(torch.eye(k, dtype=dtype, device=device)).T.double()  # [C, 3*T*p*p]
+            w = w.reshape(-1, 3, frames, area).sum(dim=2)  # [C, 3, p*p]: identical frames add
+            mean = torch.tensor(mean, dtype=torch.float64, device=device)[None, :, None]
+            std = torch.tensor(std, dtype=torch.float64, device=device)[None, :, None]
+            folded = nn.Linear(3 * area, w.shape[0], bias=True, device=device, dtype=dtype)
+            folded.weight.copy_((w / (255 * std)).reshape(w.shape[0], -1))
+            folded.bias.copy_(-(w * mean / std).sum(dim=(1, 2)))
+        self.patch_embed_uint8 = folded.requires_grad_(False)
+
     def forward(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """pixels [P, 3*T*p*p], grid_thw [n, 3] -> merged features [P / m^2, d], image by image."""
+        """pixels [P, 3*T*p*p] normalized (or, after fold_pixel_normalization, uint8 [P, 3*p*p]
+        raw), grid_thw [n, 3] -> merged features [P / m^2, d], image by image."""
         cfg, m = self.cfg, self.cfg.merge_size
-        x = self.patch_embed(pixels.to(self.merger.ln_q.weight.dtype))  # [P, C], in the model's dtype
+        dtype = self.merger.ln_q.weight.dtype
+        if pixels.dtype == torch.uint8:
+            if not hasattr(self, "patch_embed_uint8"):
+                raise ValueError("uint8 patches need the normalization folded in first (fold_pixel_normalization)")
+            x = self.patch_embed_uint8(pixels.to(dtype))  # [P, C]; 0..255 are exact in bf16 too
+        else:
+            x = self.patch_embed(pixels.to(dtype))  # [P, C], in the model's dtype
         angles = patch_angles(grid_thw.tolist(), m, self.inv_freq)
         full = _image_plan(grid_thw.tolist(), x.device)
         order = None
