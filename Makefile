@@ -23,7 +23,8 @@ install: $(STAMP)
 
 # CPU-only machine: torch==2.13.0 (the CPU build), installed before anything can pull a CUDA build.
 # CUDA machine: the venv sees the system's packages, so the user's torch is kept.
-$(STAMP): pyproject.toml setup.py
+# the C++ extension is built by this install: a change to its sources installs again
+$(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		$(PYTHON) -m venv --system-site-packages $(VENV); \
 	else \
@@ -38,4 +39,4 @@ $(STAMP): pyproject.toml setup.py
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info rematch_fast/_C*.so
