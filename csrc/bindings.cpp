@@ -66,6 +66,7 @@ py::array prepare(const Image& img, int out_h, int out_w, int patch, int tempora
                   const std::vector<float>& mean, const std::vector<float>& std, int pillow, bool as_uint8) {
     const View v = view(img);
     const PatchSpec s = spec(patch, temporal, merge, mean, std);
+    rematch::check_grid(out_h, out_w, s);  // before anything is allocated or resized
     const py::ssize_t rows = static_cast<py::ssize_t>(out_h / patch) * (out_w / patch);
     const auto cols = static_cast<py::ssize_t>(columns(s, as_uint8));
     py::array out = as_uint8 ? py::array(py::array_t<uint8_t>({rows, cols})) : py::array(py::array_t<float>({rows, cols}));
@@ -94,6 +95,7 @@ void prepare_batch(const std::vector<Image>& images, const std::vector<std::pair
     size_t rows = 0;
     for (size_t i = 0; i < images.size(); ++i) {
         views.push_back(view(images[i]));
+        rematch::check_grid(sizes[i].first, sizes[i].second, s);
         offsets.push_back(rows);
         rows += static_cast<size_t>(sizes[i].first / patch) * (sizes[i].second / patch);
     }

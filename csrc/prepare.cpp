@@ -192,6 +192,7 @@ void vertical(const uint8_t* src, std::ptrdiff_t stride, int offset, const Taps&
 
 void resize_bicubic(const uint8_t* src, int h, int w, std::ptrdiff_t stride, uint8_t* dst, int out_h, int out_w,
                     PassOrder order) {
+    if (h < 1 || w < 1 || out_h < 1 || out_w < 1) throw std::invalid_argument("image sizes must be positive");
     const size_t out_row = static_cast<size_t>(out_w) * 3;
     if (out_w == w && out_h == h) {  // Pillow copies
         for (int y = 0; y < h; ++y) std::memcpy(dst + y * out_row, src + y * stride, out_row);
@@ -224,14 +225,6 @@ void resize_bicubic(const uint8_t* src, int h, int w, std::ptrdiff_t stride, uin
 
 namespace {
 
-void check_grid(int h, int w, const PatchSpec& s) {
-    const int unit = s.patch * s.merge;
-    if (h % unit || w % unit || h < unit || w < unit) {
-        throw std::invalid_argument("image " + std::to_string(w) + "x" + std::to_string(h) +
-                                    " is not a whole number of " + std::to_string(unit) + "-pixel blocks");
-    }
-}
-
 // Calls f(row, top, left) for every patch, in the processor's row order: merge blocks row-major,
 // the patches of a block row-major; (top, left) is the patch's first pixel.
 template <typename F>
@@ -245,6 +238,14 @@ void each_patch(int h, int w, const PatchSpec& s, F&& f) {
 }
 
 }  // namespace
+
+void check_grid(int h, int w, const PatchSpec& s) {
+    const int unit = s.patch * s.merge;
+    if (h % unit || w % unit || h < unit || w < unit) {
+        throw std::invalid_argument("image " + std::to_string(w) + "x" + std::to_string(h) +
+                                    " is not a whole number of " + std::to_string(unit) + "-pixel blocks");
+    }
+}
 
 void patches_float(const uint8_t* img, int h, int w, const PatchSpec& s, float* out) {
     check_grid(h, w, s);

@@ -30,6 +30,9 @@ struct PatchSpec {
     float std[3];
 };
 
+// Throws std::invalid_argument unless h and w are positive multiples of patch * merge.
+void check_grid(int h, int w, const PatchSpec& spec);
+
 // Patches of an RGB image [h, w, 3] (h, w multiples of patch * merge), in the processor's order:
 // rows (block row, block column, row in block, column in block), columns (channel, frame, y, x).
 // float: (x / 255 - mean) / std, rounded as transformers rounds it (x / 255 in double, then float),

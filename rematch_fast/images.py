@@ -263,8 +263,9 @@ class ImageProcessor:
         return load_image(src, max_pixels=self.max_pixels, decode_limit=self.decode_limit)
 
     def __call__(self, im: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """Patches [t*h*w, 3*T*p*p] float32 and the grid (t, h, w) of an RGB image: by the C++
-        extension when it is built, else by the pure-Python path (the same bytes)."""
+        """The patches of an RGB image in this processor's pixel form (float32 [t*h*w, 3*T*p*p] or
+        uint8 [t*h*w, 3*p*p]) and the grid (t, h, w): by the C++ extension when it is built, else
+        by the pure-Python path (the same bytes)."""
         im = self._bound(im)
         native = native_module()
         if native is None:

@@ -12,6 +12,7 @@ on_error="reject": bad items are left out and reported with their position and r
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence as Seq
@@ -117,14 +118,16 @@ def prepare_items(model, items: Seq, first: int = 0, on_error: str = "raise") ->
     return out
 
 
-_POOL = None
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()  # chunks are prepared on the caller's thread and on the prefetch thread
 
 
 def image_pool() -> ThreadPoolExecutor:
     """The threads that load and patch images: one per core (at most IMAGE_THREADS), made once."""
     global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(min(IMAGE_THREADS, os.cpu_count() or 1), thread_name_prefix="rematch-images")
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(min(IMAGE_THREADS, os.cpu_count() or 1), thread_name_prefix="rematch-images")
     return _POOL
 
 

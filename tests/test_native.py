@@ -150,6 +150,10 @@ def test_batch_equals_one_at_a_time_and_uint8_patches_are_the_pixels():
         C.prepare(np.zeros((4, 4), np.uint8), 28, 28, *args)
     with pytest.raises(ValueError, match="28-pixel blocks"):
         C.prepare(images[0], 30, 28, *args)
+    with pytest.raises(ValueError, match="28-pixel blocks"):  # checked before any work
+        C.prepare_batch(images[:2], [sizes[0], (0, 28)], *args, out, 2)
+    with pytest.raises(ValueError, match="positive"):
+        C.resize_bicubic(np.zeros((0, 5, 3), np.uint8), 3, 3, native.PILLOW_MAJOR)
 
 
 def test_without_the_extension_the_python_path_runs_with_one_warning(monkeypatch):

@@ -198,7 +198,7 @@ class Fp8Linear(QuantizedLinear):
 
 
 # -- bitsandbytes ------------------------------------------------------------------------------
-BNB_THRESHOLD = 6.0  # LLM.int8: input columns with a value above this are multiplied in fp16
+BNB_THRESHOLD = 6.0  # LLM.int8: input columns holding a value of this magnitude or more are multiplied in fp16
 
 
 def bnb_int8_mm_torch(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor,
@@ -213,7 +213,7 @@ def bnb_int8_mm_torch(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tenso
     spikes = xh.abs() >= threshold
     columns = spikes.any(dim=0)
     row = xh.masked_fill(spikes, 0).abs().amax(dim=1, keepdim=True)
-    xq = torch.round(xh * 127 / row).masked_fill(columns, 0)
+    xq = torch.round(xh * 127 / row.clamp_min(1e-30)).masked_fill(columns, 0)  # an all-zero row stays zero
     out = ((xq @ weight.float().T) * (row / 127) * (absmax.float() / 127)).to(half).float()
     wide = (weight[:, columns].float() * (absmax.float() / 127)[:, None]).to(half).float()
     spiky = (xh[:, columns] @ wide.T).to(half).float()
