@@ -2,7 +2,8 @@
 rematch_fast.model.quant against the model's own dtype, in one run.
 
 Presets: every one of rematch_fast.model.quant.PRESETS, fp8 only on GPUs of compute capability 8.9+,
-bnb-int8 and bnb-nf4 where bitsandbytes is installed.
+bnb-int8 and bnb-nf4 where bitsandbytes is installed; W6 also times torchao's int8 weight-only (and
+float8 on 8.9+) where torchao is installed, the well-kept alternative to our own layers.
 
   W6      one linear layer, 2048 -> 11008 and 11008 -> 2048 (Qwen2.5-VL-3B's MLP), at
           M = 1, 16, 256, 4096 rows: ms per call and x_base (base ms / preset ms)
@@ -20,6 +21,7 @@ medians reported (harness.py).
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import sys
 import tempfile
@@ -65,6 +67,25 @@ def presets(dev) -> list[str]:
     return [p for p in PRESETS if not left.get(p)]
 
 
+def torchao_layers(base: torch.nn.Linear, dev) -> dict:
+    """torchao's versions of the same layer, where torchao is installed: int8 weight-only, and
+    float8 (dynamic per-row activations) on compute capability 8.9+."""
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        print("bench_quant: torchao rows left out: torchao is not installed")
+        return {}
+    configs = {"torchao int8-weight": Int8WeightOnlyConfig}
+    if "fp8" in presets(dev):
+        configs["torchao fp8"] = Float8DynamicActivationFloat8WeightConfig
+    out = {}
+    for name, config in configs.items():
+        layer = copy.deepcopy(base)
+        quantize_(layer, config())
+        out[name] = layer
+    return out
+
+
 def w6(res: Results, dev, dtype, rows, iters: int) -> None:
     g = torch.Generator().manual_seed(0)
     for k, n in W6_SHAPES:
@@ -72,7 +93,8 @@ def w6(res: Results, dev, dtype, rows, iters: int) -> None:
         with torch.no_grad():
             base.weight.copy_(torch.randn(n, k, generator=g) * k**-0.5)
         base = base.to(dev, dtype)
-        layers = {"base": base, **{p: LAYERS[p].from_linear(base) for p in presets(dev) if p in LAYERS}}
+        layers = {"base": base, **{p: LAYERS[p].from_linear(base) for p in presets(dev) if p in LAYERS},
+                  **torchao_layers(base, dev)}
         for m in rows:
             x = torch.randn(m, k, generator=g).to(dev, dtype)
             ms = interleaved_median_ms({p: (lambda layer=layer: layer(x)) for p, layer in layers.items()}, dev,

