@@ -121,7 +121,7 @@ def _threaded_ms(proc: ImageProcessor, provider: str, im: Image.Image, threads: 
 
         def run():
             native._C.prepare_batch([a] * n, [(h, w)] * n, s.patch_size, s.temporal_patch_size, s.merge_size,
-                                    list(s.image_mean), list(s.image_std), native.PILLOW_MAJOR, out, threads)
+                                    list(s.image_mean), list(s.image_std), native.PILLOW_VERSION, out, threads)
     else:
         one = {"transformers": lambda: proc.hf(images=[proc._bound(im)], return_tensors="pt"),
                "python": lambda: proc._python(proc._bound(im))}[provider]
@@ -145,13 +145,13 @@ def breakdown(res: Results, model: ReMatch, dev, workload: str, items: list, ima
     arrays = [np.asarray(proc._bound(im)) for im in decoded]
     sizes = [tuple(native._C.smart_resize(a.shape[0], a.shape[1], s.patch_size * s.merge_size, s.min_pixels,
                                            s.max_pixels)) for a in arrays]
-    resized = [native._C.resize_bicubic(a, h, w, native.PILLOW_MAJOR) for a, (h, w) in zip(arrays, sizes)]
+    resized = [native._C.resize_bicubic(a, h, w, native.PILLOW_VERSION) for a, (h, w) in zip(arrays, sizes)]
     stages["resize"] = interleaved_median_ms(
-        {"r": lambda: [native._C.resize_bicubic(a, h, w, native.PILLOW_MAJOR) for a, (h, w) in zip(arrays, sizes)]},
+        {"r": lambda: [native._C.resize_bicubic(a, h, w, native.PILLOW_VERSION) for a, (h, w) in zip(arrays, sizes)]},
         cpu, iters, 1)["r"]
     as_uint8 = proc.pixels == "uint8"
     args = (s.patch_size, s.temporal_patch_size, s.merge_size, list(s.image_mean), list(s.image_std),
-            native.PILLOW_MAJOR)
+            native.PILLOW_VERSION)
     stages["patches"] = interleaved_median_ms(  # on resized images: the resize is a copy
         {"p": lambda: [native._C.prepare(r, r.shape[0], r.shape[1], *args, as_uint8=as_uint8) for r in resized]},
         cpu, iters, 1)["p"]

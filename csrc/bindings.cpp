@@ -9,6 +9,7 @@
 #include <exception>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -20,7 +21,10 @@ using rematch::PatchSpec;
 
 namespace {
 
-using Image = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+// uint8 only (another dtype is a TypeError, never a silent cast); copied when not C-contiguous
+using Image = py::array_t<uint8_t, py::array::c_style>;
+
+constexpr py::ssize_t kMaxSide = 1 << 28;  // keeps every int index in prepare.cpp far from overflow
 
 struct View {  // an RGB image's bytes, read without the GIL
     const uint8_t* data;
@@ -31,20 +35,26 @@ View view(const Image& img) {
     if (img.ndim() != 3 || img.shape(2) != 3) {
         throw std::invalid_argument("expected an RGB image as uint8 [height, width, 3]");
     }
+    if (img.shape(0) > kMaxSide || img.shape(1) > kMaxSide) {
+        throw std::invalid_argument("image side above " + std::to_string(kMaxSide) + " pixels");
+    }
     return {img.data(), static_cast<int>(img.shape(0)), static_cast<int>(img.shape(1))};
+}
+
+void check_out_size(int h, int w) {
+    if (h > kMaxSide || w > kMaxSide) throw std::invalid_argument("output side above " + std::to_string(kMaxSide));
 }
 
 PatchSpec spec(int patch, int temporal, int merge, const std::vector<float>& mean, const std::vector<float>& std) {
     if (mean.size() != 3 || std.size() != 3) throw std::invalid_argument("mean and std need 3 values each");
-    if (patch < 1 || temporal < 1 || merge < 1) throw std::invalid_argument("patch sizes must be positive");
+    if (patch < 1 || patch > 1024 || temporal < 1 || temporal > 64 || merge < 1 || merge > 64) {
+        throw std::invalid_argument("patch sizes out of range (patch 1..1024, temporal and merge 1..64)");
+    }
     PatchSpec s{patch, temporal, merge, {}, {}};
     std::copy(mean.begin(), mean.end(), s.mean);
     std::copy(std.begin(), std.end(), s.std);
     return s;
 }
-
-// The pass order of the Pillow whose bytes are matched, from its major version.
-PassOrder order_of(int pillow) { return pillow >= 13 ? PassOrder::pillow13 : PassOrder::pillow12; }
 
 size_t columns(const PatchSpec& s, bool as_uint8) {
     return static_cast<size_t>(3) * (as_uint8 ? 1 : s.temporal) * s.patch * s.patch;
@@ -66,6 +76,7 @@ py::array prepare(const Image& img, int out_h, int out_w, int patch, int tempora
                   const std::vector<float>& mean, const std::vector<float>& std, int pillow, bool as_uint8) {
     const View v = view(img);
     const PatchSpec s = spec(patch, temporal, merge, mean, std);
+    check_out_size(out_h, out_w);
     rematch::check_grid(out_h, out_w, s);  // before anything is allocated or resized
     const py::ssize_t rows = static_cast<py::ssize_t>(out_h / patch) * (out_w / patch);
     const auto cols = static_cast<py::ssize_t>(columns(s, as_uint8));
@@ -73,7 +84,7 @@ py::array prepare(const Image& img, int out_h, int out_w, int patch, int tempora
     void* dst = out.mutable_data();
     {
         py::gil_scoped_release unlocked;
-        prepare_one(v, out_h, out_w, s, order_of(pillow), dst, as_uint8);
+        prepare_one(v, out_h, out_w, s, rematch::pass_order(pillow), dst, as_uint8);
     }
     return out;
 }
@@ -83,11 +94,13 @@ void prepare_batch(const std::vector<Image>& images, const std::vector<std::pair
                    int pillow, py::array out, int threads) {
     if (images.size() != sizes.size()) throw std::invalid_argument("one output size per image");
     const PatchSpec s = spec(patch, temporal, merge, mean, std);
-    const bool as_uint8 = out.dtype().is(py::dtype::of<uint8_t>());
-    if (!as_uint8 && !out.dtype().is(py::dtype::of<float>())) throw std::invalid_argument("out must be float32 or uint8");
+    const bool as_uint8 = out.dtype().equal(py::dtype::of<uint8_t>());
+    if (!as_uint8 && !out.dtype().equal(py::dtype::of<float>())) {
+        throw std::invalid_argument("out must be float32 or uint8");
+    }
     const size_t cols = columns(s, as_uint8), elem = as_uint8 ? 1 : 4;
     if (out.ndim() != 2 || static_cast<size_t>(out.shape(1)) != cols || !(out.flags() & py::array::c_style) ||
-        !out.writeable()) {
+        !(out.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_) || !out.writeable()) {
         throw std::invalid_argument("out must be a writable contiguous [rows, " + std::to_string(cols) + "] array");
     }
     std::vector<View> views;
@@ -95,6 +108,7 @@ void prepare_batch(const std::vector<Image>& images, const std::vector<std::pair
     size_t rows = 0;
     for (size_t i = 0; i < images.size(); ++i) {
         views.push_back(view(images[i]));
+        check_out_size(sizes[i].first, sizes[i].second);
         rematch::check_grid(sizes[i].first, sizes[i].second, s);
         offsets.push_back(rows);
         rows += static_cast<size_t>(sizes[i].first / patch) * (sizes[i].second / patch);
@@ -104,7 +118,8 @@ void prepare_batch(const std::vector<Image>& images, const std::vector<std::pair
                                     std::to_string(rows));
     }
     auto* base = static_cast<uint8_t*>(out.mutable_data());
-    const int n = std::max(1, std::min<int>(threads, static_cast<int>(images.size())));
+    const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    const int n = std::max(1, std::min({threads, static_cast<int>(images.size()), 4 * cores}));
     std::atomic<size_t> next{0};
     std::vector<std::exception_ptr> errors(n);
     {
@@ -112,7 +127,7 @@ void prepare_batch(const std::vector<Image>& images, const std::vector<std::pair
         auto work = [&](int t) {
             try {
                 for (size_t i = next++; i < views.size(); i = next++) {
-                    prepare_one(views[i], sizes[i].first, sizes[i].second, s, order_of(pillow),
+                    prepare_one(views[i], sizes[i].first, sizes[i].second, s, rematch::pass_order(pillow),
                                 base + offsets[i] * cols * elem, as_uint8);
                 }
             } catch (...) {
@@ -121,7 +136,13 @@ void prepare_batch(const std::vector<Image>& images, const std::vector<std::pair
             }
         };
         std::vector<std::thread> pool;
-        for (int t = 1; t < n; ++t) pool.emplace_back(work, t);
+        for (int t = 1; t < n; ++t) {
+            try {
+                pool.emplace_back(work, t);
+            } catch (const std::system_error&) {  // no more threads (a pids limit): go on with these
+                break;
+            }
+        }
         work(0);
         for (auto& th : pool) th.join();
     }
@@ -143,17 +164,19 @@ PYBIND11_MODULE(_C, m) {
         [](const Image& img, int out_h, int out_w, int pillow) {
             const View v = view(img);
             if (out_h < 1 || out_w < 1) throw std::invalid_argument("output size must be positive");
+            check_out_size(out_h, out_w);
             py::array_t<uint8_t> out({out_h, out_w, 3});
             uint8_t* dst = out.mutable_data();
             {
                 py::gil_scoped_release unlocked;
                 rematch::resize_bicubic(v.data, v.h, v.w, static_cast<std::ptrdiff_t>(v.w) * 3, dst, out_h, out_w,
-                                        order_of(pillow));
+                                        rematch::pass_order(pillow));
             }
             return out;
         },
         py::arg("image"), py::arg("height"), py::arg("width"), py::arg("pillow"),
-        "Pillow's BICUBIC resize of uint8 [h, w, 3], as Pillow of major version `pillow` orders its passes");
+        "Pillow's BICUBIC resize of uint8 [h, w, 3], its passes ordered as Pillow `pillow` (major * 100 + minor) "
+        "orders them");
     m.def("prepare", &prepare, py::arg("image"), py::arg("height"), py::arg("width"), py::arg("patch"),
           py::arg("temporal"), py::arg("merge"), py::arg("mean"), py::arg("std"), py::arg("pillow"),
           py::arg("as_uint8") = false,

@@ -18,8 +18,8 @@
 namespace rematch {
 
 std::pair<int, int> smart_resize(int height, int width, int factor, int64_t min_pixels, int64_t max_pixels) {
-    if (height < 1 || width < 1 || factor < 1) {
-        throw std::invalid_argument("image and factor sizes must be positive");
+    if (height < 1 || width < 1 || factor < 1 || max_pixels < 1 || min_pixels < 0) {
+        throw std::invalid_argument("image and factor sizes and max_pixels must be positive, min_pixels not negative");
     }
     const double ratio = static_cast<double>(std::max(height, width)) / std::min(height, width);
     if (ratio > 200) {
@@ -38,6 +38,7 @@ std::pair<int, int> smart_resize(int height, int width, int factor, int64_t min_
         h_bar = static_cast<int64_t>(std::ceil(height * beta / factor)) * factor;
         w_bar = static_cast<int64_t>(std::ceil(width * beta / factor)) * factor;
     }
+    if (h_bar > INT32_MAX || w_bar > INT32_MAX) throw std::invalid_argument("resized image too large");
     return {static_cast<int>(h_bar), static_cast<int>(w_bar)};
 }
 
@@ -190,6 +191,11 @@ void vertical(const uint8_t* src, std::ptrdiff_t stride, int offset, const Taps&
 
 }  // namespace
 
+PassOrder pass_order(int pillow_version) {
+    if (pillow_version >= 1300) return PassOrder::pillow13;
+    return pillow_version >= 1202 ? PassOrder::pillow12_2 : PassOrder::pillow12_0;
+}
+
 void resize_bicubic(const uint8_t* src, int h, int w, std::ptrdiff_t stride, uint8_t* dst, int out_h, int out_w,
                     PassOrder order) {
     if (h < 1 || w < 1 || out_h < 1 || out_w < 1) throw std::invalid_argument("image sizes must be positive");
@@ -208,9 +214,9 @@ void resize_bicubic(const uint8_t* src, int h, int w, std::ptrdiff_t stride, uin
         horizontal(src, stride, 0, h, tx, out_w, dst);
         return;
     }
-    // The pass order changes the 8-bit intermediate, hence the bytes. Pillow 13 runs the vertical
-    // pass first when the height shrinks by more than twice as many pixels as the width does.
-    if (order == PassOrder::pillow13 && out_h < h && h - out_h > 2 * (w - out_w)) {
+    const bool vertical_first = out_h < h && ((order == PassOrder::pillow13 && h - out_h > 2 * (w - out_w)) ||
+                                              (order == PassOrder::pillow12_2 && h > 100 * static_cast<int64_t>(w)));
+    if (vertical_first) {
         std::vector<uint8_t> tmp(static_cast<size_t>(out_h) * w * 3);
         vertical(src, stride, 0, ty, w, out_h, tmp.data());
         horizontal(tmp.data(), static_cast<std::ptrdiff_t>(w) * 3, 0, out_h, tx, out_w, dst);
@@ -240,7 +246,7 @@ void each_patch(int h, int w, const PatchSpec& s, F&& f) {
 }  // namespace
 
 void check_grid(int h, int w, const PatchSpec& s) {
-    const int unit = s.patch * s.merge;
+    const int64_t unit = static_cast<int64_t>(s.patch) * s.merge;
     if (h % unit || w % unit || h < unit || w < unit) {
         throw std::invalid_argument("image " + std::to_string(w) + "x" + std::to_string(h) +
                                     " is not a whole number of " + std::to_string(unit) + "-pixel blocks");

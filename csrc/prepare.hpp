@@ -13,9 +13,14 @@ namespace rematch {
 // to, within [min_pixels, max_pixels]. Throws std::invalid_argument for an aspect ratio above 200.
 std::pair<int, int> smart_resize(int height, int width, int factor, int64_t min_pixels, int64_t max_pixels);
 
-// Which pass Pillow runs first when both axes change: always the horizontal one before Pillow 13;
-// from 13 on, the vertical one when the height shrinks much more than the width.
-enum class PassOrder { pillow12, pillow13 };
+// Which pass Pillow runs first when both axes change (the 8-bit intermediate, hence the bytes,
+// depend on it): up to 12.1, always the horizontal one; 12.2 and 12.3, the vertical one for an
+// image more than 100 times taller than wide whose height shrinks; from 13 on, the vertical one
+// when the height shrinks by more than twice as many pixels as the width does.
+enum class PassOrder { pillow12_0, pillow12_2, pillow13 };
+
+// The order of Pillow major.minor, given as major * 100 + minor.
+PassOrder pass_order(int pillow_version);
 
 // Pillow's Image.resize(..., BICUBIC) of an RGB image [h, w, 3] (rows `stride` bytes apart) to
 // [out_h, out_w, 3], contiguous: the same fixed-point arithmetic, so the same bytes.

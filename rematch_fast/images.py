@@ -15,7 +15,7 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 from .config import DEFAULT_DECODE_LIMIT
 from .errors import ImageError
 from .items import ConfinedPath
-from .native import PILLOW_MAJOR
+from .native import PILLOW_VERSION
 from .native import native as native_module
 
 MAX_ASPECT = 200  # Qwen2-VL's resize refuses longer/shorter side ratios above this
@@ -266,7 +266,7 @@ class ImageProcessor:
         """The patches of an RGB image in this processor's pixel form (float32 [t*h*w, 3*T*p*p] or
         uint8 [t*h*w, 3*p*p]) and the grid (t, h, w): by the C++ extension when it is built, else
         by the pure-Python path (the same bytes)."""
-        im = self._bound(im)
+        im = self._bound(to_rgb(im))
         native = native_module()
         if native is None:
             return self._python(im) if self.pixels == "float32" else self._python_uint8(im)
@@ -274,7 +274,7 @@ class ImageProcessor:
         try:
             h, w = native.smart_resize(im.height, im.width, s.patch_size * s.merge_size, s.min_pixels, s.max_pixels)
             pixels = native.prepare(np.asarray(im), h, w, s.patch_size, s.temporal_patch_size, s.merge_size,
-                                    list(s.image_mean), list(s.image_std), PILLOW_MAJOR,
+                                    list(s.image_mean), list(s.image_std), PILLOW_VERSION,
                                     as_uint8=self.pixels == "uint8")
         except ValueError as e:
             raise ImageError(f"image of size {im.width}x{im.height} cannot be processed: {e}") from None
@@ -318,6 +318,14 @@ class ImageProcessor:
             w, h = im.size
         # Extreme aspect ratios: pad the short side with white instead of refusing the image.
         if max(w, h) > self.max_aspect * min(w, h):
+            # The canvas would be long x long / max_aspect: a 200,000 x 1 image, a few hundred bytes
+            # as a PNG, would need 760 MB. Shrink the long side first (box average) so that the
+            # canvas stays within HEADROOM x max_pixels.
+            limit = math.isqrt(HEADROOM * self.max_pixels * self.max_aspect)
+            if max(w, h) > limit:
+                factor = math.ceil(max(w, h) / limit)
+                im = im.reduce((factor, 1) if w > h else (1, factor))
+                w, h = im.size
             side = math.ceil(max(w, h) / self.max_aspect)
             size = (w, max(h, side)) if w > h else (max(w, side), h)
             canvas = Image.new("RGB", size, (255, 255, 255))
@@ -342,7 +350,12 @@ class ImageProcessor:
             h2, w2 = grid_size(im.height, im.width)
         except ValueError:
             return im  # the processor reports it, as it always has
-        # only where the processor then leaves the size alone (its rule keeps its own output)
-        if (h2, w2) != (im.height, im.width) and grid_size(h2, w2) == (h2, w2):
+        # only where the processor then leaves the size alone (its rule keeps its own output; a
+        # grid held at one block on its short side may even be past its aspect limit)
+        try:
+            fixed = grid_size(h2, w2) == (h2, w2)
+        except ValueError:
+            fixed = False
+        if (h2, w2) != (im.height, im.width) and fixed:
             im = im.resize((w2, h2), resample=self.hf.resample)
         return im

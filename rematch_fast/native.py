@@ -11,8 +11,9 @@ import warnings
 from PIL import __version__ as _PILLOW_VERSION
 
 DISABLE = "REMATCH_FAST_NO_NATIVE"
-# the extension resamples as this Pillow does (the pass order changed in Pillow 13)
-PILLOW_MAJOR = int(_PILLOW_VERSION.split(".")[0])
+# the extension resamples as this Pillow does (its pass order changed in 12.2 and in 13.0):
+# major * 100 + minor
+PILLOW_VERSION = 100 * int(_PILLOW_VERSION.split(".")[0]) + int(_PILLOW_VERSION.split(".")[1])
 
 
 class NativeUnavailableWarning(RuntimeWarning):

@@ -89,26 +89,33 @@ def test_native_and_python_paths_equal_transformers_processor(monkeypatch):
     assert checked == 240
 
 
+def order_class(version: int) -> int:
+    """Pillow versions (major * 100 + minor) that order their resize passes alike."""
+    return 2 if version >= 1300 else 1 if version >= 1202 else 0
+
+
 @needs_native
-@pytest.mark.parametrize("pillow", [12, 13])
+@pytest.mark.parametrize("pillow", [1201, 1203, 1300])
 def test_resampling_is_pillows_bicubic_byte_for_byte(pillow):
-    """Up, down, one axis, both axes in every combination, 1-pixel sides. Pillow 13 changed the
-    pass order (vertical first when the height shrinks much more), which changes the bytes: the
-    installed Pillow is matched exactly; the other order is checked to differ where it should."""
+    """Up, down, one axis, both axes in every combination, 1-pixel sides, images 100+ times taller
+    than wide. Pillow changed its pass order in 12.2 and in 13.0, which changes the bytes: the
+    installed Pillow's order is matched exactly; each other order must differ somewhere."""
     rng = np.random.default_rng(5 + pillow)
+    shapes = [tuple(int(v) for v in rng.integers(1, 260, size=4)) for _ in range(300)]
+    shapes += [(int(rng.integers(300, 3000)), int(rng.integers(1, 3)), int(rng.integers(30, 290)),
+                int(rng.integers(1, 40))) for _ in range(30)]  # (h, w, out_h, out_w): tall and thin
     differ = 0
-    for i in range(300):
-        h, w, oh, ow = (int(v) for v in rng.integers(1, 260, size=4))
+    for i, (h, w, oh, ow) in enumerate(shapes):
         if i % 7 == 0:
             oh = h  # one axis only
         a = np.asarray(photo(w, h, seed=i))
         want = np.asarray(Image.fromarray(a).resize((ow, oh), Image.Resampling.BICUBIC))
         got = native._C.resize_bicubic(a, oh, ow, pillow)
-        if pillow == native.PILLOW_MAJOR:
+        if order_class(pillow) == order_class(native.PILLOW_VERSION):
             assert np.array_equal(got, want), (h, w, oh, ow)
         else:
             differ += not np.array_equal(got, want)
-    assert pillow == native.PILLOW_MAJOR or differ > 0  # the order really matters, and is chosen
+    assert order_class(pillow) == order_class(native.PILLOW_VERSION) or differ > 0  # the order is chosen
 
 
 @needs_native
@@ -133,7 +140,7 @@ def test_batch_equals_one_at_a_time_and_uint8_patches_are_the_pixels():
     C, s = native._C, settings()
     images = [np.asarray(photo(w, h, seed=w)) for w, h in [(97, 41), (640, 480), (1, 1), (333, 1000), (56, 56)]]
     sizes = [tuple(C.smart_resize(a.shape[0], a.shape[1], 28, s.min_pixels, s.max_pixels)) for a in images]
-    args = (14, 2, 2, list(MEAN), list(STD), native.PILLOW_MAJOR)
+    args = (14, 2, 2, list(MEAN), list(STD), native.PILLOW_VERSION)
     one = [C.prepare(a, h, w, *args) for a, (h, w) in zip(images, sizes)]
     rows = sum(p.shape[0] for p in one)
     out = np.full((rows, 3 * 2 * 14 * 14), np.nan, dtype=np.float32)
@@ -153,7 +160,15 @@ def test_batch_equals_one_at_a_time_and_uint8_patches_are_the_pixels():
     with pytest.raises(ValueError, match="28-pixel blocks"):  # checked before any work
         C.prepare_batch(images[:2], [sizes[0], (0, 28)], *args, out, 2)
     with pytest.raises(ValueError, match="positive"):
-        C.resize_bicubic(np.zeros((0, 5, 3), np.uint8), 3, 3, native.PILLOW_MAJOR)
+        C.resize_bicubic(np.zeros((0, 5, 3), np.uint8), 3, 3, native.PILLOW_VERSION)
+    with pytest.raises(TypeError):  # never a silent cast of another dtype
+        C.resize_bicubic(np.random.default_rng(0).random((10, 10, 3)), 10, 10, native.PILLOW_VERSION)
+    with pytest.raises(ValueError, match="out of range"):  # patch * merge would overflow
+        C.prepare(images[0], 28, 28, 65536, 1, 65536, list(MEAN), list(STD), native.PILLOW_VERSION)
+    with pytest.raises(ValueError, match="max_pixels"):
+        C.smart_resize(100, 100, 28, 3136, 0)
+    transposed = np.asfortranarray(images[1])  # any layout of uint8 is copied, not refused
+    assert np.array_equal(C.prepare(transposed, *sizes[1], *args), one[1])
 
 
 def test_without_the_extension_the_python_path_runs_with_one_warning(monkeypatch):
@@ -217,3 +232,21 @@ def test_the_folded_patch_embedding_equals_the_float_path(tiny_paths, arch, quan
     with torch.no_grad():
         a, b = tower.patch_embed_uint8(pixels.float()), tower.patch_embed(normalized)
     assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_any_mode_and_very_thin_images_take_both_paths_alike(monkeypatch):
+    """A non-RGB image handed to the processor directly is converted first on both paths; a
+    200,000 x 1 image is shrunk along its long side before it is padded (a canvas within
+    HEADROOM x max_pixels, not 760 MB), the same way on both paths."""
+    proc = ImageProcessor(settings())
+    thin = photo(200_000, 1, seed=3)
+    for im in [photo(300, 170, seed=1, mode="L"), photo(97, 41, seed=2, mode="RGBA"), thin, thin.rotate(90, expand=True)]:
+        got, grid = proc(im)
+        with monkeypatch.context() as m:
+            m.setattr(native, "_C", None)
+            m.setattr(native, "_warned", True)
+            want, want_grid = proc(im)
+        assert grid == want_grid and torch.equal(got, want), im.size
+        assert grid[1] * grid[2] * 14 * 14 <= settings().max_pixels
+    bounded = proc._bound(thin)
+    assert bounded.width * bounded.height <= 4 * settings().max_pixels
