@@ -145,3 +145,51 @@ def test_negative_zero_ties_with_positive_zero():
     assert same_row[0] == same_row[1]
     keys = pack_keys(torch.tensor([0.0, -0.0]), torch.tensor([9, 2]))  # -0.0 at the lower row
     assert keys[1] > keys[0]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_a_streamed_index_equals_the_resident_one(dtype):
+    """Shards of any size (1 row, odd sizes, exactly N, more than N), k past a shard's size and
+    k = N, duplicated rows and all-equal scores: the merged per-shard top-k is exactly the
+    resident index's answer, ties to the lower row included. Values are multiples of 1/2, so
+    every dot product is exact whatever the matmul's shape, and ties are real ties."""
+    g = torch.Generator().manual_seed(20261127)
+    c = torch.randint(-2, 3, (203, 24), generator=g).float() / 2
+    c[50:60] = c[7]  # duplicated rows: equal scores across shard boundaries
+    c[120:140] = 0.5  # all equal among themselves
+    q = torch.cat([torch.randint(-2, 3, (6, 24), generator=g).float() / 2, c[7][None], torch.ones(1, 24)])
+    resident = Index(c, dtype=dtype, mode="resident")
+    assert resident.mode == "resident" and Index(c).mode == "resident"  # "auto" on the CPU
+    for shard_rows in (1, 7, 64, 202, 203, 500):
+        streamed = Index(c, dtype=dtype, mode="streamed", shard_rows=shard_rows)
+        assert streamed.mode == "streamed" and streamed.data.device.type == "cpu"
+        for k in (1, 10, 71, 203):
+            want = resident.search(q, k)
+            got = streamed.search(q, k)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (shard_rows, k)
+    rows = Index(c, mode="streamed", shard_rows=9).search(q[6], 11)[1][0].tolist()
+    assert rows == [7, *range(50, 60)]  # the duplicates (the best: c[7] . c[7]), in row order, across shards
+    with pytest.raises(InputError, match="mode must be one of"):
+        Index(c, mode="disk")
+    with pytest.raises(InputError, match="shard_rows must be a positive integer"):
+        Index(c, mode="streamed", shard_rows=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="streaming host shards to a device needs a CUDA GPU; none here")
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
+def test_streamed_shards_on_cuda_equal_the_resident_index(kernels):
+    """Pinned host shards copied on a side stream into two device buffers while the other is
+    searched: the same answer as the resident index, bf16 and int8 (values in halves: every dot
+    product exact, whatever kernel the shapes pick)."""
+    g = torch.Generator().manual_seed(4)
+    c = (torch.randint(-2, 3, (50_001, 64), generator=g).float() / 2).cuda()
+    c[1000:1100] = c[5]
+    q = (torch.randint(-2, 3, (33, 64), generator=g).float() / 2).cuda()
+    for dtype in ("bfloat16", "int8"):
+        resident = Index(c, dtype=dtype, kernels=kernels, mode="resident")
+        streamed = Index(c, dtype=dtype, kernels=kernels, mode="streamed", shard_rows=4_097)
+        assert streamed.data.is_pinned() and streamed.mode == "streamed"
+        for k in (1, 100, 1000):
+            want, got = resident.search(q, k), streamed.search(q, k)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (dtype, k)
