@@ -259,6 +259,9 @@ def cmd_search(args) -> int:
     out, rejects_path = _file_outputs(args)
     store = _index_store(args.index, args.checkpoint, args.allow_index_mismatch)
     index = Index(store.embeddings.unit, store.ids, device=args.device, dtype=args.index_dtype)
+    if index.mode == "streamed" and not args.quiet:
+        _log(f"the index ({len(index)} vectors) does not fit {index.device}'s free memory: it stays on the host "
+             f"and each search streams it in shards of {index.shard_rows} rows")
     rows, rejects = read_rows(args.queries, image_root=args.image_root)
     model = _load_model(args)
     qids, q, more = embed_rows(model, rows, "query", args.batch_size or EMBED_BATCH_SIZE, not args.quiet, _log)
