@@ -74,18 +74,15 @@ def c2(res: Results, proc: ImageProcessor, threads: int, iters: int, small: bool
     if not small:
         inputs["4000x3000 JPEG"] = (None, jpeg(photo(4000, 3000, 3)))
     uint8 = ImageProcessor(proc.settings, pixels="uint8")
-    with_native = native.native_available()
     for name, (decoded, data) in inputs.items():
         decode_ms = None
         if data is not None:  # from a file, as load_image reads them (draft mode for the large one)
-            decode_ms = _decode_ms(proc, data, iters)
-            decoded = _decoded(proc, data)
+            decoded, decode_ms = _decode(proc, data, iters)
         providers = {"transformers": lambda im=decoded: proc.hf(images=[proc._bound(im)], return_tensors="pt"),
-                     "python": lambda im=decoded: proc._python(proc._bound(im))}
-        if with_native:
-            providers["native"] = lambda im=decoded: proc(im)
-            providers["native uint8"] = lambda im=decoded: uint8(im)
-            assert torch.equal(proc(decoded)[0], proc._python(proc._bound(decoded))[0])  # the same bytes
+                     "python": lambda im=decoded: proc._python(proc._bound(im)),
+                     "native": lambda im=decoded: proc(im),
+                     "native uint8": lambda im=decoded: uint8(im)}
+        assert torch.equal(proc(decoded)[0], proc._python(proc._bound(decoded))[0])  # the same bytes
         one = interleaved_median_ms(providers, torch.device("cpu"), iters, 1)
         for p in providers:  # scaling: the same call (pool or batch) on one thread and on N
             single, many = (_threaded_ms(proc, p, decoded, n, iters) for n in (1, threads))
@@ -94,18 +91,13 @@ def c2(res: Results, proc: ImageProcessor, threads: int, iters: int, small: bool
                     scaling=single / (many * threads))
 
 
-def _decoded(proc: ImageProcessor, data: bytes) -> Image.Image:
+def _decode(proc: ImageProcessor, data: bytes, iters: int) -> tuple[Image.Image, float]:
+    """The JPEG decoded from a file by the processor's loader, and the median ms it takes."""
     with tempfile.NamedTemporaryFile(suffix=".jpg") as f:
         f.write(data)
         f.flush()
-        return proc.load(f.name)
-
-
-def _decode_ms(proc: ImageProcessor, data: bytes, iters: int) -> float:
-    with tempfile.NamedTemporaryFile(suffix=".jpg") as f:
-        f.write(data)
-        f.flush()
-        return interleaved_median_ms({"decode": lambda: proc.load(f.name)}, torch.device("cpu"), iters, 1)["decode"]
+        ms = interleaved_median_ms({"decode": lambda: proc.load(f.name)}, torch.device("cpu"), iters, 1)["decode"]
+        return proc.load(f.name), ms
 
 
 def _threaded_ms(proc: ImageProcessor, provider: str, im: Image.Image, threads: int, iters: int) -> float:
@@ -139,9 +131,10 @@ def breakdown(res: Results, model: ReMatch, dev, workload: str, items: list, ima
     cpu = torch.device("cpu")
     files = [x["image"] for x in items]
     stages = {}
-    if isinstance(files[0], (str, Path)):
+    decoded = images
+    if isinstance(files[0], (str, Path)):  # W2j: from disk
         stages["decode"] = interleaved_median_ms({"d": lambda: [proc.load(f) for f in files]}, cpu, iters, 1)["d"]
-    decoded = [proc.load(f) for f in files] if isinstance(files[0], (str, Path)) else images
+        decoded = [proc.load(f) for f in files]
     arrays = [np.asarray(proc._bound(im)) for im in decoded]
     sizes = [tuple(native._C.smart_resize(a.shape[0], a.shape[1], s.patch_size * s.merge_size, s.min_pixels,
                                            s.max_pixels)) for a in arrays]

@@ -283,12 +283,9 @@ class ImageProcessor:
     def _python_uint8(self, im: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """The pure-Python uint8 patches: Pillow's resize to the processor's size, then the
         processor's patch order on the pixels themselves."""
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
         s, m = self.settings, self.merge_size
         try:
-            h, w = smart_resize(im.height, im.width, factor=s.patch_size * m, min_pixels=s.min_pixels,
-                                max_pixels=self.max_pixels)
+            h, w = self._grid_size(im.height, im.width)
         except ValueError as e:
             raise ImageError(f"image of size {im.width}x{im.height} cannot be processed: {e}") from None
         if (h, w) != (im.height, im.width):
@@ -333,27 +330,27 @@ class ImageProcessor:
             im = canvas
         return im
 
+    def _grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """The processor's own size rule (transformers' smart_resize): the (height, width) it resizes to."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        return smart_resize(height, width, factor=self.settings.patch_size * self.merge_size,
+                            min_pixels=self.settings.min_pixels, max_pixels=self.max_pixels)
+
     def _resize(self, im: Image.Image) -> Image.Image:
         # The exact resize to the patch grid, done here on the PIL image with the processor's own
         # size rule and filter (the very call it would make, so the pixels are the same), because
         # the processor would first copy the whole image into numpy arrays, several times its size.
         try:
-            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+            h2, w2 = self._grid_size(im.height, im.width)
         except ImportError:  # moved in another transformers: the processor resizes, as before
             return im
-
-        def grid_size(height, width):
-            return smart_resize(height, width, factor=self.settings.patch_size * self.merge_size,
-                                min_pixels=self.settings.min_pixels, max_pixels=self.max_pixels)
-
-        try:
-            h2, w2 = grid_size(im.height, im.width)
         except ValueError:
             return im  # the processor reports it, as it always has
         # only where the processor then leaves the size alone (its rule keeps its own output; a
         # grid held at one block on its short side may even be past its aspect limit)
         try:
-            fixed = grid_size(h2, w2) == (h2, w2)
+            fixed = self._grid_size(h2, w2) == (h2, w2)
         except ValueError:
             fixed = False
         if (h2, w2) != (im.height, im.width) and fixed:
