@@ -34,6 +34,7 @@ QUANTIZE_PRESETS = ("bf16", "int8-weight", "fp8", "bnb-int8", "bnb-nf4")
 # most sequences per forward pass (the token budget, 8192 by default, binds first for long inputs):
 # matching's suffixes are short (a feat candidate is a few tokens), so it packs more of them
 EMBED_BATCH_SIZE, MATCH_BATCH_SIZE = 64, 512
+DEFAULT_SHARD_ROWS = 100_000  # rows per shard of an embedding store (rematch_fast.shards)
 DEFAULT_DECODE_LIMIT = 16384 * 16384  # the largest image file decoded at all, in pixels (rematch_fast.images)
 
 # The Qwen2 chat frame both templates use. `{instruction}` and `{item}` are

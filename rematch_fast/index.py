@@ -13,7 +13,7 @@ exactly (the packed keys carry global rows, so merging is one more top-k).
 """
 from __future__ import annotations
 
-from pathlib import Path
+import itertools
 
 import torch
 
@@ -69,49 +69,90 @@ class Index:
         x = _as_matrix(vectors, "the corpus")
         if x.shape[0] == 0:
             raise InputError("the corpus is empty")
-        if x.shape[0] >= MAX_ROWS:
-            raise InputError(f"an index holds fewer than {MAX_ROWS} vectors, got {x.shape[0]}")
+        dtype = parse_dtype(dtype or x.dtype, INDEX_DTYPES, "the index dtype")
+        self._setup(device if device is not None else x.device, kernels, ids, x.shape[0], x.shape[1], dtype, mode,
+                    shard_rows)
+        home = self.device if self.mode == "resident" else torch.device("cpu")
+        self.blocks = [_encoded(x.to(home), dtype)]  # one block: the whole corpus
+        self._pin()
+
+    def _setup(self, device, kernels, ids, n: int, d: int, dtype: torch.dtype, mode: str, shard_rows) -> None:
+        """What every index decides before holding its rows: device, kernel, ids, mode, shard size."""
         if mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {mode!r}")
         if shard_rows is not None and (not isinstance(shard_rows, int) or isinstance(shard_rows, bool)
                                        or shard_rows < 1):
             raise InputError(f"shard_rows must be a positive integer, got {shard_rows!r}")
-        dtype = parse_dtype(dtype or x.dtype, INDEX_DTYPES, "the index dtype")
-        self.device = parse_device(device) if device is not None else x.device
+        if n >= MAX_ROWS:
+            raise InputError(f"an index holds fewer than {MAX_ROWS} vectors, got {n}")
+        self.device = parse_device(device)
         self._topk = select_topk(kernels, self.device)
-        self.ids = _ids(ids, x.shape[0])  # checked before the corpus moves: fail fast, copy nothing
-        row_bytes = x.shape[1] * torch.empty(0, dtype=dtype).element_size() + (4 if dtype == torch.int8 else 0)
-        self.mode = mode if mode != "auto" else _auto_mode(self.device, x.shape[0] * row_bytes)
+        self.ids = _ids(ids, n)  # checked before the corpus moves: fail fast, copy nothing
+        row_bytes = d * torch.empty(0, dtype=dtype).element_size() + (4 if dtype == torch.int8 else 0)
+        self.mode = mode if mode != "auto" else _auto_mode(self.device, n * row_bytes)
         self.shard_rows = shard_rows or max(1, DEFAULT_SHARD_BYTES // row_bytes)
-        home = self.device if self.mode == "resident" else torch.device("cpu")
-        self.scale = None
-        if dtype == torch.int8:
-            data, scale = quantize_int8_rows(x.to(home))
-            self.data, self.scale = data, scale
-        else:
-            self.data = x.to(home, dtype).contiguous()
-        if self.mode == "streamed" and self.device.type == "cuda":  # pinned: copies overlap the search
-            self.data = self.data.pin_memory()
-            self.scale = None if self.scale is None else self.scale.pin_memory()
+        self._n, self._d, self._dtype = n, d, dtype
+
+    def _pin(self) -> None:
+        """Streamed on CUDA: blocks held in memory are pinned, so their copies overlap the search.
+        (Not called for memory-mapped store shards: they go through a pinned staging buffer.)"""
+        if self.mode == "streamed" and self.device.type == "cuda":
+            self.blocks = [(d.pin_memory(), None if s is None else s.pin_memory()) for d, s in self.blocks]
 
     @classmethod
-    def from_store(cls, folder: str | Path, **kwargs) -> Index:
-        """An index over an embedding folder written by `rematch-fast embed`."""
-        from .store import EmbeddingStore
+    def from_store(cls, store, *, device=None, dtype=None, kernels: str = "auto", mode: str = "auto",
+                   shard_rows: int | None = None) -> Index:
+        """An index over an embedding store written by `rematch-fast embed` (a folder or an opened
+        rematch_fast.shards.ShardedStore), with its ids. dtype: default the store's own, which
+        streams its memory-mapped shards as they are; another dtype converts every shard once.
+        mode "auto": on CUDA, resident when the corpus fits 80 % of the free memory, else streamed
+        shard by shard from the host; on the CPU, the store's shards are searched where they are
+        mapped (streamed), or gathered into one tensor with mode="resident"."""
+        from .shards import ShardedStore
 
-        store = EmbeddingStore.load(folder)
-        return cls(store.embeddings.unit, store.ids, **kwargs)
+        if not isinstance(store, ShardedStore):
+            store = ShardedStore.open(store)
+        if not len(store):
+            raise InputError(f"{store.folder} holds no embeddings")
+        dtype = parse_dtype(dtype or store.dtype, INDEX_DTYPES, "the index dtype")
+        device = parse_device(device or "cpu")
+        if mode == "auto" and device.type != "cuda":
+            mode = "streamed"
+        self = cls.__new__(cls)
+        self._setup(device, kernels, store.ids, len(store), store.dim, dtype, mode, shard_rows)
+        blocks = [(s.unit, s.scale) for s in store.shards if len(s)]
+        if dtype != store.dtype or self.mode == "resident":  # converted (and gathered) once, here
+            home = self.device if self.mode == "resident" else torch.device("cpu")
+            blocks = [_encoded(_decoded(u, sc).to(home), dtype) if dtype != store.dtype
+                      else (u.to(home), None if sc is None else sc.to(home)) for u, sc in blocks]
+            blocks = [_gathered(blocks, home)] if self.mode == "resident" else blocks
+            self.blocks = blocks
+            self._pin()
+        else:  # streamed as mapped
+            self.blocks = blocks
+        return self
 
     def __len__(self) -> int:
-        return int(self.data.shape[0])
+        return self._n
 
     @property
     def dim(self) -> int:
-        return int(self.data.shape[1])
+        return self._d
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.data.dtype
+        return self._dtype
+
+    @property
+    def data(self) -> torch.Tensor:
+        """The stored rows as one tensor (an index over a sharded store holds one per shard)."""
+        if len(self.blocks) != 1:
+            raise InputError(f"this index holds its rows in {len(self.blocks)} blocks (one per store shard)")
+        return self.blocks[0][0]
+
+    @property
+    def scale(self) -> torch.Tensor | None:
+        return self.blocks[0][1] if len(self.blocks) == 1 else None
 
     def search(self, queries, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores float32 [Q, k], rows int64 [Q, k]) on the index's device, best first."""
@@ -125,10 +166,11 @@ class Index:
         if q.shape[0] == 0:  # no queries, no work (and no chunk size to divide by)
             return (torch.empty(0, k, dtype=torch.float32, device=self.device),
                     torch.empty(0, k, dtype=torch.int64, device=self.device))
-        q = q.to(self.device, compute_dtype(self.data.dtype))
+        q = q.to(self.device, compute_dtype(self.dtype))
         chunk = max(1024, _CHUNK_FLOATS // q.shape[0])
         if self.mode == "resident":
-            return unpack_keys(self._topk(q, self.data, k, self.scale, chunk))
+            data, scale = self.blocks[0]
+            return unpack_keys(self._topk(q, data, k, scale, chunk))
         best = None
         for start, shard, scale in self._shards():
             keys = self._topk(q, shard, min(k, shard.shape[0]), scale, chunk) - start  # rows made global
@@ -136,51 +178,94 @@ class Index:
             best = torch.topk(cand, min(k, cand.shape[1]), dim=1).values
         return unpack_keys(best)
 
+    def _pieces(self):
+        """(first row, rows, scales or None) of every shard searched: the blocks cut to shard_rows."""
+        start = 0
+        for data, scale in self.blocks:
+            for at in range(0, data.shape[0], self.shard_rows):
+                end = at + self.shard_rows
+                yield start + at, data[at:end], None if scale is None else scale[at:end]
+            start += data.shape[0]
+
     def _shards(self):
         """(first row, shard on the device, its scales or None), shard after shard. On CUDA the
         next shard is copied on a side stream, into the other of two buffers, while the current
-        one is searched."""
-        n, rows = len(self), self.shard_rows
-        starts = range(0, n, rows)
+        one is searched; a shard that is not pinned (memory-mapped) is first copied into one of two
+        pinned staging buffers."""
         if self.device.type != "cuda":
-            for start in starts:
-                scale = None if self.scale is None else self.scale[start: start + rows]
-                yield start, self.data[start: start + rows], scale
+            yield from self._pieces()
             return
+        rows = min(self.shard_rows, max(d.shape[0] for d, _ in self.blocks))
         copier, compute = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
-        buffers = [self.data.new_empty((min(rows, n), self.dim), device=self.device) for _ in range(2)]
-        scales = [None if self.scale is None else self.scale.new_empty(min(rows, n), device=self.device)
-                  for _ in range(2)]
-        done = [None, None]  # per buffer: the search that last read it
 
-        def copy(i, start):
-            b = i % 2
+        def buffers(pin: bool):
+            device = "cpu" if pin else self.device
+            data = [torch.empty((rows, self.dim), dtype=self.dtype, device=device, pin_memory=pin) for _ in range(2)]
+            scales = [torch.empty(rows, device=device, pin_memory=pin) if self.dtype == torch.int8 else None
+                      for _ in range(2)]
+            return data, scales
+
+        (dev, dev_scales), staging = buffers(False), None
+        done, copied = [None, None], [None, None]  # per buffer: the search that last read it, its last copy
+
+        def copy(i, piece):
+            nonlocal staging
+            b, (start, data, scale) = i % 2, piece
+            m = data.shape[0]
+            if not data.is_pinned():
+                staging = staging or buffers(True)
+                if copied[b] is not None:
+                    copied[b].synchronize()  # its last copy to the device has left the staging buffer
+                staging[0][b][:m].copy_(data)
+                data = staging[0][b][:m]
+                if scale is not None:
+                    staging[1][b][:m].copy_(scale)
+                    scale = staging[1][b][:m]
             with torch.cuda.stream(copier):
                 if done[b] is not None:
                     copier.wait_event(done[b])  # never overwrite a shard still being searched
-                m = min(rows, n - start)
-                buffers[b][:m].copy_(self.data[start: start + m], non_blocking=True)
-                if scales[b] is not None:
-                    scales[b][:m].copy_(self.scale[start: start + m], non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record(copier)
-            return ready, m
+                dev[b][:m].copy_(data, non_blocking=True)
+                if scale is not None:
+                    dev_scales[b][:m].copy_(scale, non_blocking=True)
+                copied[b] = torch.cuda.Event()
+                copied[b].record(copier)
+            return start, m, copied[b]
 
-        pending = copy(0, 0)
-        for i, start in enumerate(starts):
-            ready, m = pending
-            if start + rows < n:
-                pending = copy(i + 1, start + rows)
+        pieces = self._pieces()
+        pending = copy(0, next(pieces))
+        for i in itertools.count():
+            start, m, ready = pending
+            following = next(pieces, None)
+            if following is not None:
+                pending = copy(i + 1, following)
             compute.wait_event(ready)
             b = i % 2
-            yield start, buffers[b][:m], None if scales[b] is None else scales[b][:m]
+            yield start, dev[b][:m], None if dev_scales[b] is None else dev_scales[b][:m]
             done[b] = torch.cuda.Event()
             done[b].record(compute)
+            if following is None:
+                return
 
     def ids_of(self, rows: torch.Tensor) -> list:
         """Map row numbers [Q, k] to the index's ids (row numbers when it has none)."""
         rows = rows.tolist()
         return rows if self.ids is None else [[self.ids[j] for j in r] for r in rows]
+
+
+def _encoded(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(rows, scales or None) as the search kernel reads them in `dtype`."""
+    if dtype == torch.int8:
+        return quantize_int8_rows(x)
+    return x.to(dtype).contiguous(), None
+
+
+def _decoded(data: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    return data.float() * scale[:, None] if scale is not None else data
+
+
+def _gathered(blocks: list, home: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    data = torch.cat([d for d, _ in blocks])
+    return data, None if blocks[0][1] is None else torch.cat([s for _, s in blocks])
 
 
 def _auto_mode(device: torch.device, corpus_bytes: int) -> str:

@@ -43,6 +43,9 @@ class ConfinedPath(str):
         self.root = root
         return self
 
+    def __reduce__(self):  # str's own pickling would drop the root (worker processes receive these)
+        return ConfinedPath, (str(self), self.root)
+
 
 def as_item(x: ItemLike) -> Item:
     """A str is a text item; a dict may hold "text" and "image" (other keys are ignored)."""

@@ -2,7 +2,8 @@
 
 Image paths are relative to the JSONL file, or, for corpora that are not trusted,
 confined to an image root (`read_rows(path, image_root=DIR)`). A bad row never
-stops a run: it becomes a `Reject` with its line number and reason.
+stops a run: it becomes a `Reject` with its line number and reason. `iter_rows` reads
+lazily, one line at a time; `read_rows` collects its rows and rejects into two lists.
 
 Files are read as bytes and each line is decoded strictly as UTF-8 (a UTF-8 BOM
 at the start of the file is allowed): a byte that is not UTF-8 rejects its row
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +39,8 @@ class Reject:
     raw: str
 
     def to_json(self) -> str:
-        return json.dumps({"line": self.line, "id": self.id, "reason": self.reason, "row": self.raw}, ensure_ascii=False)
+        record = {"line": self.line, "id": self.id, "reason": self.reason, "row": self.raw}
+        return json.dumps(record, ensure_ascii=False)
 
 
 class BadLine(json.JSONDecodeError):
@@ -231,21 +234,17 @@ def _image_root(image_root) -> Path | None:
     return root.resolve()
 
 
-def read_rows(path: str | Path, image_root: str | Path | None = None) -> tuple[list[Row], list[Reject]]:
-    """Parse every line; good rows and rejects (malformed, empty, duplicate id) come back apart.
-
-    image_root=None: image paths are relative to the JSONL file's folder; absolute paths are
-    taken as they are. image_root=DIR (for corpora you do not trust): relative paths are
-    relative to DIR, and a path that leads outside DIR (through `..` or a symlink) rejects its row.
-    """
-    rows, rejects, seen = [], [], set()
-    base, root = Path(path).parent, _image_root(image_root)
-    for n, raw, obj in json_lines(path):
+def _rows(lines, base: Path, root: Path | None) -> Iterator[Row | Reject]:
+    """Rows and rejects from (line number, raw text, parsed object or JSONDecodeError) triples, in
+    order; an id seen before rejects its row. Shared by every corpus format, so a row is judged
+    by the same rules whatever file it came from."""
+    seen = set()
+    for n, raw, obj in lines:
         if isinstance(obj, BadLine):
-            rejects.append(Reject(n, None, str(obj), raw))
+            yield Reject(n, None, str(obj), raw)
             continue
         if isinstance(obj, json.JSONDecodeError):
-            rejects.append(Reject(n, None, f"invalid JSON: {obj}", raw))
+            yield Reject(n, None, f"invalid JSON: {obj}", raw)
             continue
         rid = obj.get("id") if isinstance(obj, dict) else None
         rid = rid if id_problem(rid) is None else None  # a reject names only an id that is valid
@@ -254,10 +253,35 @@ def read_rows(path: str | Path, image_root: str | Path | None = None) -> tuple[l
             if rid in seen:
                 raise InputError(f"duplicate id {rid!r}")
         except InputError as e:
-            rejects.append(Reject(n, rid, str(e), raw))
+            yield Reject(n, rid, str(e), raw)
             continue
         seen.add(rid)
-        rows.append(Row(n, rid, item, raw))
+        yield Row(n, rid, item, raw)
+
+
+def iter_rows(path: str | Path, image_root: str | Path | None = None) -> Iterator[Row | Reject]:
+    """Yield a `Row` or a `Reject` for each non-blank line, in file order, reading one line at a
+    time: memory stays bounded by the longest line (and the set of ids seen), not the file.
+
+    The image root and the file itself are checked here, before the first row, so a wrong path
+    is an InputError at once. Rules as in `read_rows`.
+    """
+    path = Path(path)
+    root = _image_root(image_root)
+    _check_file(path, "JSONL file")
+    return _rows(json_lines(path), path.parent, root)
+
+
+def read_rows(path: str | Path, image_root: str | Path | None = None) -> tuple[list[Row], list[Reject]]:
+    """Parse every line; good rows and rejects (malformed, empty, duplicate id) come back apart.
+
+    image_root=None: image paths are relative to the JSONL file's folder; absolute paths are
+    taken as they are. image_root=DIR (for corpora you do not trust): relative paths are
+    relative to DIR, and a path that leads outside DIR (through `..` or a symlink) rejects its row.
+    """
+    rows, rejects = [], []
+    for r in iter_rows(path, image_root):
+        (rows if isinstance(r, Row) else rejects).append(r)
     return rows, rejects
 
 

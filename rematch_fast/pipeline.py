@@ -152,6 +152,8 @@ def embed_prepared(model, prepared: Seq[PreparedItem], side: str, batch_size: in
         check_finite(unit[batch], [positions[i] if positions else i for i in batch], "the embedding of item")
         if bar is not None:
             bar.update(len(batch))
+            if hasattr(bar, "add_tokens"):  # a corpus job's bar also shows tokens/s
+                bar.add_tokens(sum(lengths[i] for i in batch))
 
     in_flight = None  # one batch queued on the device while the next one's inputs are built
     for batch in plan_batches(lengths, batch_tokens, batch_size, backend.padded, backend.longest_first):
@@ -165,8 +167,9 @@ def embed_prepared(model, prepared: Seq[PreparedItem], side: str, batch_size: in
 
 
 def embed_items(model, items: Seq, side: str = "query", batch_size: int = EMBED_BATCH_SIZE, batch_tokens: int = 8192,
-                on_error: str = "raise", progress: bool = False) -> EmbedOutput:
-    """Prepare and embed `items` chunk by chunk (see the module doc)."""
+                on_error: str = "raise", progress: bool = False, bar=None) -> EmbedOutput:
+    """Prepare and embed `items` chunk by chunk (see the module doc). `bar`: a progress bar of the
+    caller's to advance (then `progress` is not used)."""
     check_side(side)
     check_on_error(on_error)
     items = list(items)
@@ -178,7 +181,9 @@ def embed_items(model, items: Seq, side: str = "query", batch_size: int = EMBED_
     # one chunk: a worker thread would only add a hand-off
     chunks = map(prepare, starts) if len(items) <= PREPARE_CHUNK else prefetched(starts, prepare)
     kept, rejected, truncated, parts = [], [], [], []
-    with tqdm(total=len(items), desc=f"embed {side}", unit="item", disable=not progress) as bar:
+    own_bar = bar is None
+    bar = tqdm(total=len(items), desc=f"embed {side}", unit="item", disable=not progress) if own_bar else bar
+    try:
         for chunk in chunks:
             bar.update(len(chunk.rejected))
             if chunk.items:
@@ -186,16 +191,20 @@ def embed_items(model, items: Seq, side: str = "query", batch_size: int = EMBED_
             kept += chunk.kept
             rejected += chunk.rejected
             truncated += [i for i, p in zip(chunk.kept, chunk.items) if p.truncated]
+    finally:
+        if own_bar:
+            bar.close()
     return EmbedOutput(Embeddings.cat(parts, model.dim), kept, rejected, truncated)
 
 
-def embed_rows(model, rows: list, side: str, batch_size: int = EMBED_BATCH_SIZE, progress: bool = False, log=None):
+def embed_rows(model, rows: list, side: str, batch_size: int = EMBED_BATCH_SIZE, progress: bool = False, log=None,
+               bar=None):
     """Embed JSONL rows (rematch_fast.jsonl.Row) with on_error="reject": a row that cannot be
     prepared becomes a Reject with its line and reason; `log` is told of each cut text.
     Returns (ids of the embedded rows, their Embeddings, rejects)."""
     from .jsonl import Reject
 
-    out = embed_items(model, [r.item for r in rows], side, batch_size, on_error="reject", progress=progress)
+    out = embed_items(model, [r.item for r in rows], side, batch_size, on_error="reject", progress=progress, bar=bar)
     for i in out.truncated if log else ():
         log(f"line {rows[i].line} (id {rows[i].id!r}): text cut to max_text_tokens={model.config.max_text_tokens}")
     rejects = [Reject(rows[r.index].line, rows[r.index].id, r.reason, rows[r.index].raw) for r in out.rejected]

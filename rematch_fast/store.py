@@ -1,4 +1,6 @@
-"""Embedding files on disk: a folder with `embeddings.safetensors` and `ids.json`.
+"""Embedding stores in memory, and format 1 on disk: a folder with `embeddings.safetensors` and `ids.json`.
+
+`rematch-fast embed` writes format 2, a sharded store (rematch_fast.shards); `load` reads both.
 
 The safetensors file holds `unit` [n, d] float32 and `norm` [n] float32 (so
 E* = unit * norm is available to the `feat` view) and says which side and
@@ -92,9 +94,18 @@ class EmbeddingStore:
 
     @classmethod
     def load(cls, folder: str | Path) -> EmbeddingStore:
+        """A store of either format, in memory as float32 (rematch_fast.shards.ShardedStore maps a
+        large one instead)."""
+        from .shards import MANIFEST, ShardedStore
+
         folder = Path(folder)
+        if (folder / MANIFEST).is_file():
+            sharded = ShardedStore.open(folder)
+            sharded.verify()  # read whole anyway: checksums and finite values cost one more pass
+            return cls(sharded.ids, sharded.embeddings(), sharded.side, sharded.checkpoint, sharded.fingerprint)
         if not (folder / TENSORS).is_file() or not (folder / IDS).is_file():
-            raise InputError(f"{folder} is not an embedding folder: it needs {TENSORS} and {IDS} (from `rematch-fast embed`)")
+            raise InputError(f"{folder} is not an embedding folder: it needs manifest.json (format 2) or {TENSORS} and "
+                             f"{IDS} (format 1), from `rematch-fast embed`")
         meta, unit, norm = _read_tensors(folder)
         ids = check_ids(_read_ids(folder), f"{folder}: {IDS}")
         if len(ids) != unit.shape[0]:

@@ -60,11 +60,11 @@ def test_existing_outputs_need_overwrite(tiny_paths, files, tmp_path, capsys):
     ckpt = str(tiny_paths["qwen2-vl"])
     out = tmp_path / "index"
     assert main(["embed", ckpt, str(corpus), "--out", str(out), "--quiet"]) == EXIT_OK
-    first = (out / "embeddings.safetensors").read_bytes()
+    first = (out / "shard-00000.safetensors").read_bytes()
     assert (out / "rejects.jsonl").read_text() == ""  # always written, empty when nothing was rejected
     assert main(["embed", ckpt, str(corpus), "--out", str(out), "--quiet"]) == EXIT_ERROR
     assert "--overwrite" in capsys.readouterr().err
-    assert (out / "embeddings.safetensors").read_bytes() == first
+    assert (out / "shard-00000.safetensors").read_bytes() == first
     hits = tmp_path / "hits.jsonl"
     assert main(["search", ckpt, str(queries), "--index", str(out), "--out", str(hits), "-k", "2", "--quiet"]) == EXIT_OK
     assert main(["search", ckpt, str(queries), "--index", str(out), "--out", str(hits), "--quiet"]) == EXIT_ERROR
@@ -114,7 +114,7 @@ def test_no_usable_row_is_an_error_with_its_rejects_written(tiny_paths, files, t
     out = tmp_path / "index"
     assert main(["embed", ckpt, str(src), "--out", str(out), "--quiet"]) == EXIT_ERROR
     assert "could be used" in capsys.readouterr().err
-    assert not (out / "embeddings.safetensors").exists()
+    assert not (out / "manifest.json").exists() and not list(out.glob("shard-*"))
     assert len((out / "rejects.jsonl").read_text().splitlines()) == len(rows)
     good = tmp_path / "good"
     assert main(["embed", ckpt, str(files[0]), "--out", str(good), "--quiet"]) == EXIT_OK
