@@ -22,8 +22,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .backends import registered_backends
-from .config import (ARCHES, DEFAULT_DECODE_LIMIT, EMBED_BATCH_SIZE, INDEX_DTYPES, MATCH_BATCH_SIZE, MODEL_DTYPES,
-                     QUANTIZE_PRESETS)
+from .config import (ARCHES, DEFAULT_DECODE_LIMIT, DEFAULT_SHARD_ROWS, EMBED_BATCH_SIZE, INDEX_DTYPES,
+                     MATCH_BATCH_SIZE, MODEL_DTYPES, QUANTIZE_PRESETS)
 from .errors import InputError, ReMatchError, TruncationWarning
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REJECTS = 0, 1, 2, 3
@@ -107,13 +107,15 @@ def _nothing_usable(source, rejects, rejects_path: Path, what: str) -> int:
     return _finish(rejects, rejects_path, what, done=False)
 
 
-def _index_store(folder, checkpoint, allow_mismatch: bool):
+def _index_store(folder, checkpoint, allow_mismatch: bool, mapped: bool = False):
     """The embedding store an index or a feature view reads, refused when another checkpoint or the
-    query side wrote it (unless --allow-index-mismatch)."""
+    query side wrote it (unless --allow-index-mismatch). mapped: a ShardedStore (searched where it
+    lies), else an EmbeddingStore in memory."""
     from .checkpoint import open_checkpoint
+    from .shards import ShardedStore
     from .store import EmbeddingStore
 
-    store = EmbeddingStore.load(folder)
+    store = ShardedStore.open(folder) if mapped else EmbeddingStore.load(folder)
     fingerprint = open_checkpoint(checkpoint).fingerprint
     problems = []
     if store.side != "document":
@@ -228,27 +230,54 @@ def _parity(reference, candidate: Path, items, report_path: Path) -> int:
 
 
 def cmd_embed(args) -> int:
-    from .jsonl import read_rows
-    from .pipeline import embed_rows
-    from .store import IDS, TENSORS, EmbeddingStore
+    from . import corpus
+    from .checkpoint import open_checkpoint
+    from .sources import iter_source
 
     out = Path(args.out)
-    _check_output(out, "folder", args.overwrite)
-    rejects_path = _rejects_path(args, out / "rejects.jsonl", out)
-    rows, rejects = read_rows(args.corpus, image_root=args.image_root)
-    model = _load_model(args)
-    ids, emb, more = embed_rows(model, rows, args.side, args.batch_size or EMBED_BATCH_SIZE, not args.quiet, _log)
-    rejects += more
-    if not ids:
-        return _nothing_usable(args.corpus, rejects, rejects_path, "rows")
-    store = EmbeddingStore(ids, emb, args.side, str(Path(args.checkpoint).resolve()),
-                           fingerprint=model.checkpoint.fingerprint)
-    store.save(out)
-    for stale in set(out.iterdir()) - {out / TENSORS, out / IDS, rejects_path}:
-        if stale.name == "rejects.jsonl":  # an earlier run's, now written elsewhere: it would mislead
-            stale.unlink()
-    print(f"embedded {len(ids)} rows ({args.side}) into {out}")
-    return _finish(rejects, rejects_path, "rows", done=True)
+    if not args.resume:
+        _check_output(out, "folder", args.overwrite)
+    rejects_path = _rejects_path(args, out / corpus.REJECTS, out)
+    ckpt = open_checkpoint(args.checkpoint)
+    devices = _worker_devices(args)
+    model = {"path": args.checkpoint, "backend": args.backend, "device": args.device, "dtype": args.dtype,
+             "max_image_pixels": args.max_image_pixels or None}
+    if args.quantize:
+        model["quantize"] = args.quantize
+    job = corpus.Job(checkpoint=str(Path(args.checkpoint).resolve()), fingerprint=ckpt.fingerprint, side=args.side,
+                     dim=ckpt.config.hidden_size, dtype=args.store_dtype, shard_rows=args.shard_rows,
+                     model={**model, "path": None, "device": _device_type(devices or [args.device])},
+                     batch_size=args.batch_size or EMBED_BATCH_SIZE, corpus=str(Path(args.corpus).resolve()),
+                     image_root=args.image_root and str(Path(args.image_root).resolve()),
+                     captions=args.captions and str(Path(args.captions).resolve()))
+    source = iter_source(args.corpus, image_root=args.image_root, captions=args.captions)
+    summary = corpus.run(job, source, out, model, workers=devices, resume=args.resume, overwrite=args.overwrite,
+                         total=corpus.expected_rows(args.corpus), progress=not args.quiet, log=_log,
+                         rejects_path=rejects_path)
+    if not summary.rows:
+        return _nothing_usable(args.corpus, summary.rejects, rejects_path, "rows")
+    kept = f", {summary.resumed_shards} of them kept from the interrupted run" if summary.resumed_shards else ""
+    print(f"embedded {summary.rows} rows ({args.side}) into {out}: {summary.shards} shards{kept}, "
+          f"{len(summary.rejects)} rejected, {summary.seconds:.1f} s "
+          f"({summary.rows / max(summary.seconds, 1e-9):,.1f} rows/s)")
+    return _finish(summary.rejects, rejects_path, "rows", done=True)
+
+
+def _worker_devices(args) -> list[str] | None:
+    """One device per worker process, or None: embed in this process."""
+    if args.devices:
+        import torch
+
+        if args.devices == "auto":
+            n = torch.cuda.device_count()
+            return [f"cuda:{i}" for i in range(n)] if n > 1 else None
+        return args.devices.split(",")
+    return [args.device] * args.workers if args.workers > 1 else None
+
+
+def _device_type(devices: list[str]) -> str:
+    """What a store records of the devices: their type (outputs agree across devices of one type)."""
+    return ",".join(sorted({d.split(":")[0] for d in devices}))
 
 
 def cmd_search(args) -> int:
@@ -257,9 +286,9 @@ def cmd_search(args) -> int:
     from .pipeline import embed_rows
 
     out, rejects_path = _file_outputs(args)
-    store = _index_store(args.index, args.checkpoint, args.allow_index_mismatch)
-    index = Index(store.embeddings.unit, store.ids, device=args.device, dtype=args.index_dtype)
-    if index.mode == "streamed" and not args.quiet:
+    store = _index_store(args.index, args.checkpoint, args.allow_index_mismatch, mapped=True)
+    index = Index.from_store(store, device=args.device, dtype=args.index_dtype)
+    if index.mode == "streamed" and index.device.type == "cuda" and not args.quiet:
         _log(f"the index ({len(index)} vectors) does not fit {index.device}'s free memory: it stays on the host "
              f"and each search streams it in shards of {index.shard_rows} rows")
     rows, rejects = read_rows(args.queries, image_root=args.image_root)
@@ -430,11 +459,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("embed", help="embed a JSONL corpus into an embedding folder")
     p.add_argument("checkpoint")
-    p.add_argument("corpus", help="JSONL rows {id, text, image}; image paths relative to the file")
-    p.add_argument("--out", required=True, help="embedding folder to write")
+    p.add_argument("corpus", help="JSONL rows {id, text, image} (image paths relative to the file), a Parquet file "
+                                  "with the same columns, or a folder of images (ids: their relative paths)")
+    p.add_argument("--out", required=True, help="embedding store (a folder) to write")
     p.add_argument("--side", default="document", choices=["query", "document"])
     p.add_argument("--rejects", help="where rejected rows go (default: OUT/rejects.jsonl)")
-    _overwrite(p, "embedding folder")
+    p.add_argument("--captions", help="with a folder of images: JSONL lines {\"image\": RELATIVE_PATH, \"text\": ...} "
+                                      "giving an image its text")
+    p.add_argument("--store-dtype", default="float32", choices=list(INDEX_DTYPES),
+                   help="how the store keeps the unit vectors: float32 (default), float16, bfloat16, or int8 with "
+                        "a scale per row; norms stay float32")
+    p.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS,
+                   help=f"rows per shard file, the unit of resuming and of work handed to workers "
+                        f"(default: {DEFAULT_SHARD_ROWS})")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run into the same --out: complete shards are kept, the rest done; "
+                        "refused when the checkpoint, settings or corpus differ")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes on --device, each with its own model (default 1: this process)")
+    p.add_argument("--devices", help="one worker process per device: auto (every CUDA device) or a list such as "
+                                     "cuda:0,cuda:1 (replaces --device and --workers)")
+    _overwrite(p, "embedding store")
     _model_options(p)
     p.set_defaults(func=cmd_embed)
 
@@ -443,8 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("queries")
     p.add_argument("--index", required=True, help="embedding folder written by `embed`")
     p.add_argument("-k", "--k", type=int, default=10, help="hits per query, >= 1 (default: 10)")
-    p.add_argument("--index-dtype", default="float32", choices=sorted(INDEX_DTYPES),
-                   help="how the index holds the corpus on --device (int8: per-row quantized; default float32)")
+    p.add_argument("--index-dtype", choices=sorted(INDEX_DTYPES),
+                   help="how the index holds the corpus on --device (int8: per-row quantized; default: the store's "
+                        "own dtype, searched without a conversion)")
     _scoring_options(p, "hits JSONL to write")
     p.set_defaults(func=cmd_search)
 
@@ -532,6 +578,8 @@ def check_usage(args) -> None:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if getattr(args, "max_image_pixels", 0) < 0:
         raise UsageError(f"--max-image-pixels must be >= 0 (0: no limit), got {args.max_image_pixels}")
+    if args.command == "embed":
+        _check_embed_usage(args)
     if getattr(args, "k", 1) < 1:
         raise UsageError(f"-k must be >= 1, got {args.k}")
     if getattr(args, "backend", "reference") not in registered_backends():
@@ -562,6 +610,27 @@ def check_usage(args) -> None:
         raise UsageError(f"--image-root {args.image_root} is not a folder")
     if args.command == "export":
         _check_export_usage(args)
+
+
+def _check_embed_usage(args) -> None:
+    from .config import parse_device
+
+    if args.shard_rows < 1:
+        raise UsageError(f"--shard-rows must be >= 1, got {args.shard_rows}")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues a store and --overwrite replaces it: pass one of them")
+    if args.devices and args.workers > 1:
+        raise UsageError("--devices gives one worker per device: it goes without --workers")
+    if args.devices and args.devices != "auto":
+        try:
+            for d in args.devices.split(","):
+                parse_device(d)
+        except InputError as e:
+            raise UsageError(f"--devices: {e}") from None
+    if args.captions and not Path(args.corpus).is_dir():
+        raise UsageError("--captions goes with a folder of images as the corpus")
 
 
 def _check_export_usage(args) -> None:
