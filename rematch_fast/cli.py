@@ -1,4 +1,4 @@
-"""The `rematch-fast` command line: init-tiny, embed, search, rerank, export, quantize, parity, demo.
+"""The `rematch-fast` command line: init-tiny, embed, search, rerank, export, export-faiss, quantize, parity, demo.
 
 Exit status:
   0  done
@@ -310,6 +310,38 @@ def cmd_search(args) -> int:
     return _finish(rejects, rejects_path, "queries", done=True)
 
 
+def cmd_export_faiss(args) -> int:
+    from .faiss_io import ids_path, import_faiss, plan, save_faiss
+    from .shards import ShardedStore
+
+    ivf_only = [o for o, v in (("--nlist", args.nlist), ("--m", args.m)) if v is not None]
+    if args.type == "flat" and ivf_only:
+        return _usage_error(args, f"{', '.join(ivf_only)}: options of --type ivf-pq, not flat")
+    for option, value in (("--nlist", args.nlist), ("--m", args.m)):
+        if value is not None and value < 1:
+            return _usage_error(args, f"{option} must be >= 1, got {value}")
+    out = Path(args.out)
+    _check_output(out, "file", args.overwrite)
+    _check_output(ids_path(out), "file", overwrite=True)  # goes with --out: replaced with it
+    import_faiss()  # not installed: said before the store is read
+    store = ShardedStore.open(args.store)
+    try:  # the values that depend on the store (--m must divide its dimension), before any work
+        plan(args.type, len(store), store.dim, nlist=args.nlist, m=args.m)
+    except InputError as e:
+        return _usage_error(args, str(e))
+    meta = save_faiss(store, out, args.type, nlist=args.nlist, m=args.m, overwrite=args.overwrite,
+                      progress=not args.quiet)
+    detail = "" if args.type == "flat" else f", nlist {meta['nlist']}, m {meta['m']}, nprobe {meta['nprobe']}"
+    print(f"exported {meta['count']} vectors (dimension {meta['dim']}) of {args.store} to {out} "
+          f"({args.type}{detail}); ids in {ids_path(out)}")
+    return EXIT_OK
+
+
+def _usage_error(args, message: str) -> int:
+    _log(f"rematch-fast {args.command}: error: {message}")
+    return EXIT_USAGE
+
+
 def cmd_rerank(args) -> int:
     from .jsonl import Reject, read_rows, write_jsonl
 
@@ -540,6 +572,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of everything but the quantized weights (default: bfloat16)")
     _overwrite(p, "pre-quantized checkpoint")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("export-faiss", help="export an embedding store to a FAISS index file (inner product), "
+                                            "its ids beside it in OUT.ids.json")
+    p.add_argument("store", help="embedding folder written by `embed`")
+    p.add_argument("--out", required=True, help="the FAISS index file to write (faiss.read_index reads it)")
+    p.add_argument("--type", required=True, choices=["flat", "ivf-pq"],
+                   help="flat: IndexFlatIP, exact, 4 * dim bytes a vector; ivf-pq: IndexIVFPQ, "
+                        "approximate, M bytes a vector, trained on a fixed sample of up to 100000 rows")
+    p.add_argument("--nlist", type=int, help="ivf-pq: inverted lists (default: about 4 * sqrt(rows), at most one "
+                                             "per 39 training rows)")
+    p.add_argument("--m", type=int, help="ivf-pq: sub-vectors per vector, a divisor of the dimension "
+                                         "(default: the divisor nearest dim / 8, sub-vectors of 4 to 16 dimensions)")
+    _overwrite(p, "index file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_export_faiss)
 
     p = sub.add_parser("parity", help="compare an export with its reference checkpoint (exit 1 on failure)")
     p.add_argument("--reference", required=True, help="the checkpoint")

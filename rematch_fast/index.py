@@ -251,6 +251,13 @@ class Index:
         rows = rows.tolist()
         return rows if self.ids is None else [[self.ids[j] for j in r] for r in rows]
 
+    def to_faiss(self, kind: str = "flat", **options):
+        """This index's rows (decoded to float32) in a faiss index for inner product, FAISS ids = row
+        numbers: kind "flat" (exact) or "ivf-pq"; options as rematch_fast.faiss_io.build_faiss."""
+        from .faiss_io import build_faiss
+
+        return build_faiss(self, kind, **options)
+
 
 def _encoded(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(rows, scales or None) as the search kernel reads them in `dtype`."""
