@@ -241,6 +241,10 @@ def run(job: Job, source, out: Path, model_spec: dict, *, workers: list[str] | N
     summary = Summary(resumed_shards=len(done))
     entries: dict[int, dict] = {}
     tail_rejects: list[Reject] = []
+    if not workers and model is None:  # loaded before the clock starts: the rates are the embedding's
+        from .api import ReMatch
+
+        model = ReMatch.from_pretrained(**model_spec)
     begun = time.perf_counter()
     with Progress(total, disable=not progress) as bar:
         def kept(task: Task) -> bool:
@@ -261,9 +265,6 @@ def run(job: Job, source, out: Path, model_spec: dict, *, workers: list[str] | N
 
         tasks = (t for t in plan_tasks(source, job.shard_rows) if not kept(t))
         if not workers:
-            from .api import ReMatch
-
-            model = model or ReMatch.from_pretrained(**model_spec)
             for task in tasks:
                 if not task.rows:  # the corpus's last rows were all bad: no shard
                     tail_rejects += task.rejects

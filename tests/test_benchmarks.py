@@ -118,6 +118,16 @@ def test_bench_images_small(tmp_path):
     assert {r["stage"] for r in w2 if r["workload"] == "W2j"} >= {"decode", "resize", "patches", "vision tower"}
 
 
+def test_bench_corpus_small(tmp_path):
+    """Every CPU part of the corpus benchmark, tiny: the stores it compares are byte-identical."""
+    _script("bench_corpus").main(["--rows", "60,120", "--resume-rows", "160", "--resume-shard", "16",
+                                  "--out", str(tmp_path)])
+    rows = {r["part"]: r for r in map(json.loads, (tmp_path / "corpus.jsonl").read_text().splitlines())}
+    assert set(rows) == {"scale", "resume", "workers", "rss growth"}
+    assert rows["scale"]["rows"] == 120 and rows["scale"]["rows_per_s"] > 0 and rows["scale"]["peak_rss_mb"] > 0
+    assert rows["resume"]["identical"] and rows["workers"]["identical"] and rows["workers"]["speedup"] > 0
+
+
 def test_bench_match_small(tmp_path):
     _script("bench_match").main(["--model", "tiny", "--scale", "0.1", "--iters", "1", "--out", str(tmp_path)])
     rows = [json.loads(line) for line in (tmp_path / "match.jsonl").read_text().splitlines()]
