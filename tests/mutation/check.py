@@ -78,6 +78,7 @@ T_SCHED = "tests/test_scheduler.py"
 T_REF_EMBED = "tests/test_reference.py::test_embedding_equals_independent_computation"
 T_HD = "tests/test_hostile_data.py::"
 T_CLI = "tests/test_hostile_cli.py::"
+T_CORPUS = "tests/test_corpus.py::"
 
 MUTANTS: list[Mutant] = [
     # -- pooling: E* = mean of the last K rows, stored as unit * norm ------------------------------------------
@@ -154,7 +155,7 @@ MUTANTS: list[Mutant] = [
       "return torch.float16  # exact for int8 values", "return torch.bfloat16  # exact for int8 values", T_INT8,
       "tests/kernels/test_similarity.py::test_int8_corpus_matches_reference_and_recall"),
     M("index-queries-cast-to-storage", "quantization", "rematch_fast/index.py",
-      "q = q.to(self.device, compute_dtype(self.data.dtype))", "q = q.to(self.device, self.data.dtype)", T_INT8),
+      "q = q.to(self.device, compute_dtype(self.dtype))", "q = q.to(self.device, self.dtype)", T_INT8),
 
     # -- scheduling: token-budget batches, longest first ---------------------------------------------------------
     M("sched-shortest-first", "scheduling", "rematch_fast/scheduler.py",
@@ -203,6 +204,27 @@ MUTANTS: list[Mutant] = [
     M("store-save-trusts-ids", "store", "rematch_fast/store.py",
       'check_ids(self.ids, f"{folder}: {IDS}")', "self.ids = list(self.ids)",
       T_HD + "test_store_ids_are_checked_on_construction_and_save"),
+
+    # -- corpus scale: tasks, resume, the sharded store, search over its shards ------------------------------------
+    M("corpus-task-one-row-too-many", "corpus", "rematch_fast/corpus.py",
+      "if len(rows) == shard_rows:", "if len(rows) > shard_rows:",
+      T_CORPUS + "test_embed_writes_a_sharded_store_equal_to_encode"),
+    M("corpus-resume-trusts-the-corpus", "corpus", "rematch_fast/corpus.py",
+      'if info["digest"] != task.digest():', "if False:",
+      T_CORPUS + "test_resume_refuses_another_job_or_a_changed_corpus"),
+    M("corpus-job-ignores-dtype", "corpus", "rematch_fast/corpus.py",
+      'return [k for k in mine if k != "checkpoint" and mine[k] != other.get(k)]',
+      'return [k for k in mine if k not in ("checkpoint", "dtype") and mine[k] != other.get(k)]',
+      T_CORPUS + "test_resume_refuses_another_job_or_a_changed_corpus"),
+    M("shards-int8-scale-dropped", "corpus", "rematch_fast/shards.py",
+      "return unit.float() * scale[:, None] if scale is not None else unit.float()", "return unit.float()",
+      T_CORPUS + "test_store_dtypes_keep_the_vectors"),
+    M("index-shard-rows-kept-local", "corpus", "rematch_fast/index.py",
+      "keys = self._topk(q, shard, min(k, shard.shape[0]), scale, chunk) - start",
+      "keys = self._topk(q, shard, min(k, shard.shape[0]), scale, chunk)",
+      T_CORPUS + "test_index_over_a_sharded_store_equals_one_over_its_rows"),
+    M("index-blocks-restart-at-row-0", "corpus", "rematch_fast/index.py",
+      "start += data.shape[0]", "start += 0", T_CORPUS + "test_index_over_a_sharded_store_equals_one_over_its_rows"),
 
     # -- JSONL reader ----------------------------------------------------------------------------------------------
     M("jsonl-bom-on-any-line", "jsonl", "rematch_fast/jsonl.py",
