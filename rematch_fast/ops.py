@@ -1,7 +1,7 @@
 """The model ops and the one rule that dispatches them.
 
-Each op (learnable-token pooling, RMSNorm, SwiGLU gate, rotary embedding, the cascade
-attention merge) is a
+Each op (learnable-token pooling, RMSNorm and the residual add fused before it, SwiGLU gate,
+rotary embedding, the cascade attention merge) is a
 `torch.library` custom op `rematch_fast::<op>` with three parts: its torch reference
 (the `*_torch` function here, also the op's default implementation), a Triton kernel
 registered for CUDA (from `rematch_fast.kernels`, imported on first use), and a fake
@@ -93,6 +93,20 @@ rms_norm_op = define_op(
     triton_kernel("rms_norm", "rms_norm_triton"))
 
 
+def add_rms_norm_torch(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add, then the next RMSNorm: (x + delta in x's dtype, rms_norm of that sum)."""
+    s = x + delta
+    return s, rms_norm_torch(s, weight, eps)
+
+
+add_rms_norm_op = define_op(
+    "add_rms_norm", add_rms_norm_torch,
+    lambda x, delta, weight, eps: (torch.empty_like(x),
+                                   torch.empty_like(x, dtype=torch.promote_types(x.dtype, weight.dtype))),
+    triton_kernel("rms_norm", "add_rms_norm_triton"))
+
+
 def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's gate: [N, 2I] (gate columns, then up) -> silu(gate) * up [N, I]."""
     gate, up = gate_up.chunk(2, dim=-1)
@@ -151,21 +165,24 @@ class Ops:
     silu_mul: Callable  # (gate_up [N, 2I]) -> [N, I]
     rope: Callable  # (x [T, H, D], cos [T, D], sin [T, D]) -> [T, H, D]
     merge_state: Callable  # (o_a, lse_a, o_b, lse_b) -> (o [T, H, D], lse [T, H]): cascade attention
+    add_rms_norm: Callable  # (x [..., D], delta [..., D], weight [D], eps) -> (x + delta, its rms_norm)
 
 
-TORCH_OPS = Ops("torch", pool_learnable_torch, rms_norm_torch, silu_mul_torch, rope_torch, merge_state_torch)
-CUSTOM_OPS = Ops("custom", pool_learnable_op, rms_norm_op, silu_mul_op, rope_op, merge_state_op)
+TORCH_OPS = Ops("torch", pool_learnable_torch, rms_norm_torch, silu_mul_torch, rope_torch, merge_state_torch,
+                add_rms_norm_torch)
+CUSTOM_OPS = Ops("custom", pool_learnable_op, rms_norm_op, silu_mul_op, rope_op, merge_state_op, add_rms_norm_op)
 
 
 def triton_ops() -> Ops:
     """The Triton kernels called directly, on any device (needs Triton; on the CPU, its interpreter)."""
     from .kernels.pooling import pool_learnable_triton
-    from .kernels.rms_norm import rms_norm_triton
+    from .kernels.rms_norm import add_rms_norm_triton, rms_norm_triton
     from .kernels.rope import rope_triton
     from .kernels.merge_state import merge_state_triton
     from .kernels.silu_mul import silu_mul_triton
 
-    return Ops("triton", pool_learnable_triton, rms_norm_triton, silu_mul_triton, rope_triton, merge_state_triton)
+    return Ops("triton", pool_learnable_triton, rms_norm_triton, silu_mul_triton, rope_triton, merge_state_triton,
+               add_rms_norm_triton)
 
 
 def check_kernels(kernels: str | Ops) -> None:

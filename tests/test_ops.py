@@ -58,7 +58,7 @@ def test_the_choice_is_made_once_by_device_and_kernels():
     assert ops.select_ops("torch", "cpu") is ops.TORCH_OPS
     assert ops.select_ops("auto", torch.device("cuda", 0)) is ops.CUSTOM_OPS
     assert ops.select_ops("auto", "cpu") is ops.TORCH_OPS
-    mine = ops.Ops("mine", *(lambda *a: None,) * 5)
+    mine = ops.Ops("mine", *(lambda *a: None,) * 6)
     assert ops.select_ops(mine, "cpu") is mine
     with pytest.raises(InputError, match="kernels must be one of"):
         ops.select_ops("triton", "cpu")

@@ -43,10 +43,16 @@ class DecoderLayer(nn.Module):
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
         self.rope, self.merge_state = ops.rope, ops.merge_state
 
-    def forward(self, x, cos, sin, plan: AttentionPlan, prefix: tuple | None = None,
-                capture: PrefixKV | None = None) -> torch.Tensor:  # x [T, d]
+    def forward(self, x, delta, cos, sin, plan: AttentionPlan, prefix: tuple | None = None,
+                capture: PrefixKV | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, d] the residual stream and `delta` the previous layer's MLP output still to be added
+        (None for the first layer) -> (the stream before this layer's MLP output, that output):
+        each residual add is fused with the norm that reads its sum (ops.add_rms_norm)."""
         T = x.shape[0]
-        h = self.input_layernorm(x)
+        if delta is None:
+            h = self.input_layernorm(x)
+        else:
+            x, h = self.input_layernorm.add(x, delta)
         q, k, v = self.qkv_proj.split(h)
         q = self.rope(q.reshape(T, self.heads, self.head_dim), cos, sin)  # [T, H, Dh]
         k = self.rope(k.reshape(T, self.kv_heads, self.head_dim), cos, sin)  # [T, Hkv, Dh]
@@ -57,8 +63,8 @@ class DecoderLayer(nn.Module):
             attn = varlen_attention(q, k, v, plan, causal=True)
         else:
             attn = cascade_attention(q, k, v, plan, *prefix, self.merge_state)
-        x = x + self.o_proj(attn.reshape(T, -1))
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.add(x, self.o_proj(attn.reshape(T, -1)))
+        return x, self.mlp(h)
 
 
 class Decoder(nn.Module):
@@ -86,7 +92,9 @@ class Decoder(nn.Module):
         those of `rows` (the final norm then runs on them alone). `prefix`: the sequences continue
         that shared prefix; `capture`: record each layer's keys and values into it."""
         cos, sin = self.rope(positions)
-        x = embeds
+        x, delta = embeds, None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, plan, prefix.layers[i] if prefix is not None else None, capture)
-        return self.norm(x if rows is None else x[rows])
+            x, delta = layer(x, delta, cos, sin, plan, prefix.layers[i] if prefix is not None else None, capture)
+        if delta is None:  # no layers
+            return self.norm(x if rows is None else x[rows])
+        return self.norm.add(x, delta)[1] if rows is None else self.norm.add(x[rows], delta[rows])[1]

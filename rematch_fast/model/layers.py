@@ -22,6 +22,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.rms_norm(x, self.weight, self.eps)
 
+    def add(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, the norm of that sum), in one pass where a kernel does it."""
+        return self.ops.add_rms_norm(x, delta, self.weight, self.eps)
+
 
 def activation(name: str):
     if name == "quick_gelu":

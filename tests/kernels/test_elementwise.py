@@ -1,4 +1,5 @@
-"""The decoder's fused elementwise kernels (RMSNorm, SwiGLU gate, rotary embedding) against
+"""The decoder's fused elementwise kernels (RMSNorm, the residual add fused with it, SwiGLU gate,
+rotary embedding) against
 their torch references, on strided inputs and sizes that are not powers of two."""
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch
 from rematch_fast import ops
 
 import triton  # noqa: E402,F401 - the test extra installs it: missing, these tests fail rather than skip
-from rematch_fast.kernels.rms_norm import rms_norm_triton  # noqa: E402
+from rematch_fast.kernels.rms_norm import add_rms_norm_triton, rms_norm_triton  # noqa: E402
 from rematch_fast.kernels.rope import rope_triton  # noqa: E402
 from rematch_fast.kernels.silu_mul import silu_mul_triton  # noqa: E402
 
@@ -27,6 +28,23 @@ def test_rms_norm(N, D, dtype, tol):
     got = rms_norm_triton(x, w, 1e-6)
     assert got.dtype == dtype and got.shape == x.shape
     torch.testing.assert_close(got.float(), ops.rms_norm_torch(x, w, 1e-6).float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("N, D", [(1, 64), (29, 96), (4, 1280), (3, 2048)])
+def test_add_rms_norm(N, D, dtype, tol):
+    x = _randn(N, D + 5, seed=N + D, dtype=dtype, scale=4.0)[:, 2:D + 2]  # strided rows
+    delta = _randn(N, D, seed=N * D + 1, dtype=dtype, scale=2.0)
+    w = _randn(D, seed=D + 3, dtype=dtype)
+    s, y = add_rms_norm_triton(x, delta, w, 1e-6)
+    want_s, want_y = ops.add_rms_norm_torch(x, delta, w, 1e-6)
+    assert s.dtype == y.dtype == dtype and s.shape == y.shape == x.shape
+    if DEVICE == "cuda" or dtype == torch.float32:
+        assert torch.equal(s, want_s)  # one rounding of the fp32 sum to nearest, as torch's add
+    else:  # the interpreter casts fp32 to bf16 by truncation: off by at most one step of 2**-7
+        torch.testing.assert_close(s.float(), want_s.float(), atol=0, rtol=2**-7)
+    torch.testing.assert_close(y.float(), want_y.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(want_y, ops.rms_norm_torch(x + delta, w, 1e-6), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("dtype, tol", DTYPES)
