@@ -5,10 +5,12 @@
              with the already-cut pixel patches) through model.model; no template, no
              learnable tokens, no tokenizing or image preprocessing inside the timing
   reference  rematch_fast backend="reference" (transformers modules, padded batches, full ReMatch input)
-  fast       rematch_fast backend="fast" (own model, packed batches, token-budget scheduler)
+  fast       rematch_fast backend="fast" as from_pretrained gives it (own model, packed batches,
+             token-budget scheduler; on CUDA, CUDA-graph latency buckets for small text batches)
   fast-noshare  (W1e, W5) the same with share_prefix=False: the embed template's part before the item
              recomputed in every sequence instead of computed once and shared
-  fast-buckets  (W5 only) the same with latency_buckets: static shapes, captured as CUDA graphs on a GPU
+  fast-buckets  (W5, CPU) the same with latency_buckets=(64, 128, 256): static shapes, padded eagerly
+  fast-eager    (W5, GPU) the same with latency_buckets=(): the eager path the buckets replace
 
 W1: ragged texts (16..256 tokens, arrival order), useful tokens/s. W1e: all 128 tokens.
 W2: square images + a short text, images/s. W5: one 48-token query, latency ms.
@@ -41,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import profile_table, Results, ceilings, interleaved_median_ms  # noqa: E402
 
 from rematch_fast import ReMatch  # noqa: E402
+from rematch_fast.backends.fast import DEFAULT_LATENCY_BUCKETS  # noqa: E402
 from rematch_fast.tiny import make_tiny_checkpoint  # noqa: E402
 
 MODELS = {  # name: (arch, size overrides of make_tiny_checkpoint)
@@ -162,7 +165,9 @@ def main(argv=None) -> str:
             ckpt = make_tiny_checkpoint(Path(tmp) / name, arch=arch, seed=0, dtype=dtype, device=dev, **sizes)
             ref = ReMatch.from_pretrained(ckpt, backend="reference", device=dev, dtype=dtype)
             fast = ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype)
-            buckets = ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, latency_buckets=(64, 128, 256))
+            # the default's counterpart for W5: buckets where the default has none (CPU), none where it has them
+            other = ("fast-eager", ()) if dev.type == "cuda" else ("fast-buckets", DEFAULT_LATENCY_BUCKETS)
+            buckets = ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, latency_buckets=other[1])
             # the same engine with the embed template's prefix recomputed in every sequence (the gain of sharing it)
             noshare = ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, share_prefix=False)
         lm_params, vision_params = parameter_counts(fast)
@@ -210,7 +215,7 @@ def main(argv=None) -> str:
         if "W2" in args.workloads:
             w2(fast, ref, scale, iters, dev, flops_per_s, lm_params, vision_params, record)
         if "W5" in args.workloads:
-            w5(fast, ref, noshare, buckets, dtype, ceil, lm_params, dev, record)
+            w5(fast, ref, noshare, (other[0], buckets), dtype, ceil, lm_params, dev, record)
         del ref, fast, buckets, noshare
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -233,7 +238,7 @@ def w2(fast, ref, scale, iters, dev, flops_per_s, lm_params, vision_params, reco
     record("W2", len(items), {p: len(items) / t * 1e3 for p, t in ms.items()}, "images/s", flops_per_s / image_flops, ms)
 
 
-def w5(fast, ref, noshare, buckets, dtype, ceil, lm_params, dev, record):
+def w5(fast, ref, noshare, other, dtype, ceil, lm_params, dev, record):
     """W5: one 48-token query, latency ms against reading the decoder's weights once."""
     query = texts_of_lengths(fast, [48], seed=4)
     weights_ms = lm_params * torch.finfo(dtype).bits / 8 / (ceil["copy_GBps"] * 1e9) * 1e3
@@ -242,7 +247,7 @@ def w5(fast, ref, noshare, buckets, dtype, ceil, lm_params, dev, record):
         "reference": lambda: ref.embed(query),
         "fast": lambda: fast.embed(query),
         "fast-noshare": lambda: noshare.embed(query),
-        "fast-buckets": lambda: buckets.embed(query),
+        other[0]: lambda: other[1].embed(query),
     }, dev, iters=30, warmup=3)
     record("W5", 1, ms, "ms", weights_ms, ms)
 

@@ -30,8 +30,11 @@ def test_fast_cuda_bf16_packed_batches_stay_close(tiny_paths, arch):
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_latency_buckets_replay_cuda_graphs(tiny_paths, dtype, tol):
     path = tiny_paths["qwen2.5-vl"]
-    plain = ReMatch.from_pretrained(path, backend="fast", device="cuda", dtype=dtype)
+    plain = ReMatch.from_pretrained(path, backend="fast", device="cuda", dtype=dtype, latency_buckets=())
+    assert plain.backend.latency is None
     graphs = ReMatch.from_pretrained(path, backend="fast", device="cuda", dtype=dtype, latency_buckets=(64, 128))
+    default = ReMatch.from_pretrained(path, backend="fast", device="cuda", dtype=dtype)
+    assert default.backend.latency.lengths == [64, 128, 256]  # on by default on CUDA
     queries = ["short query", "a somewhat longer query about rivers " * 4, "x", "short query", "blue " * 9]
     for _ in range(2):  # the second round replays graphs captured in the first, with other contents
         for q in queries:

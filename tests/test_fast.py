@@ -149,6 +149,14 @@ def test_bf16_on_cuda_follows_the_flash_tolerance_rule(tiny_paths):
     assert err_fast <= 2 * err_ref + 1e-5
 
 
+def test_latency_buckets_are_on_by_default_on_cuda_only(fast_models):
+    from rematch_fast.backends.fast import DEFAULT_LATENCY_BUCKETS, default_latency_buckets
+
+    assert default_latency_buckets(torch.device("cuda", 1)) == DEFAULT_LATENCY_BUCKETS == (64, 128, 256)
+    assert default_latency_buckets(torch.device("cpu")) == ()
+    assert all(m.backend.latency is None for m in fast_models.values())  # built on the CPU with the default
+
+
 @pytest.mark.parametrize("share_prefix", [True, False])
 def test_latency_buckets_give_the_same_embeddings(tiny_paths, fast_models, share_prefix):
     """Static-shape buckets, with the embed template's prefix shared (the rows are the suffixes

@@ -23,17 +23,27 @@ from ..sequence import Sequence
 from .base import INPUT_KINDS
 
 
+DEFAULT_LATENCY_BUCKETS = (64, 128, 256)  # token counts of a text query's suffix: most queries fit 64 or 128
+
+
+def default_latency_buckets(device: torch.device) -> tuple[int, ...]:
+    """The CUDA-graph buckets a fast backend gets unless told: on CUDA only."""
+    return DEFAULT_LATENCY_BUCKETS if device.type == "cuda" else ()
+
+
 class FastBackend:
     name = "fast"
     padded = False  # packed: batches cost the sum of lengths
     longest_first = True  # neighbours of similar length: little attention padding
     inputs = frozenset(INPUT_KINDS)
 
-    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, latency_buckets=(),
+    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, latency_buckets=None,
                  kernels="auto", share_prefix: bool = True, quantize: str | None = None,
                  uint8_pixels: bool | None = None):
         """latency_buckets: sequence lengths (e.g. (64, 128, 256)) for which a single text query, or
         a small batch of them, runs with static shapes, as a CUDA graph on CUDA (see latency.py).
+        Default: DEFAULT_LATENCY_BUCKETS on CUDA (one query is launch-bound there), none elsewhere
+        (the padded eager path gains nothing on a CPU); () turns them off.
         kernels: "auto" (Triton kernels on CUDA, torch elsewhere) or "torch" (torch references everywhere).
         share_prefix: compute the embed template's part before the item once per side and let every
         embedding batch continue it (False: every sequence from its first token, for comparison).
@@ -66,6 +76,7 @@ class FastBackend:
             self.model.visual.fold_pixel_normalization(settings.image_mean, settings.image_std)
         self.image_token_id = ckpt.special_tokens.image
         self.latency = None
+        latency_buckets = default_latency_buckets(device) if latency_buckets is None else latency_buckets
         if latency_buckets:
             from .latency import LatencyBuckets
 
