@@ -12,7 +12,9 @@
   fast-buckets  (W5, CPU) the same with latency_buckets=(64, 128, 256): static shapes, padded eagerly
   fast-eager    (W5, GPU) the same with latency_buckets=(): the eager path the buckets replace
 
-W1: ragged texts (16..256 tokens, arrival order), useful tokens/s. W1e: all 128 tokens.
+W1: ragged texts (16..256 tokens, arrival order), useful tokens/s. W1e: all 128 tokens. Both also
+report processed tokens/s (template, item and learnable tokens: what the model runs) and, on CUDA,
+`busy`: the fraction of the wall time some kernel runs on the device (host stalls show as less than 1).
 W2: square images + a short text, images/s. W5: one 48-token query, latency ms.
 "Useful tokens" are the documents' own tokens; rematch_fast providers also pay for the
 template and the K learnable tokens, and time end to end (tokenizing, image preprocessing).
@@ -40,7 +42,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import profile_table, Results, ceilings, interleaved_median_ms  # noqa: E402
+from harness import profile_table, Results, busy_fraction, ceilings, interleaved_median_ms  # noqa: E402
 
 from rematch_fast import ReMatch  # noqa: E402
 from rematch_fast.backends.fast import DEFAULT_LATENCY_BUCKETS  # noqa: E402
@@ -174,14 +176,16 @@ def main(argv=None) -> str:
         iters = args.iters or (CPU_TINY_ITERS if name == "tiny" and not args.gpu else scale["iters"])
         tok = fast.preprocessor.tok.text
 
-        def record(workload, items, values: dict, unit, ceiling_value, ms: dict):
-            """One row per provider; ratios to hf and to the reference are "times better"."""
+        def record(workload, items, values: dict, unit, ceiling_value, ms: dict, extra: dict | None = None):
+            """One row per provider; ratios to hf and to the reference are "times better". `extra`:
+            more columns per provider."""
             better = (lambda a, b: b / a) if unit == "ms" else (lambda a, b: a / b)
             for provider, value in values.items():
                 res.add(model=name, workload=workload, provider=provider, items=items, value=value, unit=unit,
                         x_hf=better(value, values["hf"]),
                         x_reference=better(value, values["reference"]) if "reference" in values else None,
-                        of_ceiling=better(value, ceiling_value), ms=ms[provider], device=ceil["device"])
+                        of_ceiling=better(value, ceiling_value), ms=ms[provider], device=ceil["device"],
+                        **(extra or {}).get(provider, {}))
 
         rng = np.random.default_rng(0)
         work = {
@@ -192,6 +196,8 @@ def main(argv=None) -> str:
             if wl not in args.workloads:
                 continue
             useful = sum(len(tok.encode(t, add_special_tokens=False).ids) for t in texts)
+            # what the model runs: template, item and learnable tokens (before the template prefix is shared)
+            processed = sum(fast.preprocessor.embed_length(fast.prepare(t), "document") for t in texts)
             warm = texts[: scale["warm_docs"]]
             for fn in (hf_text_runner(ref, warm, scale["hf_text_batch"], dev), lambda: ref.encode(warm, side="document"),
                        lambda: fast.encode(warm, side="document")):
@@ -209,8 +215,12 @@ def main(argv=None) -> str:
                 print(text)
                 if args.out:
                     (Path(args.out) / f"embed_profile_{name}.txt").write_text(text)
+            extra = {p: {"processed_tokens_per_s": processed / t * 1e3} for p, t in ms.items() if p != "hf"}
+            for p in ("fast", "fast-noshare"):  # the share of the wall time the GPU is busy (CUDA only)
+                if p in providers and (busy := busy_fraction(providers[p], dev)) is not None:
+                    extra[p]["busy"] = busy
             record(wl, len(texts), {p: useful / t * 1e3 for p, t in ms.items()}, "tokens/s",
-                   flops_per_s / (2 * lm_params), ms)
+                   flops_per_s / (2 * lm_params), ms, extra)
 
         if "W2" in args.workloads:
             w2(fast, ref, scale, iters, dev, flops_per_s, lm_params, vision_params, record)
@@ -219,7 +229,8 @@ def main(argv=None) -> str:
         del ref, fast, buckets, noshare
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    table = res.markdown(["model", "workload", "provider", "items", "value", "unit", "x_hf", "x_reference", "of_ceiling"])
+    table = res.markdown(["model", "workload", "provider", "items", "value", "unit", "x_hf", "x_reference", "of_ceiling",
+                          "processed_tokens_per_s", "busy"])
     print(table)
     return table
 

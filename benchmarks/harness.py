@@ -53,6 +53,38 @@ def peak_extra_mb(fn, device: torch.device) -> float | None:
 
 
 @torch.inference_mode()
+def busy_fraction(fn, device: torch.device) -> float | None:
+    """The fraction of one call's wall time during which some kernel runs on the device (the union
+    of the kernels' intervals, so streams that overlap count once), from torch's profiler; CUDA only.
+    Less than 1: the device waits on the host (launches, copies, synchronizations). The profiler's
+    own overhead slows the host a little, so this is a lower bound."""
+    if device.type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        wall_us = (time.perf_counter() - t) * 1e6
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+    return union_length(spans) / wall_us
+
+
+def union_length(spans: list[tuple[float, float]]) -> float:
+    """Total length covered by (start, end) intervals sorted by start; overlaps count once."""
+    total, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+@torch.inference_mode()
 def profile_table(fn, device: torch.device, rows: int = 20) -> str:
     """One call of fn under torch's profiler: the operators (and, on CUDA, kernels) that took the
     most time, as text. For finding what bounds a provider, not for figures."""

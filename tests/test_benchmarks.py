@@ -30,6 +30,15 @@ def test_bench_embed_small(tmp_path):
     assert (tmp_path / "embed.md").read_text().strip() == table
 
 
+def test_busy_fraction_counts_overlapping_kernels_once():
+    import torch
+    from harness import busy_fraction, union_length
+
+    assert union_length([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == 4  # [0, 3] and [5, 6]
+    assert union_length([(0, 10), (2, 3)]) == 10 and union_length([]) == 0
+    assert busy_fraction(lambda: None, torch.device("cpu")) is None  # the device's kernels: CUDA only
+
+
 def test_bench_search_small(tmp_path):
     _script("bench_search").main(["--n", "3000", "--d", "32", "--q", "1", "5", "-k", "7", "--out", str(tmp_path)])
     rows = [json.loads(line) for line in (tmp_path / "search.jsonl").read_text().splitlines()]
