@@ -2,7 +2,8 @@
 
 Providers, timed round-robin: `torch` (matmul + topk, what a user writes by hand; for an int8
 corpus over a copy dequantized once, outside the timing: the fair baseline, which costs memory) and
-rematch_fast.Index: `triton` on CUDA (the fused kernel), `streamed` on the
+rematch_fast.Index: `triton` on CUDA (the fused kernel; beyond k = 1024 threshold compaction), and
+`threshold` on CUDA (the threshold-compaction kernel at any k, for comparison), `streamed` on the
 CPU (the chunked torch reference, bounded memory); on CUDA also `host shards` (the corpus kept
 pinned on the host and streamed through the kernel in 1 GiB shards, copies overlapping the search:
 Index(mode="streamed"), for corpora larger than the device); on the CPU also `faiss` (faiss-cpu's exact
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Results, ceilings, interleaved_median_ms, peak_extra_mb  # noqa: E402
 
 from rematch_fast import Index  # noqa: E402
+from rematch_fast.similarity import compute_dtype  # noqa: E402
 
 
 def main(argv=None) -> str:
@@ -38,9 +40,11 @@ def main(argv=None) -> str:
     ap.add_argument("--out", help="folder for search.jsonl and search.md")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if args.gpu else "cpu")
+    if dev.type == "cuda":
+        from rematch_fast.kernels.threshold_topk import topk_keys_threshold
     N = args.n or (1_000_000 if args.gpu else 100_000)
     D = args.d or (1536 if args.gpu else 256)
-    Qs = args.q or ([1, 64, 1024] if args.gpu else [1, 16, 128])
+    Qs = args.q or ([1, 8, 64, 256, 1024] if args.gpu else [1, 16, 128])
     base_dtype = torch.bfloat16 if args.gpu else torch.float32
     ceil = ceilings(dev)
     print(f"# {ceil['device']}: copy {ceil['copy_GBps']:.0f} GB/s, {ceil['gemm_dtype']} GEMM {ceil['gemm_TFLOPs']:.0f} TFLOP/s")
@@ -75,6 +79,9 @@ def main(argv=None) -> str:
                 torch_fn = lambda: torch.topk(qh @ dequantized.T, args.k, dim=-1)  # noqa: E731
             # rematch_fast's own path: the fused kernel on CUDA, the streamed reference on the CPU
             providers = {"torch": torch_fn, "triton" if dev.type == "cuda" else "streamed": lambda: index.search(q, args.k)}
+            if dev.type == "cuda":
+                qt = q.to(compute_dtype(index.dtype))
+                providers["threshold"] = lambda: topk_keys_threshold(qt, index.data, args.k, index.scale)  # noqa: B023
             if name in streamed:
                 providers["host shards"] = lambda: streamed[name].search(q, args.k)  # noqa: B023 (called in this turn)
             if flat is not None and index.scale is None:

@@ -58,6 +58,7 @@ if [ "${2:-}" = "--tests" ]; then
         "tests/test_quant.py::test_fp8_tensor_cores_equal_the_reference" \
         "tests/test_quant.py::test_bitsandbytes_cuda_kernels_equal_the_reference" \
         "tests/test_search.py::test_streamed_shards_on_cuda_equal_the_resident_index" \
+        "tests/test_search.py::test_k_up_to_2048_on_cuda_then_a_clear_error" \
         "tests/test_corpus.py::test_store_shards_streamed_to_cuda_equal_the_resident_index"
     tail -15 "$out/tests.log"
     grep -q " passed" "$out/tests.log" || status=1  # and some test really ran

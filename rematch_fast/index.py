@@ -162,7 +162,8 @@ class Index:
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= len(self):
             raise InputError(f"k must be an integer in [1, {len(self)}] (the index size), got {k!r}")
         if self._topk is not topk_keys_torch and k > MAX_K:
-            raise InputError(f"the CUDA top-k kernel returns at most k={MAX_K}, got k={k}")
+            raise InputError(f"the CUDA top-k kernels return at most k={MAX_K}, got k={k}; "
+                             "search with kernels='torch' for a larger k")
         if q.shape[0] == 0:  # no queries, no work (and no chunk size to divide by)
             return (torch.empty(0, k, dtype=torch.float32, device=self.device),
                     torch.empty(0, k, dtype=torch.int64, device=self.device))

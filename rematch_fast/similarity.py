@@ -8,7 +8,8 @@ deterministic and carries the ids along for free. The Triton kernel
 (rematch_fast.kernels.similarity) builds the same keys.
 
 `rematch_fast::topk_keys` is a custom op like the model ops (rematch_fast.ops): the torch
-reference streams the corpus in chunks on any device, the Triton kernel runs on CUDA. An
+reference streams the corpus in chunks on any device, a Triton kernel runs on CUDA (the fused
+running top-k up to k = 1024, threshold compaction up to MAX_K = 2048). An
 `Index` chooses between them once, when it is built (`kernels="auto" | "torch"`).
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 from .ops import check_kernels, define_op
 
 _LOW = 0xFFFFFFFF
-MAX_K = 1024  # the CUDA kernel's largest k (its running top-k buffer)
+MAX_K = 2048  # the largest k on CUDA (FAISS GPU's limit too)
+FUSED_MAX_K = 1024  # the largest k of the fused kernel (its running top-k buffer); beyond, threshold compaction
 MAX_ROWS = 1 << 32  # rows must fit the low half of a key
 DEFAULT_CHUNK_ROWS = 65536
 
@@ -92,10 +94,16 @@ def topk_keys_torch(queries: torch.Tensor, corpus: torch.Tensor, k: int, scale: 
 
 
 def _topk_keys_cuda(queries, corpus, k, scale, chunk_rows):
-    from .kernels.similarity import topk_keys_triton
-
+    """The fused kernel (a running top-k per query) up to FUSED_MAX_K, threshold compaction beyond:
+    both exact, both with memory O(Q * k), neither needs chunks."""
     with torch.cuda.device(corpus.device):  # Triton launches on the current device, not the tensors'
-        return topk_keys_triton(queries, corpus, k, scale)  # one pass: the kernel needs no chunks
+        if k > FUSED_MAX_K:
+            from .kernels.threshold_topk import topk_keys_threshold
+
+            return topk_keys_threshold(queries, corpus, k, scale)
+        from .kernels.similarity import topk_keys_triton
+
+        return topk_keys_triton(queries, corpus, k, scale)
 
 
 topk_keys_op = define_op(

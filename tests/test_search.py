@@ -193,3 +193,17 @@ def test_streamed_shards_on_cuda_equal_the_resident_index(kernels):
         for k in (1, 100, 1000):
             want, got = resident.search(q, k), streamed.search(q, k)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (dtype, k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels' k limit needs a CUDA GPU; none here")
+def test_k_up_to_2048_on_cuda_then_a_clear_error():
+    """Past the fused kernel's k = 1024 the index takes threshold compaction, up to 2048."""
+    c = (torch.randint(-2, 3, (20_000, 32), generator=torch.Generator().manual_seed(6)).float() / 2).cuda()
+    q = c[[3, 17, 9000]]
+    index = Index(c, dtype="float16")
+    for k in (1024, 1025, 2048):
+        got = index.search(q, k)
+        want = Index(c.cpu(), dtype="float16", kernels="torch").search(q.cpu(), k)
+        assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[0].cpu(), want[0]), k
+    with pytest.raises(InputError, match="at most k=2048"):
+        index.search(q, 2049)

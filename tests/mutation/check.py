@@ -205,6 +205,15 @@ MUTANTS: list[Mutant] = [
       'check_ids(self.ids, f"{folder}: {IDS}")', "self.ids = list(self.ids)",
       T_HD + "test_store_ids_are_checked_on_construction_and_save"),
 
+    # -- search by threshold compaction (k past the fused kernel's 1024) -----------------------------------------
+    M("threshold-ties-to-the-higher-row", "search", "kernels/threshold_topk.py",
+      "return (ordered.to(tl.int64) << 32) | (0xFFFFFFFF - cols)  # cols is int64",
+      "return (ordered.to(tl.int64) << 32) | cols  # cols is int64",
+      "tests/kernels/test_threshold_topk.py::test_all_equal_scores_and_duplicated_rows_go_to_the_lower_rows"),
+    M("threshold-int8-scale-dropped", "search", "kernels/threshold_topk.py",
+      "acc = acc * tl.load(scale_ptr + cols, mask=c_ok, other=0.0)[None, :]", "acc = acc",
+      "tests/kernels/test_threshold_topk.py::test_int8_corpus_with_row_scales"),
+
     # -- corpus scale: tasks, resume, the sharded store, search over its shards ------------------------------------
     M("corpus-task-one-row-too-many", "corpus", "rematch_fast/corpus.py",
       "if len(rows) == shard_rows:", "if len(rows) > shard_rows:",
