@@ -2,7 +2,7 @@
 
 Providers, timed round-robin: `torch` (matmul + topk, what a user writes by hand; for an int8
 corpus over a copy dequantized once, outside the timing: the fair baseline, which costs memory) and
-rematch_fast.Index: `triton` on CUDA (the fused kernel; beyond k = 1024 threshold compaction), and
+rematch_fast.Index (bf16, int8 and, on compute capability 8.9+, fp8 e4m3 corpora): `triton` on CUDA (the fused kernel; beyond k = 1024 threshold compaction), and
 `threshold` on CUDA (the threshold-compaction kernel at any k, for comparison), `streamed` on the
 CPU (the chunked torch reference, bounded memory); on CUDA also `host shards` (the corpus kept
 pinned on the host and streamed through the kernel in 1 GiB shards, copies overlapping the search:
@@ -52,6 +52,8 @@ def main(argv=None) -> str:
     g = torch.Generator(device=dev).manual_seed(0)
     corpus = F.normalize(torch.randn(N, D, device=dev, generator=g), dim=-1).to(base_dtype)
     indexes = {str(base_dtype).replace("torch.", ""): Index(corpus), "int8": Index(corpus, dtype="int8")}
+    if dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 9):  # e4m3 loads: Ada, Hopper and later
+        indexes["fp8"] = Index(corpus, dtype="float8_e4m3fn")
     # on CUDA also the same corpus kept on the host (pinned) and streamed through the kernel in shards,
     # as an Index does for a corpus larger than the device's memory
     streamed = ({name: Index(corpus, dtype=index.dtype, mode="streamed") for name, index in indexes.items()}
@@ -67,7 +69,7 @@ def main(argv=None) -> str:
             print("# faiss-cpu is not installed (pip install 'rematch_fast[faiss]'): no faiss rows")
     for name, index in indexes.items():
         corpus_bytes = index.data.numel() * index.data.element_size() + (4 * N if index.scale is not None else 0)
-        if index.scale is not None:  # torch's fair int8 baseline: the corpus dequantized once, outside the timing
+        if index.scale is not None:  # torch's fair int8 / fp8 baseline: the corpus dequantized once, outside the timing
             dequantized = (index.data.to(torch.float32) * index.scale[:, None]).to(base_dtype)
         for Q in Qs:
             q = F.normalize(torch.randn(Q, D, device=dev, generator=g), dim=-1)

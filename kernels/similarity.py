@@ -1,8 +1,8 @@
 """Fused batched similarity + top-k (Triton).
 
 Each program takes a block of queries and a contiguous split of the corpus,
-scores it tile by tile (tensor-core dot, fp32 accumulation, per-row int8
-scales applied after the dot), and keeps a running top-BN per query as packed
+scores it tile by tile (tensor-core dot, fp32 accumulation, per-row int8 or
+fp8 scales applied after the dot), and keeps a running top-BN per query as packed
 int64 keys (the layout of rematch_fast.similarity.pack_keys, rewritten in `_pack`
 below so that this file imports nothing from rematch_fast): a tile is merged only
 when one of its keys beats the running minimum. The partial top-k lists of all
@@ -81,7 +81,7 @@ def _topk_similarity_kernel(
             dd = d0 + tl.arange(0, BD)
             d_ok = dd < D
             qb = tl.load(q_ptr + rows_q[:, None] * stride_q + dd[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
-            cb = tl.load(c_ptr + cols[None, :] * stride_c + dd[:, None], mask=c_ok[None, :] & d_ok[:, None], other=0)
+            cb = tl.load(c_ptr + cols[None, :] * stride_c + dd[:, None], mask=c_ok[None, :] & d_ok[:, None], other=0.0)
             if IEEE:
                 acc += tl.dot(qb, cb.to(qb.dtype), input_precision="ieee")
             else:
@@ -99,14 +99,14 @@ def topk_keys_triton(queries: torch.Tensor, corpus: torch.Tensor, k: int, scale:
                      splits: int | None = None, blocks: dict | None = None) -> torch.Tensor:
     """Packed keys of the top-k of queries [Q, d] @ corpus [N, d].T, best first: int64 [Q, k].
 
-    The corpus is fp32/fp16/bf16, or int8 with its per-row `scale` [N]; the queries come already
-    rounded to the dot product's precision (fp16 for an int8 corpus, else the corpus dtype).
+    The corpus is fp32/fp16/bf16, or int8 or fp8 (e4m3) with its per-row `scale` [N]; the queries come
+    already rounded to the dot product's precision (fp16 for a scaled corpus, else the corpus dtype).
     `splits` and `blocks` override the launch heuristics (for tuning; BN must be a power of two >= k).
     """
     Q, D = queries.shape
     N = corpus.shape[0]
-    if corpus.dtype == torch.int8 and scale is None:
-        raise ValueError("an int8 corpus needs its per-row scale")
+    if corpus.dtype in (torch.int8, torch.float8_e4m3fn) and scale is None:
+        raise ValueError("an int8 or fp8 corpus needs its per-row scale")
     q = queries
     if interpreting() and q.dtype == torch.bfloat16:
         q = q.float()  # the interpreter computes bf16 tl.dot wrongly

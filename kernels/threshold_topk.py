@@ -1,7 +1,7 @@
 """Similarity + top-k by threshold compaction (Triton): no per-tile merge.
 
 Each program scores query-block x corpus-tile products (tensor-core dot, fp32 accumulation, int8
-scales after the dot) over its share of the corpus, packs each score with its row into an int64
+or fp8 scales after the dot) over its share of the corpus, packs each score with its row into an int64
 key (the layout of rematch_fast.similarity.pack_keys, rewritten in `_pack` below) and appends
 only the keys at or above its query's threshold to that query's candidate buffer: a per-query
 atomic counter gives each tile its slots, a running sum within the tile its positions. The
@@ -53,7 +53,7 @@ def _threshold_select_kernel(
             d_ok = dd < D
             qb = tl.load(q_ptr + rows_q[:, None] * stride_q + dd[None, :], mask=q_ok[:, None] & d_ok[None, :],
                          other=0.0)
-            cb = tl.load(c_ptr + cols[None, :] * stride_c + dd[:, None], mask=c_ok[None, :] & d_ok[:, None], other=0)
+            cb = tl.load(c_ptr + cols[None, :] * stride_c + dd[:, None], mask=c_ok[None, :] & d_ok[:, None], other=0.0)
             if IEEE:
                 acc += tl.dot(qb, cb.to(qb.dtype), input_precision="ieee")
             else:
@@ -95,14 +95,14 @@ def topk_keys_threshold(queries: torch.Tensor, corpus: torch.Tensor, k: int, sca
                         stats: dict | None = None) -> torch.Tensor:
     """Packed keys of the top-k of queries [Q, d] @ corpus [N, d].T, best first: int64 [Q, k].
 
-    The corpus is fp32/fp16/bf16, or int8 with its per-row `scale` [N]; the queries come already
-    rounded to the dot product's precision (fp16 for an int8 corpus, else the corpus dtype).
+    The corpus is fp32/fp16/bf16, or int8 or fp8 (e4m3) with its per-row `scale` [N]; the queries come
+    already rounded to the dot product's precision (fp16 for a scaled corpus, else the corpus dtype).
     `capacity`: candidates kept per query and pass (default max(4096, 8 k)); `splits`, `blocks`
     override the launch heuristics; `stats`, when given, receives the passes run."""
     Q, _ = queries.shape
     N = corpus.shape[0]
-    if corpus.dtype == torch.int8 and scale is None:
-        raise ValueError("an int8 corpus needs its per-row scale")
+    if corpus.dtype in (torch.int8, torch.float8_e4m3fn) and scale is None:
+        raise ValueError("an int8 or fp8 corpus needs its per-row scale")
     cap = capacity or max(4096, 8 * k)
     if cap < k:
         raise ValueError(f"capacity must be >= k, got {cap} < {k}")

@@ -499,8 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captions", help="with a folder of images: JSONL lines {\"image\": RELATIVE_PATH, \"text\": ...} "
                                       "giving an image its text")
     p.add_argument("--store-dtype", default="float32", choices=list(INDEX_DTYPES),
-                   help="how the store keeps the unit vectors: float32 (default), float16, bfloat16, or int8 with "
-                        "a scale per row; norms stay float32")
+                   help="how the store keeps the unit vectors: float32 (default), float16, bfloat16, or int8 or "
+                        "float8_e4m3fn with a scale per row; norms stay float32")
     p.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS,
                    help=f"rows per shard file, the unit of resuming and of work handed to workers "
                         f"(default: {DEFAULT_SHARD_ROWS})")

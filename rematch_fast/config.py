@@ -27,8 +27,8 @@ SIDES = ("query", "document")
 VIEWS = ("raw", "feat")
 # dtypes by their torch names; float64: the reference as an exact oracle for low-precision tests
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
-# what the search kernel reads: float32/16, bfloat16, or a per-row quantized int8 corpus
-INDEX_DTYPES = ("float32", "float16", "bfloat16", "int8")
+# what the search kernel reads: float32/16, bfloat16, or a per-row quantized int8 or fp8 (e4m3) corpus
+INDEX_DTYPES = ("float32", "float16", "bfloat16", "int8", "float8_e4m3fn")
 # weight formats of the fast backend's linear layers (rematch_fast.model.quant)
 QUANTIZE_PRESETS = ("bf16", "int8-weight", "fp8", "bnb-int8", "bnb-nf4")
 # most sequences per forward pass (the token budget, 8192 by default, binds first for long inputs):

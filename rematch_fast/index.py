@@ -20,7 +20,8 @@ import torch
 from .config import INDEX_DTYPES, parse_device, parse_dtype
 from .embeddings import Embeddings
 from .errors import InputError
-from .similarity import MAX_K, MAX_ROWS, compute_dtype, quantize_int8_rows, select_topk, topk_keys_torch, unpack_keys
+from .similarity import (MAX_K, MAX_ROWS, SCALED_DTYPES, compute_dtype, quantize_rows, select_topk, topk_keys_torch,
+                         unpack_keys)
 
 _CHUNK_FLOATS = 1 << 25  # scores held at once by the CPU path (128 MB of fp32, plus keys)
 MODES = ("auto", "resident", "streamed")
@@ -61,7 +62,8 @@ class Index:
     def __init__(self, vectors, ids: list | None = None, *, device=None, dtype=None, kernels: str = "auto",
                  mode: str = "auto", shard_rows: int | None = None):
         """vectors: [N, d] floats or Embeddings (their unit vectors). dtype: float32, float16,
-        bfloat16 or int8 (per-row symmetric quantization); default: the vectors' own float dtype.
+        bfloat16, int8 or float8_e4m3fn (per-row symmetric quantization with a float32 scale per row;
+        fp8 is read by the CUDA kernels on compute capability 8.9+); default: the vectors' own float dtype.
         kernels: "auto" (the Triton kernel on CUDA) or "torch" (the streamed reference everywhere).
         mode: "resident" (the corpus on `device`), "streamed" (on the host, searched in shards of
         `shard_rows` rows, default about 1 GiB each, copied to `device` as the search goes) or
@@ -88,7 +90,7 @@ class Index:
         self.device = parse_device(device)
         self._topk = select_topk(kernels, self.device)
         self.ids = _ids(ids, n)  # checked before the corpus moves: fail fast, copy nothing
-        row_bytes = d * torch.empty(0, dtype=dtype).element_size() + (4 if dtype == torch.int8 else 0)
+        row_bytes = d * torch.empty(0, dtype=dtype).element_size() + (4 if dtype in SCALED_DTYPES else 0)
         self.mode = mode if mode != "auto" else _auto_mode(self.device, n * row_bytes)
         self.shard_rows = shard_rows or max(1, DEFAULT_SHARD_BYTES // row_bytes)
         self._n, self._d, self._dtype = n, d, dtype
@@ -202,7 +204,7 @@ class Index:
         def buffers(pin: bool):
             device = "cpu" if pin else self.device
             data = [torch.empty((rows, self.dim), dtype=self.dtype, device=device, pin_memory=pin) for _ in range(2)]
-            scales = [torch.empty(rows, device=device, pin_memory=pin) if self.dtype == torch.int8 else None
+            scales = [torch.empty(rows, device=device, pin_memory=pin) if self.dtype in SCALED_DTYPES else None
                       for _ in range(2)]
             return data, scales
 
@@ -262,8 +264,8 @@ class Index:
 
 def _encoded(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(rows, scales or None) as the search kernel reads them in `dtype`."""
-    if dtype == torch.int8:
-        return quantize_int8_rows(x)
+    if dtype in SCALED_DTYPES:
+        return quantize_rows(x, dtype)
     return x.to(dtype).contiguous(), None
 
 

@@ -9,7 +9,8 @@ A store is a folder:
     rejects.jsonl            the rows left out, with their reasons
 
 Each shard is a safetensors file: `unit` [n, d] in the store's dtype (float32, float16, bfloat16,
-or int8 with a float32 `scale` [n] per row: unit ~= q * scale), `norm` [n] float32, and in its
+or int8 or float8_e4m3fn with a float32 `scale` [n] per row: unit ~= q * scale), `norm` [n]
+float32, and in its
 metadata its number, its ids (JSON), the rejects of its span of the corpus and a digest of that
 span (so a resumed run can tell the corpus has not changed). The files are written here, not
 through the safetensors library, so that the same shard is always the same bytes (metadata keys
@@ -39,7 +40,8 @@ FORMAT = "rematch_fast.embeddings/2"
 MANIFEST = "manifest.json"
 JOB = "job.json"
 STORE_DTYPES = INDEX_DTYPES  # the forms the search kernel reads, so a store is searched as it is
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8"}
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
+              torch.float8_e4m3fn: "F8_E4M3"}
 _FROM_ST = {v: k for k, v in _ST_DTYPES.items()}
 _ALIGN = 64  # tensor offsets in a shard: aligned for any dtype and for vector loads
 _MAX_HEADER = 100 << 20  # the safetensors limit: a larger header is damage, not data
@@ -62,13 +64,13 @@ def store_dtype(dtype) -> torch.dtype:
 
 
 def encode(emb: Embeddings, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors a shard holds for `emb` in `dtype` (int8: per-row symmetric, with `scale`)."""
-    from .similarity import quantize_int8_rows
+    """The tensors a shard holds for `emb` in `dtype` (int8, fp8: per-row symmetric, with `scale`)."""
+    from .similarity import SCALED_DTYPES, quantize_rows
 
     unit = emb.unit.detach().float().cpu()
     out = {"norm": emb.norm.detach().float().cpu().contiguous()}
-    if dtype == torch.int8:
-        q, scale = quantize_int8_rows(unit)
+    if dtype in SCALED_DTYPES:
+        q, scale = quantize_rows(unit, dtype)
         out.update(unit=q.contiguous(), scale=scale.contiguous())
     else:
         out["unit"] = unit.to(dtype).contiguous()
@@ -174,7 +176,7 @@ class Shard:
     start: int  # the store's row number of this shard's first row
     unit: torch.Tensor  # [n, d] in the store's dtype (memory-mapped)
     norm: torch.Tensor  # [n] float32
-    scale: torch.Tensor | None  # [n] float32 for int8, else None
+    scale: torch.Tensor | None  # [n] float32 for int8 and fp8, else None
     sha256: str = ""
 
     def __len__(self) -> int:
@@ -252,7 +254,7 @@ def _open_shard(path: Path, dim: int, dtype: torch.dtype, rows: int) -> tuple[Sh
         raise InputError(f"{path} is missing: the store is incomplete (the manifest lists it)")
     meta, tensors = read_header(path)
     expected = {"unit": (dtype, [rows, dim]), "norm": (torch.float32, [rows])}
-    if dtype == torch.int8:
+    if dtype in (torch.int8, torch.float8_e4m3fn):
         expected["scale"] = (torch.float32, [rows])
     got = {name: (t[0], t[1]) for name, t in tensors.items()}
     if got != expected:

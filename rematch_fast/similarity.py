@@ -40,11 +40,26 @@ def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return bits.view(torch.float32), _LOW - (keys & _LOW)
 
 
+FP8 = torch.float8_e4m3fn
+SCALED_DTYPES = (torch.int8, FP8)  # stored as rows times a float32 scale per row
+FP8_MAX = 448.0  # e4m3's largest finite value
+
+
 def compute_dtype(corpus_dtype: torch.dtype) -> torch.dtype:
     """The precision queries are rounded to before the dot product (the kernel's tensor-core input)."""
-    if corpus_dtype == torch.int8:
-        return torch.float16  # exact for int8 values, finer than bf16 for the query
+    if corpus_dtype in SCALED_DTYPES:
+        return torch.float16  # exact for int8 and e4m3 values, finer than bf16 for the query
     return corpus_dtype
+
+
+def quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric quantization to int8 or fp8 (e4m3): x ~= q * scale[:, None]."""
+    if dtype == torch.int8:
+        return quantize_int8_rows(x)
+    x = x.float()
+    scale = x.abs().amax(dim=1) / FP8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (x / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

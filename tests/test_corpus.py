@@ -75,14 +75,14 @@ def test_embed_writes_a_sharded_store_equal_to_encode(tiny_paths, models, corpus
     assert EmbeddingStore.load(out).ids == store.ids  # the in-memory reader takes format 2 too
 
 
-@pytest.mark.parametrize("dtype, atol", [("float16", 1e-3), ("bfloat16", 8e-3), ("int8", 8e-3)])
+@pytest.mark.parametrize("dtype, atol", [("float16", 1e-3), ("bfloat16", 8e-3), ("int8", 8e-3), ("float8_e4m3fn", 3e-2)])
 def test_store_dtypes_keep_the_vectors(tiny_paths, corpus, tmp_path, dtype, atol):
     assert _embed(tiny_paths[ARCH], corpus, tmp_path / "f32", "--shard-rows", "16") == EXIT_REJECTS
     assert _embed(tiny_paths[ARCH], corpus, tmp_path / "low", "--shard-rows", "16",
                   "--store-dtype", dtype) == EXIT_REJECTS
     full, low = ShardedStore.open(tmp_path / "f32"), ShardedStore.open(tmp_path / "low")
     assert low.dtype == getattr(torch, dtype) and low.ids == full.ids
-    assert (low.shards[0].scale is not None) == (dtype == "int8")
+    assert (low.shards[0].scale is not None) == (dtype in ("int8", "float8_e4m3fn"))
     torch.testing.assert_close(low.embeddings().unit, full.embeddings().unit, atol=atol, rtol=0)
     assert torch.equal(low.embeddings().norm, full.embeddings().norm)  # norms stay float32
     assert low.nbytes < full.nbytes
@@ -260,7 +260,7 @@ def _store(folder: Path, n: int, d: int, shard_rows: int, dtype: str, seed: int,
     return x
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "float8_e4m3fn"])
 def test_index_over_a_sharded_store_equals_one_over_its_rows(tmp_path, dtype):
     x = _store(tmp_path / "s", 517, 24, 100, dtype, seed=8, halves=True)  # halves: real ties, exact sums
     store = ShardedStore.open(tmp_path / "s")

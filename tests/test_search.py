@@ -76,6 +76,23 @@ def test_int8_index_recall():
     assert (err <= bound + 1e-6).all() and err.max() > 0
 
 
+def test_fp8_index_recall_and_error_bound():
+    q, c = _unit(40, 256, 7), _unit(3000, 256, 8)
+    _, exact = Index(c).search(q, 10)
+    idx8 = Index(c, dtype="float8_e4m3fn")
+    assert idx8.data.dtype == torch.float8_e4m3fn and idx8.scale.shape == (3000,)
+    assert idx8.data.float().abs().amax(dim=1).eq(448).all()  # each row's scale maps its largest value to e4m3's max
+    scores, approx = idx8.search(q, 10)
+    want = (q.half().double() @ idx8.data.double().T) * idx8.scale.double()[None]  # exact for what is stored
+    torch.testing.assert_close(scores.double(), torch.gather(want, 1, approx), atol=1e-5, rtol=0)
+    recall = sum(len(set(a) & set(b)) for a, b in zip(exact.tolist(), approx.tolist())) / exact.numel()
+    assert recall >= 0.9  # 3 mantissa bits: coarser than int8 for unit vectors, a quarter of fp32's bytes
+    # e4m3 rounds each element to within 2**-4 of its size: a score moves by at most sum|q_i c_i| / 16
+    err = (scores.double() - torch.gather(q.double() @ c.double().T, 1, approx)).abs()
+    bound = torch.gather(q.double().abs() @ c.double().abs().T, 1, approx) / 16
+    assert (err <= bound + 1e-3).all() and err.max() > 0
+
+
 def test_index_from_store_maps_ids(tmp_path):
     e = Embeddings.from_pooled(torch.randn(20, 16, generator=torch.Generator().manual_seed(7)))
     ids = [f"doc{i}" for i in range(20)]

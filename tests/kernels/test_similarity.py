@@ -96,6 +96,21 @@ def test_int8_corpus_matches_reference_and_recall():
     assert (err <= bound + 1e-6).all() and err.max() > 0  # really quantized, and within the bound
 
 
+def test_fp8_corpus_equals_the_reference():
+    """e4m3 rows of halves (exact in e4m3) times power-of-two scales: every score exact, so the
+    fused kernel's keys equal the reference's, ties included."""
+    from rematch_fast.similarity import topk_keys_torch
+
+    g = torch.Generator().manual_seed(16)
+    c = (torch.randint(-4, 5, (2000, 64), generator=g) / 2).to(DEVICE, torch.float8_e4m3fn)
+    scale = (2.0 ** torch.randint(-3, 3, (2000,), generator=g)).to(DEVICE)
+    q = (torch.randint(-4, 5, (7, 64), generator=g) / 2).to(DEVICE, torch.float16)
+    want = topk_keys_torch(q, c, 33, scale)
+    assert torch.equal(sim.topk_keys_triton(q, c, 33, scale, splits=3), want)
+    with pytest.raises(ValueError, match="per-row scale"):
+        sim.topk_keys_triton(q, c, 3)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tl.dot is wrong in the interpreter; GPU only")
 def test_bf16_within_flash_tolerance_rule():
     q, c32 = _unit(64, 1536, 8), _unit(20000, 1536, 9)

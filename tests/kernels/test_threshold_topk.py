@@ -80,6 +80,14 @@ def test_int8_corpus_with_row_scales():
         tt.topk_keys_threshold(_halves(1, 32, seed=0).half(), c8, 3)
 
 
+def test_fp8_corpus_with_row_scales():
+    """e4m3 rows (halves up to 2 are exact in e4m3) times power-of-two scales: exact keys."""
+    c8 = _halves(3000, 32, seed=13).to(torch.float8_e4m3fn)
+    scale = (2.0 ** torch.randint(-3, 3, (3000,), generator=torch.Generator().manual_seed(14))).to(DEVICE)
+    got, want = _both(_halves(6, 32, seed=15), c8, 50, scale, capacity=512)
+    assert torch.equal(got, want)
+
+
 def test_a_first_threshold_set_too_high_is_recovered(monkeypatch):
     """If the first rows' keys came out higher than the full pass computes them (a last-bit
     difference), fewer than k candidates reach the threshold: those queries run again without one."""
