@@ -3,8 +3,8 @@
 Items are loaded and tokenized PREPARE_CHUNK at a time (texts of a chunk in one batched
 tokenization, its images decoded and patched on a pool of threads, one per core), the next
 chunk on a worker thread while the model embeds the current one;
-within a chunk, batches follow the backend's scheduling order and one batch stays in flight
-on the device while the next one's inputs are built. Results come back in input order.
+within a chunk, batches follow the backend's scheduling order and up to IN_FLIGHT batches stay
+queued on the device while the next one's inputs are built. Results come back in input order.
 
 on_error="raise": the first bad item raises its typed error, naming the item's position.
 on_error="reject": bad items are left out and reported with their position and reason.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence as Seq
@@ -28,6 +29,9 @@ from .scheduler import plan_batches, prefetched
 from .sequence import PreparedItem
 
 PREPARE_CHUNK = 256  # items loaded and tokenized ahead of the model: bounds the memory of a large corpus
+# batches queued on the device before the oldest one's result is read back (which waits for it): two,
+# so that building the next batch on the host never leaves the device without queued work
+IN_FLIGHT = 2
 IMAGE_THREADS = 16  # most threads that decode and patch the images of a chunk
 ON_ERROR = ("raise", "reject")
 
@@ -155,14 +159,13 @@ def embed_prepared(model, prepared: Seq[PreparedItem], side: str, batch_size: in
             if hasattr(bar, "add_tokens"):  # a corpus job's bar also shows tokens/s
                 bar.add_tokens(sum(lengths[i] for i in batch))
 
-    in_flight = None  # one batch queued on the device while the next one's inputs are built
+    in_flight = deque()  # batches queued on the device while the next one's inputs are built
     for batch in plan_batches(lengths, batch_tokens, batch_size, backend.padded, backend.longest_first):
-        pooled = backend.pooled([pre.embed_sequence(prepared[i], side, tokens) for i in batch])
-        if in_flight is not None:
-            collect(*in_flight)
-        in_flight = (batch, pooled)
-    if in_flight is not None:
-        collect(*in_flight)
+        in_flight.append((batch, backend.pooled([pre.embed_sequence(prepared[i], side, tokens) for i in batch])))
+        if len(in_flight) > IN_FLIGHT:
+            collect(*in_flight.popleft())
+    while in_flight:
+        collect(*in_flight.popleft())
     return Embeddings(unit, norm)
 
 
