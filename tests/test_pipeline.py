@@ -43,3 +43,29 @@ def test_rows_become_rejects_with_their_lines(models, tmp_path):
     ids, emb, rejects = pipeline.embed_rows(models["qwen2-vl"], rows, "document", log=logged.append)
     assert ids == ["a", "c"] and len(emb) == 2 and not bad and not logged
     assert [(r.line, r.id) for r in rejects] == [(2, "b")] and "not found" in rejects[0].reason
+
+
+def test_two_batches_stay_queued_before_a_result_is_read(models, monkeypatch):
+    """The device always has queued work while the host builds the next batch: batch i's result is
+    read back only after batch i + IN_FLIGHT was submitted, and every row lands in input order."""
+    m = models["qwen2-vl"]
+    events = []
+    real_pooled, real_check = m.backend.pooled, pipeline.check_finite
+
+    def pooled(seqs):
+        events.append("submit")
+        return real_pooled(seqs)
+
+    def check(rows, positions, what):
+        events.append("read")
+        return real_check(rows, positions, what)
+
+    monkeypatch.setattr(m.backend, "pooled", pooled)
+    monkeypatch.setattr(pipeline, "check_finite", check)
+    texts = [f"text number {i}" for i in range(10)]
+    got = m.encode(texts, side="document", batch_size=2)
+    assert pipeline.IN_FLIGHT == 2
+    assert events == ["submit"] * 3 + ["read", "submit"] * 2 + ["read"] * 3
+    monkeypatch.undo()
+    want = m.encode(texts, side="document", batch_size=10)
+    torch.testing.assert_close(got.unit, want.unit, atol=1e-5, rtol=0)
