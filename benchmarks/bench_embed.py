@@ -11,6 +11,9 @@
              recomputed in every sequence instead of computed once and shared
   fast-buckets  (W5, CPU) the same with latency_buckets=(64, 128, 256): static shapes, padded eagerly
   fast-eager    (W5, GPU) the same with latency_buckets=(): the eager path the buckets replace
+  fast-compiled (W1, W1e, with --compiled) every decoder layer through torch.compile (on a GPU
+             mode="max-autotune-no-cudagraphs"), attention eager: the measured alternative to the
+             hand-fused kernels; its compile time is spent in the warm-up, outside the timing
 
 W1: ragged texts (16..256 tokens, arrival order), useful tokens/s. W1e: all 128 tokens. Both also
 report processed tokens/s (template, item and learnable tokens: what the model runs) and, on CUDA,
@@ -141,6 +144,8 @@ def main(argv=None) -> str:
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--model", nargs="+", help=f"from {sorted(MODELS)} (default: tiny mid on CPU, 3b on GPU)")
     ap.add_argument("--out")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also fast-compiled on W1 / W1e (torch.compile of the decoder layers; minutes of autotuning on a GPU)")
     ap.add_argument("--docs", type=int, help="texts in W1 / W1e (default: 4096 on a GPU, 128 on the CPU)")
     ap.add_argument("--images", type=int, help="images in W2 (default: 64 of 448x448 on a GPU, 8 of 224x224 on the CPU)")
     ap.add_argument("--with-reference", action="store_true",
@@ -172,6 +177,9 @@ def main(argv=None) -> str:
             buckets = ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, latency_buckets=other[1])
             # the same engine with the embed template's prefix recomputed in every sequence (the gain of sharing it)
             noshare = ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, share_prefix=False)
+            mode = "max-autotune-no-cudagraphs" if dev.type == "cuda" else "default"
+            compiled = (ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, compile=mode)
+                        if args.compiled else None)
         lm_params, vision_params = parameter_counts(fast)
         iters = args.iters or (CPU_TINY_ITERS if name == "tiny" and not args.gpu else scale["iters"])
         tok = fast.preprocessor.tok.text
@@ -199,14 +207,20 @@ def main(argv=None) -> str:
             # what the model runs: template, item and learnable tokens (before the template prefix is shared)
             processed = sum(fast.preprocessor.embed_length(fast.prepare(t), "document") for t in texts)
             warm = texts[: scale["warm_docs"]]
-            for fn in (hf_text_runner(ref, warm, scale["hf_text_batch"], dev), lambda: ref.encode(warm, side="document"),
-                       lambda: fast.encode(warm, side="document")):
+            warmers = [hf_text_runner(ref, warm, scale["hf_text_batch"], dev), lambda: ref.encode(warm, side="document"),
+                       lambda: fast.encode(warm, side="document")]
+            if compiled is not None:  # torch.compile's work (its autotuning on a GPU) happens here, untimed
+                warmers += [lambda: compiled.encode(warm, side="document"),
+                            lambda: compiled.encode(texts, side="document")]
+            for fn in warmers:
                 fn()  # kernels compiled, allocator settled, on a slice (the whole set takes long on hf)
             providers = {"hf": hf_text_runner(ref, texts, scale["hf_text_batch"], dev),
                          "reference": lambda: ref.encode(texts, side="document"),
                          "fast": lambda: fast.encode(texts, side="document")}
             if wl == "W1e":
                 providers["fast-noshare"] = lambda: noshare.encode(texts, side="document")
+            if compiled is not None:
+                providers["fast-compiled"] = lambda: compiled.encode(texts, side="document")
             if args.gpu and not args.with_reference:
                 del providers["reference"]
             ms = interleaved_median_ms(providers, dev, iters=iters, warmup=0)
@@ -216,7 +230,7 @@ def main(argv=None) -> str:
                 if args.out:
                     (Path(args.out) / f"embed_profile_{name}.txt").write_text(text)
             extra = {p: {"processed_tokens_per_s": processed / t * 1e3} for p, t in ms.items() if p != "hf"}
-            for p in ("fast", "fast-noshare"):  # the share of the wall time the GPU is busy (CUDA only)
+            for p in ("fast", "fast-noshare", "fast-compiled"):  # the share of the wall time the GPU is busy (CUDA)
                 if p in providers and (busy := busy_fraction(providers[p], dev)) is not None:
                     extra[p]["busy"] = busy
             record(wl, len(texts), {p: useful / t * 1e3 for p, t in ms.items()}, "tokens/s",
@@ -226,7 +240,7 @@ def main(argv=None) -> str:
             w2(fast, ref, scale, iters, dev, flops_per_s, lm_params, vision_params, record)
         if "W5" in args.workloads:
             w5(fast, ref, noshare, (other[0], buckets), dtype, ceil, lm_params, dev, record)
-        del ref, fast, buckets, noshare
+        del ref, fast, buckets, noshare, compiled
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     table = res.markdown(["model", "workload", "provider", "items", "value", "unit", "x_hf", "x_reference", "of_ceiling",

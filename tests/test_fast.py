@@ -233,3 +233,15 @@ def test_embed_template_prefix_is_computed_once_per_side(models, tiny_paths, arc
         torch.testing.assert_close(got.unit, plain.encode(items, side=side).unit, atol=ATOL, rtol=0)
     assert len(calls) == 2 and len(fast.backend._template_prefixes) == 2  # one per side
     assert calls[0] == fast.preprocessor.embed_sequence(fast.prepare("x"), "query", fast.head.query_tokens).shared_prefix
+
+
+def test_compiled_layers_equal_the_hand_fused_ones(tiny_paths, fast_models):
+    """compile= (torch.compile of every decoder layer, attention eager; inductor on the CPU here):
+    the same embeddings, across batches of other shapes (dynamic shapes: no recompile needed)."""
+    texts = [f"text {i} " * (i % 7 + 1) for i in range(20)]
+    want = fast_models["qwen2-vl"].encode(texts, side="document")
+    m = ReMatch.from_pretrained(tiny_paths["qwen2-vl"], backend="fast", compile="default")
+    assert all(hasattr(layer.forward, "_torchdynamo_orig_callable") for layer in m.backend.model.decoder.layers)
+    for batch_size in (7, 5):
+        torch.testing.assert_close(m.encode(texts, side="document", batch_size=batch_size).unit, want.unit,
+                                   atol=1e-5, rtol=0)

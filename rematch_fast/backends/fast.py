@@ -39,7 +39,7 @@ class FastBackend:
 
     def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, latency_buckets=None,
                  kernels="auto", share_prefix: bool = True, quantize: str | None = None,
-                 uint8_pixels: bool | None = None):
+                 uint8_pixels: bool | None = None, compile: str | None = None):
         """latency_buckets: sequence lengths (e.g. (64, 128, 256)) for which a single text query, or
         a small batch of them, runs with static shapes, as a CUDA graph on CUDA (see latency.py).
         Default: DEFAULT_LATENCY_BUCKETS on CUDA (one query is launch-bound there), none elsewhere
@@ -52,7 +52,10 @@ class FastBackend:
         uint8_pixels: images reach the model as their raw uint8 pixels, one frame per patch (an
         eighth of the float patches' bytes to move), and the patch embedding does the processor's
         normalization and frame repetition (folded in at load: VisionTower.fold_pixel_normalization).
-        Default: on CUDA, where those bytes cross to the device."""
+        Default: on CUDA, where those bytes cross to the device.
+        compile: a torch.compile mode (e.g. "max-autotune-no-cudagraphs") for every decoder layer,
+        attention left eager; None (the default): the hand-fused layers as written. For measuring
+        one against the other (bench_embed.py --compiled)."""
         if ckpt.quantized and quantize not in (None, ckpt.quantized):
             raise InputError(f"{ckpt.path} is pre-quantized as {ckpt.quantized}; it cannot be loaded as {quantize}")
         self.quantize = check_preset(quantize or ckpt.quantized)  # before any weight is read
@@ -74,6 +77,10 @@ class FastBackend:
         if self.pixels == "uint8":
             settings = ckpt.image_settings
             self.model.visual.fold_pixel_normalization(settings.image_mean, settings.image_std)
+        if compile:
+            from ..model.decoder import compile_layers
+
+            compile_layers(self.model.decoder, compile)
         self.image_token_id = ckpt.special_tokens.image
         self.latency = None
         latency_buckets = default_latency_buckets(device) if latency_buckets is None else latency_buckets

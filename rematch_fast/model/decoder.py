@@ -30,6 +30,21 @@ def inverse_frequencies(cfg: TextConfig, device=None) -> torch.Tensor:
     return 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd)
 
 
+@torch.compiler.disable  # under torch.compile (compile_layers) attention's planning and kernels stay as written
+def _attention(q, k, v, plan: AttentionPlan, prefix: tuple | None, merge_state) -> torch.Tensor:
+    if prefix is None:
+        return varlen_attention(q, k, v, plan, causal=True)
+    return cascade_attention(q, k, v, plan, *prefix, merge_state)
+
+
+def compile_layers(decoder: "Decoder", mode: str | None = None, backend: str = "inductor") -> None:
+    """Every decoder layer's forward through torch.compile (dynamic shapes: packed batches vary),
+    attention left eager: the measured alternative to the hand-fused path (bench_embed --compiled)."""
+    options = {"mode": mode} if mode else {}
+    for layer in decoder.layers:
+        layer.forward = torch.compile(layer.forward, dynamic=True, backend=backend, **options)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig, ops: Ops):
         super().__init__()
@@ -59,10 +74,7 @@ class DecoderLayer(nn.Module):
         v = v.reshape(T, self.kv_heads, self.head_dim).contiguous()  # varlen kernels want dense rows
         if capture is not None:
             capture.layers.append((k, v))
-        if prefix is None:
-            attn = varlen_attention(q, k, v, plan, causal=True)
-        else:
-            attn = cascade_attention(q, k, v, plan, *prefix, self.merge_state)
+        attn = _attention(q, k, v, plan, prefix, self.merge_state)
         x, h = self.post_attention_layernorm.add(x, self.o_proj(attn.reshape(T, -1)))
         return x, self.mlp(h)
 
