@@ -28,6 +28,26 @@ def _pack(scores, cols):
 
 
 @triton.jit
+def _score_tile(q_ptr, c_ptr, scale_ptr, rows_q, q_ok, cols, c_ok, D, stride_q, stride_c,
+                HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    # scores [BQ, BN] fp32 of queries rows_q against corpus rows cols: a tensor-core dot over D in
+    # chunks of BD (the corpus converted to the queries' dtype after the load), row scales after it
+    acc = tl.zeros((BQ, BN), tl.float32)
+    for d0 in range(0, D, BD):
+        dd = d0 + tl.arange(0, BD)
+        d_ok = dd < D
+        qb = tl.load(q_ptr + rows_q[:, None] * stride_q + dd[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+        cb = tl.load(c_ptr + cols[None, :] * stride_c + dd[:, None], mask=c_ok[None, :] & d_ok[:, None], other=0.0)
+        if IEEE:
+            acc += tl.dot(qb, cb.to(qb.dtype), input_precision="ieee")
+        else:
+            acc += tl.dot(qb, cb.to(qb.dtype))
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + cols, mask=c_ok, other=0.0)[None, :]
+    return acc
+
+
+@triton.jit
 def _compare_swap(x, BQ: tl.constexpr, M: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr,
                   DESCENDING: tl.constexpr):
     # one bitonic step on rows of x [BQ, M]: pairs (i, i + STRIDE); blocks of BLOCK alternate direction
@@ -76,18 +96,8 @@ def _topk_similarity_kernel(
     for t in range(tiles_per_split):
         cols = (pid_s * tiles_per_split + t).to(tl.int64) * BN + tl.arange(0, BN)  # [BN] corpus rows, int64: N*d may pass 2^31
         c_ok = cols < N
-        acc = tl.zeros((BQ, BN), tl.float32)
-        for d0 in range(0, D, BD):
-            dd = d0 + tl.arange(0, BD)
-            d_ok = dd < D
-            qb = tl.load(q_ptr + rows_q[:, None] * stride_q + dd[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
-            cb = tl.load(c_ptr + cols[None, :] * stride_c + dd[:, None], mask=c_ok[None, :] & d_ok[:, None], other=0.0)
-            if IEEE:
-                acc += tl.dot(qb, cb.to(qb.dtype), input_precision="ieee")
-            else:
-                acc += tl.dot(qb, cb.to(qb.dtype))
-        if HAS_SCALE:
-            acc = acc * tl.load(scale_ptr + cols, mask=c_ok, other=0.0)[None, :]
+        acc = _score_tile(q_ptr, c_ptr, scale_ptr, rows_q, q_ok, cols, c_ok, D, stride_q, stride_c,
+                          HAS_SCALE, IEEE, BQ, BN, BD)
         keys = tl.where(q_ok[:, None] & c_ok[None, :], _pack(acc, cols), _MIN_KEY)
         if tl.max(keys) > tl.min(running):  # some row improves: merge
             running = _merge(running, keys, BQ, BN, LOG_BN)

@@ -1,8 +1,9 @@
 """Similarity + top-k by threshold compaction (Triton): no per-tile merge.
 
-Each program scores query-block x corpus-tile products (tensor-core dot, fp32 accumulation, int8
-or fp8 scales after the dot) over its share of the corpus, packs each score with its row into an int64
-key (the layout of rematch_fast.similarity.pack_keys, rewritten in `_pack` below) and appends
+Each program scores query-block x corpus-tile products over its share of the corpus (the fused
+kernel's `_score_tile`: tensor-core dot, fp32 accumulation, int8 or fp8 scales after the dot),
+packs each score with its row into an int64 key (its `_pack`, the layout of
+rematch_fast.similarity.pack_keys) and appends
 only the keys at or above its query's threshold to that query's candidate buffer: a per-query
 atomic counter gives each tile its slots, a running sum within the tile its positions. The
 exact top-k is then one torch.topk over the buffers.
@@ -21,15 +22,9 @@ import triton
 import triton.language as tl
 
 from ._launch import interpreting, similarity_splits
+from .similarity import _pack, _score_tile  # the fused kernel's key layout and tile scoring
 
 _MIN_KEY = -(1 << 63)
-
-
-@triton.jit
-def _pack(scores, cols):
-    bits = (scores + 0.0).to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return (ordered.to(tl.int64) << 32) | (0xFFFFFFFF - cols)  # cols is int64
 
 
 @triton.jit
@@ -47,19 +42,8 @@ def _threshold_select_kernel(
     for t in range(tiles_per_split):
         cols = (pid_s * tiles_per_split + t).to(tl.int64) * BN + tl.arange(0, BN)
         c_ok = cols < N
-        acc = tl.zeros((BQ, BN), tl.float32)
-        for d0 in range(0, D, BD):
-            dd = d0 + tl.arange(0, BD)
-            d_ok = dd < D
-            qb = tl.load(q_ptr + rows_q[:, None] * stride_q + dd[None, :], mask=q_ok[:, None] & d_ok[None, :],
-                         other=0.0)
-            cb = tl.load(c_ptr + cols[None, :] * stride_c + dd[:, None], mask=c_ok[None, :] & d_ok[:, None], other=0.0)
-            if IEEE:
-                acc += tl.dot(qb, cb.to(qb.dtype), input_precision="ieee")
-            else:
-                acc += tl.dot(qb, cb.to(qb.dtype))
-        if HAS_SCALE:
-            acc = acc * tl.load(scale_ptr + cols, mask=c_ok, other=0.0)[None, :]
+        acc = _score_tile(q_ptr, c_ptr, scale_ptr, rows_q, q_ok, cols, c_ok, D, stride_q, stride_c,
+                          HAS_SCALE, IEEE, BQ, BN, BD)
         keep = (_pack(acc, cols) >= thr[:, None]) & q_ok[:, None] & c_ok[None, :]
         n = tl.sum(keep.to(tl.int32), axis=1)  # [BQ]
         if tl.max(n) > 0:  # rare once the threshold is good: most tiles end here

@@ -401,4 +401,5 @@ def _run_workers(tasks, job: Job, out: Path, model_spec: dict, devices: list[str
         for p in procs:
             if p.is_alive():
                 p.terminate()
+            p.join(timeout=10)  # reaped: no process left behind
     return tail

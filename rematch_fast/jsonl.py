@@ -11,6 +11,7 @@ rather than turning into U+FFFD, which could make two different ids look alike.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -290,24 +291,30 @@ def _line(r) -> str:
     return r if isinstance(r, str) else json.dumps(r, ensure_ascii=False, allow_nan=False)
 
 
-def write_jsonl(path: str | Path, records) -> None:
-    """Write records (dicts or pre-serialized strings) atomically: a crash leaves no half file.
-    The file gets the user's usual mode (0o666 & ~umask)."""
-    path = Path(path)
+@contextlib.contextmanager
+def replaced_atomically(path: Path):
+    """Yields a temporary file beside `path` to write; once the block ends it gets the user's usual
+    mode (0o666 & ~umask) and is renamed onto `path`: a crash never leaves a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for i, r in enumerate(records):
-                try:
-                    f.write(_line(r) + "\n")
-                except (ValueError, TypeError) as e:  # NaN, a lone surrogate, an object JSON cannot hold
-                    raise InputError(f"record {i} cannot be written to {path} as JSON: {e}") from None
+        yield tmp
         set_user_mode(tmp)
         tmp.replace(path)
     except OSError as e:
         raise InputError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         remove_leftover(tmp)
+
+
+def write_jsonl(path: str | Path, records) -> None:
+    """Write records (dicts or pre-serialized strings) atomically (replaced_atomically)."""
+    path = Path(path)
+    with replaced_atomically(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        for i, r in enumerate(records):
+            try:
+                f.write(_line(r) + "\n")
+            except (ValueError, TypeError) as e:  # NaN, a lone surrogate, an object JSON cannot hold
+                raise InputError(f"record {i} cannot be written to {path} as JSON: {e}") from None
 
 
 def remove_leftover(tmp: Path) -> None:

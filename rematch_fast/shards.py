@@ -34,7 +34,7 @@ import torch
 from .config import INDEX_DTYPES, parse_dtype
 from .embeddings import Embeddings
 from .errors import InputError
-from .jsonl import check_ids, remove_leftover, set_user_mode
+from .jsonl import check_ids, replaced_atomically
 
 FORMAT = "rematch_fast.embeddings/2"
 MANIFEST = "manifest.json"
@@ -100,20 +100,12 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
     head = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     head += b" " * (-(8 + len(head)) % _ALIGN)  # the data starts aligned too
     digest = hashlib.sha256()
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with tmp.open("wb") as f:
-            for chunk in (struct.pack("<Q", len(head)), head, *blobs):
-                f.write(chunk)
-                digest.update(chunk)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it count as complete
-        set_user_mode(tmp)
-        tmp.replace(path)
-    except OSError as e:
-        raise InputError(f"cannot write the shard {path}: {e.strerror or e}") from None
-    finally:
-        remove_leftover(tmp)
+    with replaced_atomically(path) as tmp, tmp.open("wb") as f:
+        for chunk in (struct.pack("<Q", len(head)), head, *blobs):
+            f.write(chunk)
+            digest.update(chunk)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it count as complete
     return digest.hexdigest()
 
 
@@ -291,17 +283,6 @@ def _read_json(path: Path, what: str):
 
 
 def write_json(path: Path, obj) -> None:
-    """Atomically: beside, then renamed."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    """Atomically (replaced_atomically)."""
+    with replaced_atomically(path) as tmp:
         tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
-        set_user_mode(tmp)
-        tmp.replace(path)
-    except OSError as e:
-        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        remove_leftover(tmp)
-
-
-def open_store(folder: str | Path) -> ShardedStore:
-    return ShardedStore.open(folder)

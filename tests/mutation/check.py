@@ -207,13 +207,14 @@ MUTANTS: list[Mutant] = [
       T_HD + "test_store_ids_are_checked_on_construction_and_save"),
 
     # -- search by threshold compaction (k past the fused kernel's 1024) -----------------------------------------
-    M("threshold-ties-to-the-higher-row", "search", "kernels/threshold_topk.py",
-      "return (ordered.to(tl.int64) << 32) | (0xFFFFFFFF - cols)  # cols is int64",
-      "return (ordered.to(tl.int64) << 32) | cols  # cols is int64",
-      "tests/kernels/test_threshold_topk.py::test_all_equal_scores_and_duplicated_rows_go_to_the_lower_rows"),
-    M("threshold-int8-scale-dropped", "search", "kernels/threshold_topk.py",
+    M("threshold-keeps-rows-past-the-corpus", "search", "kernels/threshold_topk.py",
+      "keep = (_pack(acc, cols) >= thr[:, None]) & q_ok[:, None] & c_ok[None, :]",
+      "keep = (_pack(acc, cols) >= thr[:, None]) & q_ok[:, None]",
+      "tests/kernels/test_threshold_topk.py::test_keys_equal_the_reference"),
+    M("kernel-tile-scale-dropped", "search", "kernels/similarity.py",
       "acc = acc * tl.load(scale_ptr + cols, mask=c_ok, other=0.0)[None, :]", "acc = acc",
-      "tests/kernels/test_threshold_topk.py::test_int8_corpus_with_row_scales"),
+      "tests/kernels/test_threshold_topk.py::test_int8_corpus_with_row_scales",
+      "tests/kernels/test_similarity.py::test_fp8_corpus_equals_the_reference"),
 
     # -- corpus scale: tasks, resume, the sharded store, search over its shards ------------------------------------
     M("corpus-task-one-row-too-many", "corpus", "rematch_fast/corpus.py",
