@@ -4,8 +4,8 @@ a folder listing or the set of ids seen, never by the size of the corpus.
 `iter_source(path)` yields a `Row` or a `Reject` (from `jsonl`) for each entry, in a fixed order
 that is the same on every run (resuming a run depends on it). Three kinds of source:
 
-* a `.jsonl` file: one row per line, exactly as `jsonl.read_rows` reads it; `line` is the line
-  number in the file.
+* a JSONL file (any file but `.parquet`): one row per line, exactly as `jsonl.read_rows` reads it;
+  `line` is the line number in the file.
 * a `.parquet` file: columns `id` (required; string or integer), `text` (optional string) and
   `image` (optional path string, relative to the Parquet file's folder, or confined to an image
   root as in JSONL). Other columns are not read. Rows are read in record batches, never the whole
@@ -64,22 +64,18 @@ from .jsonl import (
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 PARQUET_COLUMNS = ("id", "text", "image")
-_KINDS = "a .jsonl file, a .parquet file or a folder of images"
+_KINDS = "a JSONL file, a .parquet file or a folder of images"
 
 
 def source_kind(path: str | Path) -> str:
-    """"jsonl", "parquet" or "images" (a folder); an InputError for anything else."""
+    """"images" for a folder, "parquet" for a .parquet file, "jsonl" for any other file (JSON lines
+    whatever the suffix: .jsonl, .json, .ndjson, ...; a line that is not JSON rejects its row)."""
     path = Path(path)
     if path.is_dir():
         return "images"
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return "jsonl"
-    if suffix == ".parquet":
-        return "parquet"
     if not path.exists():
         raise InputError(f"corpus not found: {path} (a corpus is {_KINDS})")
-    raise InputError(f"cannot read {path} as a corpus: a corpus is {_KINDS}")
+    return "parquet" if path.suffix.lower() == ".parquet" else "jsonl"
 
 
 def iter_source(path: str | Path, image_root: str | Path | None = None, captions: str | Path | None = None, *,

@@ -41,21 +41,20 @@ def _parquet(path: Path, columns: dict, **kw) -> Path:
 
 # -- kinds ---------------------------------------------------------------------------------------
 def test_source_kind(tmp_path):
-    (tmp_path / "a.jsonl").write_bytes(b"")
-    (tmp_path / "b.PARQUET").write_bytes(b"")
+    for name in ("a.jsonl", "b.PARQUET", "c.json", "d"):
+        (tmp_path / name).write_bytes(b"")
     assert source_kind(tmp_path / "a.jsonl") == "jsonl"
     assert source_kind(tmp_path / "b.PARQUET") == "parquet"
+    assert source_kind(tmp_path / "c.json") == source_kind(tmp_path / "d") == "jsonl"  # JSON lines, any suffix
     assert source_kind(tmp_path) == "images"
-    assert source_kind(tmp_path / "missing.jsonl") == "jsonl"  # iter_source then says it is not found
 
 
-@pytest.mark.parametrize("name, match", [("c.csv", "a corpus is a .jsonl file, a .parquet file or a folder of images"),
-                                         ("nothing", "corpus not found")])
-def test_unsupported_kinds_are_input_errors(tmp_path, name, match):
-    if name == "c.csv":
-        (tmp_path / name).write_text("id,text\n1,a\n")
-    with pytest.raises(InputError, match=match):
-        iter_source(tmp_path / name)
+def test_a_missing_corpus_and_a_file_that_is_not_json_lines(tmp_path):
+    with pytest.raises(InputError, match="corpus not found"):
+        iter_source(tmp_path / "nothing")
+    (tmp_path / "c.csv").write_text("id,text\n1,a\n")
+    rows = list(iter_source(tmp_path / "c.csv"))  # read as JSON lines: every line rejected, saying why
+    assert [type(r).__name__ for r in rows] == ["Reject", "Reject"] and "invalid JSON" in rows[0].reason
 
 
 def test_captions_go_only_with_a_folder(tmp_path):
