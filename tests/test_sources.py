@@ -230,7 +230,7 @@ def test_parquet_file_errors(tmp_path, monkeypatch):
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(InputError, match="cannot read Parquet file"):
         iter_source(tmp_path / "bad.parquet")
-    with pytest.raises(InputError, match="Parquet file not found"):
+    with pytest.raises(InputError, match="corpus not found"):
         iter_source(tmp_path / "missing.parquet")
     path = _parquet(tmp_path / "c.parquet", {"id": [1]})
     with pytest.raises(InputError, match="batch_size must be a positive integer"):
