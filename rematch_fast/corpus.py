@@ -146,11 +146,14 @@ def prepare_folder(out: Path, job: Job, resume: bool, overwrite: bool) -> dict[i
     ({"rows", "digest", "rejects", "sha256"}). Leftover temporary files are removed."""
     ours = _store_files(out)
     if resume and (out / JOB).is_file():
-        recorded = json.loads((out / JOB).read_text(encoding="utf-8"))
+        try:
+            recorded = json.loads((out / JOB).read_bytes().decode("utf-8"))
+        except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or UTF-8
+            recorded = None
         diff = job.differences(recorded) if isinstance(recorded, dict) else ["everything"]
         if diff:
             detail = ", ".join(f"{k}: {recorded.get(k)!r} then, {getattr(job, k)!r} now" for k in diff[:4]) \
-                if isinstance(recorded, dict) else "job.json is damaged"
+                if isinstance(recorded, dict) else f"its {JOB} is damaged"
             raise InputError(f"{out} was written by another job ({detail}); it is never mixed with this one: "
                              "pass --overwrite to start again, or use another --out")
         for tmp in out.glob("*.tmp"):

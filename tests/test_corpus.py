@@ -189,6 +189,9 @@ def test_resume_refuses_another_job_or_a_changed_corpus(tiny_paths, corpus, tmp_
     assert _embed(ckpt, corpus, out, "--shard-rows", "8", "--resume") == EXIT_ERROR
     assert "corpus changed" in capsys.readouterr().err
     assert main(["embed", str(ckpt), str(corpus), "--out", str(out), "--resume", "--overwrite"]) == EXIT_USAGE
+    (out / "job.json").write_text("{not json")
+    assert _embed(ckpt, corpus, out, "--shard-rows", "8", "--resume") == EXIT_ERROR
+    assert "job.json is damaged" in capsys.readouterr().err
 
 
 # -- workers ----------------------------------------------------------------------------------------
