@@ -238,16 +238,17 @@ class Index:
         pending = copy(0, next(pieces))
         for i in itertools.count():
             start, m, ready = pending
-            following = next(pieces, None)
-            if following is not None:
-                pending = copy(i + 1, following)
             compute.wait_event(ready)
             b = i % 2
             yield start, dev[b][:m], None if dev_scales[b] is None else dev_scales[b][:m]
             done[b] = torch.cuda.Event()
             done[b].record(compute)
+            # the next shard is staged and copied only now, once this one's search is queued: the
+            # host's copy out of a memory map then runs while the device searches
+            following = next(pieces, None)
             if following is None:
                 return
+            pending = copy(i + 1, following)
 
     def ids_of(self, rows: torch.Tensor) -> list:
         """Map row numbers [Q, k] to the index's ids (row numbers when it has none)."""
