@@ -179,7 +179,7 @@ def test_resume_refuses_another_job_or_a_changed_corpus(tiny_paths, corpus, tmp_
                        (["--batch-size", "3"], "batch_size")]:
         assert _embed(ckpt, corpus, out, "--shard-rows", "8", "--resume", *extra) == EXIT_ERROR
         err = capsys.readouterr().err
-        assert "another job" in err and why in err and "--overwrite" in err
+        assert "another job" in err and f"{why}: " in err and "--overwrite" in err  # names what differs
     assert _embed(tiny_paths["qwen2.5-vl"], corpus, out, "--shard-rows", "8", "--resume") == EXIT_ERROR
     assert "fingerprint" in capsys.readouterr().err
     assert _files(out) == before  # nothing mixed in
