@@ -107,15 +107,13 @@ def _nothing_usable(source, rejects, rejects_path: Path, what: str) -> int:
     return _finish(rejects, rejects_path, what, done=False)
 
 
-def _index_store(folder, checkpoint, allow_mismatch: bool, mapped: bool = False):
-    """The embedding store an index or a feature view reads, refused when another checkpoint or the
-    query side wrote it (unless --allow-index-mismatch). mapped: a ShardedStore (searched where it
-    lies), else an EmbeddingStore in memory."""
+def _index_store(folder, checkpoint, allow_mismatch: bool):
+    """The embedding store an index or a feature view reads (memory-mapped: read where it lies),
+    refused when another checkpoint or the query side wrote it (unless --allow-index-mismatch)."""
     from .checkpoint import open_checkpoint
     from .shards import ShardedStore
-    from .store import EmbeddingStore
 
-    store = ShardedStore.open(folder) if mapped else EmbeddingStore.load(folder)
+    store = ShardedStore.open(folder)
     fingerprint = open_checkpoint(checkpoint).fingerprint
     problems = []
     if store.side != "document":
@@ -286,7 +284,7 @@ def cmd_search(args) -> int:
     from .pipeline import embed_rows
 
     out, rejects_path = _file_outputs(args)
-    store = _index_store(args.index, args.checkpoint, args.allow_index_mismatch, mapped=True)
+    store = _index_store(args.index, args.checkpoint, args.allow_index_mismatch)
     index = Index.from_store(store, device=args.device, dtype=args.index_dtype)
     if index.mode == "streamed" and index.device.type == "cuda" and not args.quiet:
         _log(f"the index ({len(index)} vectors) does not fit {index.device}'s free memory: it stays on the host "
@@ -362,8 +360,8 @@ def cmd_rerank(args) -> int:
     if not hits:
         return _nothing_usable(args.hits, rejects, rejects_path, "hits rows")
     model = _load_model(args)
-    if stored is not None and stored.embeddings.dim != model.dim:  # once, not once per query
-        raise InputError(f"{args.index} holds {stored.embeddings.dim}-dimensional embeddings; the model's are {model.dim}")
+    if stored is not None and stored.dim != model.dim:  # once, not once per query
+        raise InputError(f"{args.index} holds {stored.dim}-dimensional embeddings; the model's are {model.dim}")
     usable = []  # (line, raw, hits row, query item, candidates) of every row that names what exists
     for line, raw, h in hits:
         try:
@@ -376,7 +374,7 @@ def cmd_rerank(args) -> int:
             missing = [c for c in cand_ids if c not in known]
             if missing:
                 raise InputError(f"candidate ids {missing} are not in the corpus")
-            candidates = stored.embeddings[[stored_row[c] for c in cand_ids]] if stored is not None else \
+            candidates = stored.rows([stored_row[c] for c in cand_ids]) if stored is not None else \
                 [docs_by_id[c].item for c in cand_ids]
         except InputError as e:
             rejects.append(Reject(line, h["query_id"], str(e), raw))

@@ -22,6 +22,7 @@ file's checksum and that every value is finite (a full read).
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -201,6 +202,23 @@ class ShardedStore:
     def embeddings(self) -> Embeddings:
         """Every row as float32 Embeddings in memory (for stores that fit)."""
         return Embeddings.cat([s.embeddings() for s in self.shards], self.dim)
+
+    def rows(self, rows: list[int]) -> Embeddings:
+        """The given rows (store row numbers, any order) as float32 Embeddings, read from their
+        shards alone; rows holding NaN or infinite values are refused, naming the row."""
+        from .store import _check_tensors
+
+        starts = [s.start for s in self.shards]
+        unit, norm = torch.empty(len(rows), self.dim), torch.empty(len(rows))
+        for i, r in enumerate(rows):
+            if not 0 <= r < len(self):
+                raise InputError(f"row {r} is outside the store's {len(self)} rows")
+            shard = self.shards[bisect.bisect_right(starts, r) - 1]
+            j = r - shard.start
+            unit[i] = decode(shard.unit[j: j + 1], None if shard.scale is None else shard.scale[j: j + 1])[0]
+            norm[i] = shard.norm[j]
+        _check_tensors(unit, norm, str(self.folder))
+        return Embeddings(unit, norm)
 
     def verify(self) -> None:
         """Read everything: each file's checksum against the manifest, and every value finite."""

@@ -1,7 +1,6 @@
 """Corpus-scale embedding: the sharded store (format 2), kill and resume, worker processes, and
 search over stores; format-1 stores still load."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -32,8 +31,8 @@ def _jsonl(path, rows):
 def _texts(n, seed=0):
     words = ["bread", "river", "stock", "moon", "garden", "engine", "violin", "harbour", "glacier", "market"]
     g = torch.Generator().manual_seed(seed)
-    return [" ".join(words[int(j)] for j in torch.randint(0, len(words), (int(torch.randint(1, 12, (1,), generator=g)),),
-                                                          generator=g)) for _ in range(n)]
+    lengths = torch.randint(1, 12, (n,), generator=g).tolist()
+    return [" ".join(words[int(j)] for j in torch.randint(0, len(words), (m,), generator=g)) for m in lengths]
 
 
 @pytest.fixture
@@ -75,7 +74,8 @@ def test_embed_writes_a_sharded_store_equal_to_encode(tiny_paths, models, corpus
     assert EmbeddingStore.load(out).ids == store.ids  # the in-memory reader takes format 2 too
 
 
-@pytest.mark.parametrize("dtype, atol", [("float16", 1e-3), ("bfloat16", 8e-3), ("int8", 8e-3), ("float8_e4m3fn", 3e-2)])
+@pytest.mark.parametrize("dtype, atol", [("float16", 1e-3), ("bfloat16", 8e-3), ("int8", 8e-3),
+                                         ("float8_e4m3fn", 3e-2)])
 def test_store_dtypes_keep_the_vectors(tiny_paths, corpus, tmp_path, dtype, atol):
     assert _embed(tiny_paths[ARCH], corpus, tmp_path / "f32", "--shard-rows", "16") == EXIT_REJECTS
     assert _embed(tiny_paths[ARCH], corpus, tmp_path / "low", "--shard-rows", "16",
@@ -252,13 +252,15 @@ def test_embed_a_parquet_file(tiny_paths, models, tmp_path):
 def _store(folder: Path, n: int, d: int, shard_rows: int, dtype: str, seed: int, halves: bool = False) -> torch.Tensor:
     """A store written shard by shard without a model; returns the float32 unit vectors it was given."""
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randint(-4, 5, (n, d), generator=g) / 2) if halves else F.normalize(torch.randn(n, d, generator=g), dim=1)
+    x = torch.randint(-4, 5, (n, d), generator=g) / 2 if halves else F.normalize(torch.randn(n, d, generator=g), dim=1)
     job = Job("ckpt", "fp", "document", d, dtype, shard_rows, {}, 8, "corpus")
     folder.mkdir(parents=True)
     (folder / "job.json").write_text("{}")
-    entries = [save_shard(folder, job, i, [f"r{j}" for j in range(s, min(s + shard_rows, n))],
-                          Embeddings(x[s: s + shard_rows], torch.ones(min(shard_rows, n - s))), [Reject(1, None, "x", "")])
-               for i, s in enumerate(range(0, n, shard_rows))]
+    entries = []
+    for i, s in enumerate(range(0, n, shard_rows)):
+        rows = range(s, min(s + shard_rows, n))
+        emb = Embeddings(x[s: s + shard_rows], torch.ones(len(rows)))
+        entries.append(save_shard(folder, job, i, [f"r{j}" for j in rows], emb, [Reject(1, None, "x", "")]))
     finish_store(folder, job, entries, [], folder / "rejects.jsonl")
     return x
 
@@ -299,6 +301,18 @@ def test_store_shards_streamed_to_cuda_equal_the_resident_index(tmp_path, dtype)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (shard_rows, k)
     auto = Index.from_store(tmp_path / "s", device="cuda")  # fits: loaded whole
     assert auto.mode == "resident" and torch.equal(auto.search(q.cuda(), 10)[1], resident.search(q.cuda(), 10)[1])
+
+
+def test_rows_are_read_from_their_shards(tmp_path):
+    x = _store(tmp_path / "s", 230, 16, 100, "int8", seed=17)
+    store = ShardedStore.open(tmp_path / "s")
+    want = store.embeddings()
+    picked = [229, 0, 100, 99, 150, 100]  # across shards, repeated, any order
+    got = store.rows(picked)
+    assert torch.equal(got.unit, want.unit[picked]) and torch.equal(got.norm, want.norm[picked])
+    torch.testing.assert_close(got.unit, x[picked], atol=0.02, rtol=0)
+    with pytest.raises(InputError, match="outside the store's 230 rows"):
+        store.rows([230])
 
 
 def test_format_1_stores_still_load_and_search(tmp_path, tiny_paths, capsys):
