@@ -35,7 +35,7 @@ WORDS = ("bread river stock moon garden engine violin harbour glacier market cit
 # runs the command line and reports its peak RSS (KiB on Linux) after it returns
 RUNNER = ("import json, resource, sys; from rematch_fast.cli import main; code = main(sys.argv[1:]); "
           "print(json.dumps({'code': code, 'maxrss_kib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))")
-SUMMARY = re.compile(r"embedded (\d+) rows .* ([\d.]+) s \(")
+SUMMARY = re.compile(r"embedded (\d+) rows .* \(([\d,.]+) rows/s\)")
 
 
 def write_corpus(path: Path, n: int, seed: int = 0) -> Path:
@@ -56,8 +56,9 @@ def embed_cli(ckpt: Path, corpus: Path, out: Path, *extra: str) -> dict:
     lines = done.stdout.strip().splitlines()
     if done.returncode or not lines or json.loads(lines[-1])["code"] != 0:
         raise RuntimeError(f"embed failed: {done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    rows, seconds = SUMMARY.search(done.stdout).groups()
-    return {"rows": int(rows), "seconds": float(seconds), "wall_s": wall,
+    rows, rate = SUMMARY.search(done.stdout).groups()  # the rate, unrounded where the seconds are rounded
+    rows, rate = int(rows), float(rate.replace(",", ""))
+    return {"rows": rows, "seconds": rows / rate, "wall_s": wall,
             "peak_rss_mb": json.loads(lines[-1])["maxrss_kib"] / 1024}
 
 

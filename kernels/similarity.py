@@ -3,8 +3,8 @@
 Each program takes a block of queries and a contiguous split of the corpus,
 scores it tile by tile (tensor-core dot, fp32 accumulation, per-row int8 or
 fp8 scales applied after the dot), and keeps a running top-BN per query as packed
-int64 keys (the layout of rematch_fast.similarity.pack_keys, rewritten in `_pack`
-below so that this file imports nothing from rematch_fast): a tile is merged only
+int64 keys (the layout of rematch_fast.similarity.pack_keys, rewritten in `_scoring._pack`
+so that kernels/ imports nothing from rematch_fast): a tile is merged only
 when one of its keys beats the running minimum. The partial top-k lists of all
 splits are merged on the device: memory beyond the inputs is O(Q * splits * BN) =
 O(Q * k). The torch reference is rematch_fast.similarity.topk_keys_torch.
@@ -16,35 +16,9 @@ import triton
 import triton.language as tl
 
 from ._launch import interpreting, similarity_blocks, similarity_splits
+from ._scoring import _pack, _score_tile
 
 _MIN_KEY = tl.constexpr(-(1 << 63))  # a global must be constexpr to be seen inside a kernel
-
-
-@triton.jit
-def _pack(scores, cols):
-    bits = (scores + 0.0).to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return (ordered.to(tl.int64) << 32) | (0xFFFFFFFF - cols)  # cols is int64
-
-
-@triton.jit
-def _score_tile(q_ptr, c_ptr, scale_ptr, rows_q, q_ok, cols, c_ok, D, stride_q, stride_c,
-                HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    # scores [BQ, BN] fp32 of queries rows_q against corpus rows cols: a tensor-core dot over D in
-    # chunks of BD (the corpus converted to the queries' dtype after the load), row scales after it
-    acc = tl.zeros((BQ, BN), tl.float32)
-    for d0 in range(0, D, BD):
-        dd = d0 + tl.arange(0, BD)
-        d_ok = dd < D
-        qb = tl.load(q_ptr + rows_q[:, None] * stride_q + dd[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
-        cb = tl.load(c_ptr + cols[None, :] * stride_c + dd[:, None], mask=c_ok[None, :] & d_ok[:, None], other=0.0)
-        if IEEE:
-            acc += tl.dot(qb, cb.to(qb.dtype), input_precision="ieee")
-        else:
-            acc += tl.dot(qb, cb.to(qb.dtype))
-    if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr + cols, mask=c_ok, other=0.0)[None, :]
-    return acc
 
 
 @triton.jit

@@ -1,9 +1,9 @@
 """Similarity + top-k by threshold compaction (Triton): no per-tile merge.
 
-Each program scores query-block x corpus-tile products over its share of the corpus (the fused
-kernel's `_score_tile`: tensor-core dot, fp32 accumulation, int8 or fp8 scales after the dot),
-packs each score with its row into an int64 key (its `_pack`, the layout of
-rematch_fast.similarity.pack_keys) and appends
+Each program scores query-block x corpus-tile products over its share of the corpus
+(`_scoring._score_tile`, shared with the fused kernel: tensor-core dot, fp32 accumulation, int8 or
+fp8 scales after the dot), packs each score with its row into an int64 key (`_scoring._pack`, the
+layout of rematch_fast.similarity.pack_keys) and appends
 only the keys at or above its query's threshold to that query's candidate buffer: a per-query
 atomic counter gives each tile its slots, a running sum within the tile its positions. The
 exact top-k is then one torch.topk over the buffers.
@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._launch import interpreting, similarity_splits
-from .similarity import _pack, _score_tile  # the fused kernel's key layout and tile scoring
+from ._scoring import _pack, _score_tile
 
 _MIN_KEY = -(1 << 63)
 
