@@ -147,14 +147,19 @@ class Index:
 
     @property
     def data(self) -> torch.Tensor:
-        """The stored rows as one tensor (an index over a sharded store holds one per shard)."""
-        if len(self.blocks) != 1:
-            raise InputError(f"this index holds its rows in {len(self.blocks)} blocks (one per store shard)")
-        return self.blocks[0][0]
+        """The stored rows as one tensor (an index over a sharded store holds one per shard: `blocks`)."""
+        return self._one_block()[0]
 
     @property
     def scale(self) -> torch.Tensor | None:
-        return self.blocks[0][1] if len(self.blocks) == 1 else None
+        """The rows' scales (int8, fp8), else None; one tensor, as `data`."""
+        return self._one_block()[1]
+
+    def _one_block(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if len(self.blocks) != 1:
+            raise InputError(f"this index holds its rows in {len(self.blocks)} blocks, one per store shard: "
+                             "read them from index.blocks")
+        return self.blocks[0]
 
     def search(self, queries, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores float32 [Q, k], rows int64 [Q, k]) on the index's device, best first."""
