@@ -143,7 +143,7 @@ def expected_rows(path: str | Path) -> int | None:
 # -- the folder --------------------------------------------------------------------------
 def prepare_folder(out: Path, job: Job, resume: bool, overwrite: bool) -> dict[int, dict]:
     """Ready `out` for the job; returns the complete shards a resumed run keeps, by number
-    ({"rows", "digest", "rejects", "sha256"}). Leftover temporary files are removed."""
+    ({"rows", "digest", "sha256"}). Leftover temporary files are removed."""
     ours = _store_files(out)
     if resume and (out / JOB).is_file():
         try:
@@ -189,8 +189,7 @@ def _complete_shards(out: Path, job: Job) -> dict[int, dict]:
         meta, tensors = read_header(path)
         try:
             rows = tensors["unit"][1][0]
-            info = {"rows": rows, "digest": meta["span"], "rejects": json.loads(meta["rejects"]),
-                    "sha256": file_sha256(path)}
+            info = {"rows": rows, "digest": meta["span"], "sha256": file_sha256(path)}
             ok = meta.get("job") == _job_digest(job) and tensors["unit"][1][1] == job.dim
         except (KeyError, IndexError, ValueError) as e:
             raise InputError(f"{path} is damaged ({e!r}): delete it and resume, or pass --overwrite") from None
