@@ -4,13 +4,16 @@ Items are loaded and tokenized PREPARE_CHUNK at a time (texts of a chunk in one 
 tokenization, its images decoded and patched on a pool of threads, one per core), the next
 chunk on a worker thread while the model embeds the current one;
 within a chunk, batches follow the backend's scheduling order and up to IN_FLIGHT batches stay
-queued on the device while the next one's inputs are built. Results come back in input order.
+queued on the device while the next one's inputs are built, across chunk boundaries too; inputs
+cross to the device and results back without waiting for the queued work (rematch_fast.transfer).
+Results come back in input order.
 
 on_error="raise": the first bad item raises its typed error, naming the item's position.
 on_error="reject": bad items are left out and reported with their position and reason.
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections import deque
@@ -27,6 +30,7 @@ from .errors import InputError, NonFiniteError
 from .items import as_item
 from .scheduler import plan_batches, prefetched
 from .sequence import PreparedItem
+from .transfer import HostCopy
 
 PREPARE_CHUNK = 256  # items loaded and tokenized ahead of the model: bounds the memory of a large corpus
 # batches queued on the device before the oldest one's result is read back (which waits for it): two,
@@ -135,13 +139,43 @@ def image_pool() -> ThreadPoolExecutor:
     return _POOL
 
 
+class InFlight:
+    """Batches submitted to the device whose results are not read yet. Each result's copy to the
+    host starts when it is submitted (rematch_fast.transfer.HostCopy); reading one waits for that
+    copy alone, so the batches queued after it keep the device busy. At most `depth` wait: one
+    more is read when another is submitted. One queue may serve several calls of embed_prepared
+    (embed_items keeps it across chunks, so the device is not drained between them)."""
+
+    def __init__(self, depth: int = IN_FLIGHT):
+        self.depth = depth
+        self.waiting: deque = deque()
+
+    def submit(self, result: Embeddings, read) -> None:
+        """`read(Embeddings on the host)` runs once this result is back, in submission order."""
+        self.waiting.append((HostCopy([result.unit, result.norm]), read))
+        while len(self.waiting) > self.depth:
+            self.read_oldest()
+
+    @torch.inference_mode()  # `read` writes into rows made in inference mode
+    def read_oldest(self) -> None:
+        copy, read = self.waiting.popleft()
+        read(Embeddings(*copy.wait()))
+
+    def drain(self) -> None:
+        while self.waiting:
+            self.read_oldest()
+
+
 @torch.inference_mode()
-def embed_prepared(model, prepared: Seq[PreparedItem], side: str, batch_size: int = EMBED_BATCH_SIZE, batch_tokens: int = 8192,
-                   bar: tqdm | None = None, positions: Seq[int] | None = None) -> Embeddings:
+def embed_prepared(model, prepared: Seq[PreparedItem], side: str, batch_size: int = EMBED_BATCH_SIZE,
+                   batch_tokens: int = 8192, bar: tqdm | None = None, positions: Seq[int] | None = None,
+                   queue: InFlight | None = None) -> Embeddings:
     """Embed prepared items in batches of at most `batch_size` items and `batch_tokens` tokens
     (ordered as the backend prefers); rows come back in input order, on the CPU. A model output
     that is not finite raises NonFiniteError naming the item by its input position
-    (`positions[i]` for prepared[i]; by default i)."""
+    (`positions[i]` for prepared[i]; by default i). `queue`: the caller's InFlight, which it
+    drains later (the rows returned are filled in as their batches are read); by default one
+    of this call's own, drained before it returns."""
     check_side(side)
     if batch_size < 1 or batch_tokens < 1:
         raise InputError(f"batch_size and batch_tokens must be >= 1, got {batch_size}, {batch_tokens}")
@@ -151,21 +185,21 @@ def embed_prepared(model, prepared: Seq[PreparedItem], side: str, batch_size: in
     unit = torch.empty(len(prepared), model.dim)
     norm = torch.empty(len(prepared))
 
-    def collect(batch, pooled: Embeddings):  # waits for this batch's device work
-        unit[batch], norm[batch] = pooled.unit.cpu(), pooled.norm.cpu()
+    def collect(batch, pooled: Embeddings):  # pooled: on the host
+        unit[batch], norm[batch] = pooled.unit, pooled.norm
         check_finite(unit[batch], [positions[i] if positions else i for i in batch], "the embedding of item")
         if bar is not None:
             bar.update(len(batch))
             if hasattr(bar, "add_tokens"):  # a corpus job's bar also shows tokens/s
                 bar.add_tokens(sum(lengths[i] for i in batch))
 
-    in_flight = deque()  # batches queued on the device while the next one's inputs are built
+    own = queue is None
+    queue = InFlight() if own else queue
     for batch in plan_batches(lengths, batch_tokens, batch_size, backend.padded, backend.longest_first):
-        in_flight.append((batch, backend.pooled([pre.embed_sequence(prepared[i], side, tokens) for i in batch])))
-        if len(in_flight) > IN_FLIGHT:
-            collect(*in_flight.popleft())
-    while in_flight:
-        collect(*in_flight.popleft())
+        pooled = backend.pooled([pre.embed_sequence(prepared[i], side, tokens) for i in batch])
+        queue.submit(pooled, functools.partial(collect, batch))
+    if own:
+        queue.drain()
     return Embeddings(unit, norm)
 
 
@@ -186,14 +220,16 @@ def embed_items(model, items: Seq, side: str = "query", batch_size: int = EMBED_
     kept, rejected, truncated, parts = [], [], [], []
     own_bar = bar is None
     bar = tqdm(total=len(items), desc=f"embed {side}", unit="item", disable=not progress) if own_bar else bar
+    queue = InFlight()  # one queue for every chunk: the device keeps queued work across chunk boundaries
     try:
         for chunk in chunks:
             bar.update(len(chunk.rejected))
             if chunk.items:
-                parts.append(embed_prepared(model, chunk.items, side, batch_size, batch_tokens, bar, chunk.kept))
+                parts.append(embed_prepared(model, chunk.items, side, batch_size, batch_tokens, bar, chunk.kept, queue))
             kept += chunk.kept
             rejected += chunk.rejected
             truncated += [i for i, p in zip(chunk.kept, chunk.items) if p.truncated]
+        queue.drain()  # fills the last chunks' rows
     finally:
         if own_bar:
             bar.close()

@@ -140,3 +140,45 @@ def test_many_queries_in_one_batch_on_cuda(models, tiny_paths, dtype, tol):
     for (query, candidates), result in zip(requests, got):
         want = models["qwen2.5-vl"].score(query, candidates).p_yes
         torch.testing.assert_close(gap(result.p_yes.cpu()), gap(want), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("buckets", [(), (64, 128, 256)])
+def test_submitting_a_batch_never_waits_for_the_device(tiny_paths, arch, buckets):
+    """Building a batch's inputs and queueing its kernels makes no host-device synchronization
+    (each would drain the batches queued before it, rematch_fast.transfer); its result's copy back
+    waits for that batch alone. Texts of several lengths and images (packed, varlen, the vision
+    tower), and a single query through the latency buckets (once its graph is captured)."""
+    from rematch_fast.transfer import HostCopy
+
+    m = ReMatch.from_pretrained(tiny_paths[arch], backend="fast", device="cuda", dtype=torch.bfloat16,
+                                latency_buckets=buckets)
+    items = ["one short query"] if buckets else ITEMS
+    tokens = m.head.tokens("document")
+    seqs = [m.preprocessor.embed_sequence(m.prepare(x), "document", tokens) for x in items]
+    m.backend.pooled(seqs)  # first use: the template prefix, Triton compilation, a graph's capture
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = m.backend.pooled(seqs)
+        copy = HostCopy([out.unit, out.norm])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    unit, norm = copy.wait()
+    assert not unit.is_cuda and unit.is_pinned()
+    want = m.encode(items, side="document", batch_size=len(items))
+    torch.testing.assert_close(unit, want.unit, atol=2e-2, rtol=0)
+    torch.testing.assert_close(norm, want.norm, atol=0, rtol=2e-2)
+
+
+def test_to_device_and_host_copy_on_cuda():
+    from rematch_fast.transfer import HostCopy, to_device
+
+    g = torch.Generator().manual_seed(7)
+    host = [torch.randint(0, 1000, (33,), generator=g), torch.randn(3, 5, generator=g).to(torch.bfloat16),
+            torch.ones(0, 2), torch.arange(4, dtype=torch.int32)]
+    already = torch.arange(3.0, device="cuda")
+    moved = to_device(host + [already], "cuda")
+    assert moved[-1] is already and all(t.is_cuda for t in moved)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(moved, host))
+    back = HostCopy(moved[:2]).wait()
+    assert all(t.is_pinned() and torch.equal(t, b) for t, b in zip(back, host))

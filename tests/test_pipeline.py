@@ -69,3 +69,33 @@ def test_two_batches_stay_queued_before_a_result_is_read(models, monkeypatch):
     monkeypatch.undo()
     want = m.encode(texts, side="document", batch_size=10)
     torch.testing.assert_close(got.unit, want.unit, atol=1e-5, rtol=0)
+
+
+def test_chunk_boundaries_do_not_drain_the_device(models, monkeypatch):
+    """The queue of batches in flight outlives each prepared chunk: with chunks of 4 items the
+    submits and reads interleave exactly as in one chunk, and every row lands in input order."""
+    m = models["qwen2-vl"]
+    events = []
+    real_pooled, real_check = m.backend.pooled, pipeline.check_finite
+    monkeypatch.setattr(m.backend, "pooled", lambda seqs: events.append("submit") or real_pooled(seqs))
+    monkeypatch.setattr(pipeline, "check_finite", lambda *a: events.append("read") or real_check(*a))
+    monkeypatch.setattr(pipeline, "PREPARE_CHUNK", 4)
+    texts = [f"a text of {i} words " * (i % 3 + 1) for i in range(10)]
+    got = pipeline.embed_items(m, texts, "document", batch_size=2)
+    assert events == ["submit"] * 3 + ["read", "submit"] * 2 + ["read"] * 3
+    assert got.kept == list(range(10))
+    monkeypatch.undo()
+    torch.testing.assert_close(got.embeddings.unit, m.encode(texts, side="document").unit, atol=1e-5, rtol=0)
+
+
+def test_in_flight_reads_in_submission_order_and_drains():
+    from rematch_fast.embeddings import Embeddings
+
+    read = []
+    queue = pipeline.InFlight(depth=2)
+    for i in range(5):
+        queue.submit(Embeddings(torch.full((1, 2), float(i)), torch.ones(1)), lambda e: read.append(int(e.unit[0, 0])))
+        assert len(queue.waiting) == min(i + 1, 2)
+    assert read == [0, 1, 2]
+    queue.drain()
+    assert read == [0, 1, 2, 3, 4] and not queue.waiting

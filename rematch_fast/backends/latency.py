@@ -21,6 +21,7 @@ from ..errors import InputError
 from ..model.batch import AttentionPlan, PrefixLayout
 from ..model.cascade import PrefixKV
 from ..sequence import Sequence
+from ..transfer import to_device
 
 MAX_BATCH = 8
 
@@ -73,7 +74,7 @@ class LatencyBuckets:
         return self.static[key]
 
     def _fill(self, s: dict, seqs: list[Sequence], B: int, L: int) -> None:
-        """Write the batch into the static buffers on the CPU, then copy them over in one go each."""
+        """Write the batch into host tensors, then into the static buffers after one copy to the device."""
         K = seqs[0].soft_positions.shape[0]
         ids = torch.full((B, L), self.pad_id, dtype=torch.long)
         positions = torch.empty(3, B, L, dtype=torch.long)
@@ -88,11 +89,11 @@ class LatencyBuckets:
             positions[:, b, n:] = seq.positions[:, -1:] + torch.arange(1, L - n + 1)
             soft_rows[b] = b * L + seq.soft_positions
             readout[b] = b * L + seq.readout
-        s["ids"].copy_(ids.view(-1))
-        s["positions"].copy_(positions.view(3, -1))
-        s["soft_rows"].copy_(soft_rows.view(-1))
+        names = ("ids", "positions", "soft_rows", "readout")
+        host = (ids.view(-1), positions.view(3, -1), soft_rows.view(-1), readout)
+        for name, moved in zip(names, to_device(host, self.device)):  # one non-blocking copy (rematch_fast.transfer)
+            s[name].copy_(moved)
         s["soft_embeds"].copy_(torch.cat([seq.soft_embeds for seq in rows]))
-        s["readout"].copy_(readout)
 
     @torch.inference_mode()
     def pooled(self, seqs: list[Sequence], prefix: PrefixKV | None = None) -> Embeddings:

@@ -13,6 +13,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..sequence import Sequence
+from ..transfer import to_device
+
+
+def cu_seqlens_host(lengths: list[int]) -> torch.Tensor:
+    """[0, n0, n0 + n1, ...] as int32 on the host."""
+    return torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
 
 
 @dataclass
@@ -35,8 +41,9 @@ class PrefixLayout:
             raise ValueError(f"one group of >= 1 rows per prefix, got rows {rows} for prefixes {prefix_lengths}")
         cu_q = [0] + list(itertools.accumulate(rows))
         cu_k = [0] + list(itertools.accumulate(prefix_lengths))
-        tensors = torch.tensor([cu_q, cu_k], dtype=torch.int32).to(device)  # one copy to the device
-        return cls(list(zip(cu_q, cu_q[1:])), list(zip(cu_k, cu_k[1:])), tensors[0], tensors[1], max(rows),
+        cu_q_dev, cu_k_dev = to_device([torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32)],
+                                       device)
+        return cls(list(zip(cu_q, cu_q[1:])), list(zip(cu_k, cu_k[1:])), cu_q_dev, cu_k_dev, max(rows),
                    max(prefix_lengths))
 
 
@@ -55,8 +62,7 @@ class AttentionPlan:
     @classmethod
     def for_lengths(cls, lengths: list[int], device) -> AttentionPlan:
         lengths = list(lengths)
-        cu = torch.tensor([0] + lengths).cumsum(0).to(device=device, dtype=torch.int32)
-        return cls(cu, max(lengths), lengths)
+        return cls(to_device([cu_seqlens_host(lengths)], device)[0], max(lengths), lengths)
 
     def host_lengths(self) -> list[int]:
         if self.lengths is None:
@@ -98,22 +104,32 @@ class PackedBatch:
         """prefixes: the sequences continue shared prefixes, as (number of consecutive sequences,
         prefix length) per prefix, in the order the prefixes' keys are stored."""
         lens = [len(s) for s in seqs]
-        self.starts = torch.tensor([0] + lens[:-1]).cumsum(0)  # [B] on the CPU
-        self.plan = AttentionPlan.for_lengths(lens, device)
+        starts = [0] + list(itertools.accumulate(lens))[:-1]
+        prefix_layout = None
         if prefixes:
             ends = list(itertools.accumulate(n for n, _ in prefixes))
             if ends[-1] != len(seqs):
                 raise ValueError(f"the prefixes cover {ends[-1]} sequences, the batch holds {len(seqs)}")
             rows = [sum(lens[a:b]) for a, b in zip([0] + ends, ends)]
-            self.plan.prefix = PrefixLayout.build(rows, [p for _, p in prefixes], device)
-        self.ids = torch.cat([s.input_ids for s in seqs]).to(device)  # [T]
-        self.positions = torch.cat([s.positions for s in seqs], dim=1).to(device)  # [3, T]
+            prefix_layout = PrefixLayout.build(rows, [p for _, p in prefixes], device)
+        # everything on the host first, then one non-blocking copy (rematch_fast.transfer): building
+        # this batch never waits for the batches still queued on the device
+        ids = torch.cat([s.input_ids for s in seqs])  # [T]
+        host = dict(ids=ids, positions=torch.cat([s.positions for s in seqs], dim=1),  # [3, T]
+                    readout=torch.stack([start + s.readout for start, s in zip(starts, seqs)]),  # [B, K]
+                    cu_seqlens=cu_seqlens_host(lens))
         with_images = [s for s in seqs if s.pixel_values is not None]
-        self.pixels = torch.cat([s.pixel_values for s in with_images]).to(device) if with_images else None
-        self.grids = torch.cat([s.grid_thw for s in with_images]) if with_images else None
-        self.image_rows = (self.ids == image_token_id).nonzero().flatten() if with_images else None
-        soft = [(start + s.soft_positions, s.soft_embeds) for start, s in zip(self.starts.tolist(), seqs)
+        if with_images:
+            host["pixels"] = torch.cat([s.pixel_values for s in with_images])
+            host["image_rows"] = (ids == image_token_id).nonzero().flatten()
+        soft = [(start + s.soft_positions, s.soft_embeds) for start, s in zip(starts, seqs)
                 if s.soft_embeds is not None]
-        self.soft_rows = torch.cat([r for r, _ in soft]).to(device) if soft else None
-        self.soft_embeds = torch.cat([e.to(device) for _, e in soft]) if soft else None
-        self.readout = torch.stack([start + s.readout for start, s in zip(self.starts.tolist(), seqs)]).to(device)
+        if soft:
+            host["soft_rows"] = torch.cat([r for r, _ in soft])
+        moved = dict(zip(host, to_device(list(host.values()), device)))
+        self.ids, self.positions, self.readout = moved["ids"], moved["positions"], moved["readout"]
+        self.plan = AttentionPlan(moved["cu_seqlens"], max(lens), lens, prefix_layout)
+        self.pixels, self.image_rows = moved.get("pixels"), moved.get("image_rows")
+        self.grids = torch.cat([s.grid_thw for s in with_images]) if with_images else None  # stays on the host
+        self.soft_rows = moved.get("soft_rows")
+        self.soft_embeds = torch.cat([e.to(device) for _, e in soft]) if soft else None  # the head's: already there

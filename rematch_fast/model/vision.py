@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import Ops
+from ..transfer import to_device
 from .attention import varlen_attention
 from .batch import AttentionPlan
 from .config import VisionConfig
@@ -187,7 +188,7 @@ def _window_order(grids, m: int, win: int, device):
                 order.append(kept + base)
                 lens.append(len(kept) * m * m)
         base += t * gh * gw
-    return torch.cat(order).to(device), AttentionPlan.for_lengths(lens, device)
+    return to_device([torch.cat(order)], device)[0], AttentionPlan.for_lengths(lens, device)
 
 
 def _regroup(x: torch.Tensor, order: torch.Tensor, group: int) -> torch.Tensor:
