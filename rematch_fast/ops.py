@@ -1,7 +1,7 @@
 """The model ops and the one rule that dispatches them.
 
 Each op (learnable-token pooling, RMSNorm and the residual add fused before it, SwiGLU gate,
-rotary embedding, the cascade attention merge) is a
+rotary embedding alone and fused with the q/k/v split, the cascade attention merge) is a
 `torch.library` custom op `rematch_fast::<op>` with three parts: its torch reference
 (the `*_torch` function here, also the op's default implementation), a Triton kernel
 registered for CUDA (from `rematch_fast.kernels`, imported on first use), and a fake
@@ -133,6 +133,25 @@ rope_op = define_op(
     triton_kernel("rope", "rope_triton"))
 
 
+def qkv_rope_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+                   kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """After the fused q/k/v projection: qkv [T, (heads + 2 kv_heads) * D] -> q [T, heads, D] and
+    k [T, kv_heads, D] rotated (rope_torch), v [T, kv_heads, D] in dense rows (the varlen kernels' layout)."""
+    T = qkv.shape[0]
+    D = qkv.shape[1] // (heads + 2 * kv_heads)
+    q, k, v = qkv.split([heads * D, kv_heads * D, kv_heads * D], dim=-1)
+    return (rope_torch(q.reshape(T, heads, D), cos, sin), rope_torch(k.reshape(T, kv_heads, D), cos, sin),
+            v.reshape(T, kv_heads, D).clone(memory_format=torch.contiguous_format))  # a copy: never a view of qkv
+
+
+def _qkv_rope_fake(qkv, cos, sin, heads, kv_heads):
+    T, D = qkv.shape[0], qkv.shape[1] // (heads + 2 * kv_heads)
+    return (qkv.new_empty((T, heads, D)), qkv.new_empty((T, kv_heads, D)), qkv.new_empty((T, kv_heads, D)))
+
+
+qkv_rope_op = define_op("qkv_rope", qkv_rope_torch, _qkv_rope_fake, triton_kernel("rope", "qkv_rope_triton"))
+
+
 # -- cascade attention: merging two partial results ---------------------------------
 def merge_state_torch(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
                       lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,23 +185,25 @@ class Ops:
     rope: Callable  # (x [T, H, D], cos [T, D], sin [T, D]) -> [T, H, D]
     merge_state: Callable  # (o_a, lse_a, o_b, lse_b) -> (o [T, H, D], lse [T, H]): cascade attention
     add_rms_norm: Callable  # (x [..., D], delta [..., D], weight [D], eps) -> (x + delta, its rms_norm)
+    qkv_rope: Callable  # (qkv [T, (H + 2 Hkv) * D], cos, sin, H, Hkv) -> (q, k rotated, v), dense [T, h, D]
 
 
 TORCH_OPS = Ops("torch", pool_learnable_torch, rms_norm_torch, silu_mul_torch, rope_torch, merge_state_torch,
-                add_rms_norm_torch)
-CUSTOM_OPS = Ops("custom", pool_learnable_op, rms_norm_op, silu_mul_op, rope_op, merge_state_op, add_rms_norm_op)
+                add_rms_norm_torch, qkv_rope_torch)
+CUSTOM_OPS = Ops("custom", pool_learnable_op, rms_norm_op, silu_mul_op, rope_op, merge_state_op, add_rms_norm_op,
+                 qkv_rope_op)
 
 
 def triton_ops() -> Ops:
     """The Triton kernels called directly, on any device (needs Triton; on the CPU, its interpreter)."""
     from .kernels.pooling import pool_learnable_triton
     from .kernels.rms_norm import add_rms_norm_triton, rms_norm_triton
-    from .kernels.rope import rope_triton
+    from .kernels.rope import qkv_rope_triton, rope_triton
     from .kernels.merge_state import merge_state_triton
     from .kernels.silu_mul import silu_mul_triton
 
     return Ops("triton", pool_learnable_triton, rms_norm_triton, silu_mul_triton, rope_triton, merge_state_triton,
-               add_rms_norm_triton)
+               add_rms_norm_triton, qkv_rope_triton)
 
 
 def check_kernels(kernels: str | Ops) -> None:

@@ -3,10 +3,11 @@
 Items are loaded and tokenized PREPARE_CHUNK at a time (texts of a chunk in one batched
 tokenization, its images decoded and patched on a pool of threads, one per core), the next
 chunk on a worker thread while the model embeds the current one;
-within a chunk, batches follow the backend's scheduling order and up to IN_FLIGHT batches stay
-queued on the device while the next one's inputs are built, across chunk boundaries too; inputs
-cross to the device and results back without waiting for the queued work (rematch_fast.transfer).
-Results come back in input order.
+batches follow the backend's scheduling order, a chunk's last partial batch waits to be filled
+with the next chunk's items, and up to IN_FLIGHT batches stay queued on the device while the next
+one's inputs are built, across chunk boundaries too (BatchStream); inputs cross to the device and
+results back without waiting for the queued work (rematch_fast.transfer). Results come back in
+input order.
 
 on_error="raise": the first bad item raises its typed error, naming the item's position.
 on_error="reject": bad items are left out and reported with their position and reason.
@@ -19,7 +20,7 @@ import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence as Seq
+from typing import Iterable, Sequence as Seq
 
 import torch
 from tqdm.auto import tqdm
@@ -143,8 +144,7 @@ class InFlight:
     """Batches submitted to the device whose results are not read yet. Each result's copy to the
     host starts when it is submitted (rematch_fast.transfer.HostCopy); reading one waits for that
     copy alone, so the batches queued after it keep the device busy. At most `depth` wait: one
-    more is read when another is submitted. One queue may serve several calls of embed_prepared
-    (embed_items keeps it across chunks, so the device is not drained between them)."""
+    more is read when another is submitted."""
 
     def __init__(self, depth: int = IN_FLIGHT):
         self.depth = depth
@@ -156,7 +156,7 @@ class InFlight:
         while len(self.waiting) > self.depth:
             self.read_oldest()
 
-    @torch.inference_mode()  # `read` writes into rows made in inference mode
+    @torch.inference_mode()
     def read_oldest(self) -> None:
         copy, read = self.waiting.popleft()
         read(Embeddings(*copy.wait()))
@@ -166,41 +166,75 @@ class InFlight:
             self.read_oldest()
 
 
-@torch.inference_mode()
+class BatchStream:
+    """Prepared items in, embeddings out (rows [n, d] on the host, by each item's index).
+
+    Items wait in a pool. `add` plans the pool's batches (the backend's order, at most
+    `batch_size` items and `batch_tokens` tokens each), submits all but the last and keeps that
+    partial one waiting for the next items, so a chunk boundary leaves no small batch behind;
+    `finish` submits what is left and waits for every result. Up to IN_FLIGHT submitted batches
+    stay queued on the device (InFlight). A result that is not finite raises NonFiniteError
+    naming the item by its index."""
+
+    def __init__(self, model, side: str, n: int, batch_size: int = EMBED_BATCH_SIZE, batch_tokens: int = 8192,
+                 bar: tqdm | None = None):
+        check_side(side)
+        if batch_size < 1 or batch_tokens < 1:
+            raise InputError(f"batch_size and batch_tokens must be >= 1, got {batch_size}, {batch_tokens}")
+        self.model, self.side, self.bar = model, side, bar
+        self.batch_size, self.batch_tokens = batch_size, batch_tokens
+        self.tokens = model.head.tokens(side)
+        self.unit = torch.empty(n, model.dim)
+        self.norm = torch.empty(n)
+        self.pool: list[tuple[int, PreparedItem, int]] = []  # (index, item, tokens), not submitted yet
+        self.queue = InFlight()
+
+    def add(self, items: Iterable[tuple[int, PreparedItem]]) -> None:
+        """Items with their row index; every full batch goes to the device now."""
+        pre = self.model.preprocessor
+        self.pool += [(i, p, pre.embed_length(p, self.side)) for i, p in items]
+        batches = self._plan()
+        self.pool = batches.pop() if batches else []
+        for batch in batches:
+            self._submit(batch)
+
+    def finish(self) -> Embeddings:
+        """Submit the items still waiting, read every result back: all n rows."""
+        for batch in self._plan():
+            self._submit(batch)
+        self.pool = []
+        self.queue.drain()
+        return Embeddings(self.unit, self.norm)
+
+    def _plan(self) -> list[list[tuple[int, PreparedItem, int]]]:
+        backend = self.model.backend
+        order = plan_batches([n for _, _, n in self.pool], self.batch_tokens, self.batch_size, backend.padded,
+                             backend.longest_first)
+        return [[self.pool[j] for j in batch] for batch in order]
+
+    @torch.inference_mode()  # the rows it writes into are made outside: callers get ordinary tensors
+    def _submit(self, batch: list[tuple[int, PreparedItem, int]]) -> None:
+        pre = self.model.preprocessor
+        pooled = self.model.backend.pooled([pre.embed_sequence(p, self.side, self.tokens) for _, p, _ in batch])
+        self.queue.submit(pooled, functools.partial(self._read, [i for i, _, _ in batch], sum(n for *_, n in batch)))
+
+    def _read(self, rows: list[int], tokens: int, pooled: Embeddings) -> None:  # pooled: on the host
+        self.unit[rows], self.norm[rows] = pooled.unit, pooled.norm
+        check_finite(self.unit[rows], rows, "the embedding of item")
+        if self.bar is not None:
+            self.bar.update(len(rows))
+            if hasattr(self.bar, "add_tokens"):  # a corpus job's bar also shows tokens/s
+                self.bar.add_tokens(tokens)
+
+
 def embed_prepared(model, prepared: Seq[PreparedItem], side: str, batch_size: int = EMBED_BATCH_SIZE,
-                   batch_tokens: int = 8192, bar: tqdm | None = None, positions: Seq[int] | None = None,
-                   queue: InFlight | None = None) -> Embeddings:
+                   batch_tokens: int = 8192, bar: tqdm | None = None) -> Embeddings:
     """Embed prepared items in batches of at most `batch_size` items and `batch_tokens` tokens
     (ordered as the backend prefers); rows come back in input order, on the CPU. A model output
-    that is not finite raises NonFiniteError naming the item by its input position
-    (`positions[i]` for prepared[i]; by default i). `queue`: the caller's InFlight, which it
-    drains later (the rows returned are filled in as their batches are read); by default one
-    of this call's own, drained before it returns."""
-    check_side(side)
-    if batch_size < 1 or batch_tokens < 1:
-        raise InputError(f"batch_size and batch_tokens must be >= 1, got {batch_size}, {batch_tokens}")
-    pre, backend = model.preprocessor, model.backend
-    tokens = model.head.tokens(side)
-    lengths = [pre.embed_length(p, side) for p in prepared]
-    unit = torch.empty(len(prepared), model.dim)
-    norm = torch.empty(len(prepared))
-
-    def collect(batch, pooled: Embeddings):  # pooled: on the host
-        unit[batch], norm[batch] = pooled.unit, pooled.norm
-        check_finite(unit[batch], [positions[i] if positions else i for i in batch], "the embedding of item")
-        if bar is not None:
-            bar.update(len(batch))
-            if hasattr(bar, "add_tokens"):  # a corpus job's bar also shows tokens/s
-                bar.add_tokens(sum(lengths[i] for i in batch))
-
-    own = queue is None
-    queue = InFlight() if own else queue
-    for batch in plan_batches(lengths, batch_tokens, batch_size, backend.padded, backend.longest_first):
-        pooled = backend.pooled([pre.embed_sequence(prepared[i], side, tokens) for i in batch])
-        queue.submit(pooled, functools.partial(collect, batch))
-    if own:
-        queue.drain()
-    return Embeddings(unit, norm)
+    that is not finite raises NonFiniteError naming the item by its position."""
+    stream = BatchStream(model, side, len(prepared), batch_size, batch_tokens, bar)
+    stream.add(enumerate(prepared))
+    return stream.finish()
 
 
 def embed_items(model, items: Seq, side: str = "query", batch_size: int = EMBED_BATCH_SIZE, batch_tokens: int = 8192,
@@ -217,23 +251,26 @@ def embed_items(model, items: Seq, side: str = "query", batch_size: int = EMBED_
 
     # one chunk: a worker thread would only add a hand-off
     chunks = map(prepare, starts) if len(items) <= PREPARE_CHUNK else prefetched(starts, prepare)
-    kept, rejected, truncated, parts = [], [], [], []
+    kept, rejected, truncated = [], [], []
     own_bar = bar is None
     bar = tqdm(total=len(items), desc=f"embed {side}", unit="item", disable=not progress) if own_bar else bar
-    queue = InFlight()  # one queue for every chunk: the device keeps queued work across chunk boundaries
+    # one stream for every chunk (rows by input position): the device keeps queued work across chunk
+    # boundaries, and a chunk's last, partial batch is filled up with the next chunk's items
+    stream = BatchStream(model, side, len(items), batch_size, batch_tokens, bar)
     try:
         for chunk in chunks:
             bar.update(len(chunk.rejected))
-            if chunk.items:
-                parts.append(embed_prepared(model, chunk.items, side, batch_size, batch_tokens, bar, chunk.kept, queue))
+            stream.add(zip(chunk.kept, chunk.items))
             kept += chunk.kept
             rejected += chunk.rejected
             truncated += [i for i, p in zip(chunk.kept, chunk.items) if p.truncated]
-        queue.drain()  # fills the last chunks' rows
+        rows = stream.finish()
     finally:
         if own_bar:
             bar.close()
-    return EmbedOutput(Embeddings.cat(parts, model.dim), kept, rejected, truncated)
+    if len(kept) < len(items):  # rejected items leave no row
+        rows = Embeddings(rows.unit[kept], rows.norm[kept])
+    return EmbedOutput(rows, kept, rejected, truncated)
 
 
 def embed_rows(model, rows: list, side: str, batch_size: int = EMBED_BATCH_SIZE, progress: bool = False, log=None,

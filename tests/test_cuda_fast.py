@@ -62,7 +62,8 @@ def test_the_reference_backend_never_runs_a_kernel(tiny_paths, monkeypatch):
     import importlib
 
     for module, fn in [("pooling", "pool_learnable_triton"), ("rms_norm", "rms_norm_triton"),
-                       ("silu_mul", "silu_mul_triton"), ("rope", "rope_triton"), ("similarity", "topk_keys_triton")]:
+                       ("silu_mul", "silu_mul_triton"), ("rope", "rope_triton"), ("rope", "qkv_rope_triton"),
+                       ("rms_norm", "add_rms_norm_triton"), ("similarity", "topk_keys_triton")]:
         monkeypatch.setattr(importlib.import_module(f"rematch_fast.kernels.{module}"), fn,
                             lambda *a, **k: (_ for _ in ()).throw(AssertionError("a kernel ran")))
     ref = ReMatch.from_pretrained(tiny_paths["qwen2.5-vl"], device="cuda")

@@ -28,6 +28,8 @@ def _op_cases():
         "rms_norm": (ops.rms_norm_op, (_rand(7, 48, seed=2), _rand(48, seed=3), 1e-6)),
         "silu_mul": (ops.silu_mul_op, (_rand(5, 2 * 40, seed=7),)),
         "rope": (ops.rope_op, (_rand(9, 3, 16, seed=8), angles.cos(), angles.sin())),
+        "qkv_rope": (ops.qkv_rope_op, (_rand(9, (4 + 2 * 2) * 16, seed=9), angles.cos(), angles.sin(), 4, 2)),
+        "qkv_rope one row": (ops.qkv_rope_op, (_rand(1, 3 * 16, seed=10), angles[:1].cos(), angles[:1].sin(), 1, 1)),
         "topk_keys": (similarity.topk_keys_op, (q, c, 10, None, 32)),
         "topk_keys int8": (similarity.topk_keys_op, (q.half(), c8, 10, scale, 32)),
     }
@@ -43,7 +45,7 @@ def test_custom_op_registration_schema_and_fake(name):
 def test_custom_ops_equal_their_references_on_the_cpu():
     cases = _op_cases()
     refs = {"pool_learnable": ops.pool_learnable_torch, "rms_norm": ops.rms_norm_torch,
-            "silu_mul": ops.silu_mul_torch, "rope": ops.rope_torch}
+            "silu_mul": ops.silu_mul_torch, "rope": ops.rope_torch, "qkv_rope": ops.qkv_rope_torch}
     for name, ref in refs.items():
         op, args = cases[name]
         got, want = op(*args), ref(*args)
@@ -58,7 +60,7 @@ def test_the_choice_is_made_once_by_device_and_kernels():
     assert ops.select_ops("torch", "cpu") is ops.TORCH_OPS
     assert ops.select_ops("auto", torch.device("cuda", 0)) is ops.CUSTOM_OPS
     assert ops.select_ops("auto", "cpu") is ops.TORCH_OPS
-    mine = ops.Ops("mine", *(lambda *a: None,) * 6)
+    mine = ops.Ops("mine", *(lambda *a: None,) * 7)
     assert ops.select_ops(mine, "cpu") is mine
     with pytest.raises(InputError, match="kernels must be one of"):
         ops.select_ops("triton", "cpu")

@@ -88,6 +88,24 @@ def test_chunk_boundaries_do_not_drain_the_device(models, monkeypatch):
     torch.testing.assert_close(got.embeddings.unit, m.encode(texts, side="document").unit, atol=1e-5, rtol=0)
 
 
+def test_a_chunks_last_partial_batch_is_filled_from_the_next_chunk(models, monkeypatch):
+    """Chunks of 4 items and batches of 3: each chunk alone would end in a small batch (3, 1, 3, 1,
+    2); held back and filled from the next chunk's items, only the very last batch is short."""
+    m = models["qwen2-vl"]
+    sizes = []
+    real_pooled = m.backend.pooled
+    monkeypatch.setattr(m.backend, "pooled", lambda seqs: sizes.append(len(seqs)) or real_pooled(seqs))
+    monkeypatch.setattr(pipeline, "PREPARE_CHUNK", 4)
+    texts = [f"text {i} " + "word " * (7 * i % 5) for i in range(10)]
+    got = pipeline.embed_items(m, texts + [Item(image="/nonexistent.png")], "document", batch_size=3,
+                               on_error="reject")
+    assert sizes == [3, 3, 3, 1]
+    assert got.kept == list(range(10)) and [r.index for r in got.rejected] == [10]
+    monkeypatch.undo()
+    torch.testing.assert_close(got.embeddings.unit, m.encode(texts, side="document").unit, atol=1e-5, rtol=0)
+    assert not got.embeddings.unit.is_inference()  # ordinary tensors: callers may change them in place
+
+
 def test_in_flight_reads_in_submission_order_and_drains():
     from rematch_fast.embeddings import Embeddings
 

@@ -56,7 +56,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, ops)
         self.mlp = GatedMLP(d, cfg.intermediate_size, "silu", bias=False, ops=ops)
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
-        self.rope, self.merge_state = ops.rope, ops.merge_state
+        self.rope, self.qkv_rope, self.merge_state = ops.rope, ops.qkv_rope, ops.merge_state
 
     def forward(self, x, delta, cos, sin, plan: AttentionPlan, prefix: tuple | None = None,
                 capture: PrefixKV | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,10 +68,8 @@ class DecoderLayer(nn.Module):
             h = self.input_layernorm(x)
         else:
             x, h = self.input_layernorm.add(x, delta)
-        q, k, v = self.qkv_proj.split(h)
-        q = self.rope(q.reshape(T, self.heads, self.head_dim), cos, sin)  # [T, H, Dh]
-        k = self.rope(k.reshape(T, self.kv_heads, self.head_dim), cos, sin)  # [T, Hkv, Dh]
-        v = v.reshape(T, self.kv_heads, self.head_dim).contiguous()  # varlen kernels want dense rows
+        # split, rotary and v's dense rows in one step: q [T, H, Dh], k and v [T, Hkv, Dh]
+        q, k, v = self.qkv_rope(self.qkv_proj(h), cos, sin, self.heads, self.kv_heads)
         if capture is not None:
             capture.layers.append((k, v))
         attn = _attention(q, k, v, plan, prefix, self.merge_state)

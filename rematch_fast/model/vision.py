@@ -41,12 +41,12 @@ class VisionBlock(nn.Module):
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
         self.proj = nn.Linear(cfg.dim, cfg.dim)
         self.heads = cfg.num_heads
-        self.rope = ops.rope
+        self.rope, self.qkv_rope = ops.rope, ops.qkv_rope
 
     def forward(self, x, cos, sin, plan: AttentionPlan) -> torch.Tensor:  # x [P, C]
         P = x.shape[0]
-        q, k, v = self.qkv(self.norm1(x)).reshape(P, 3, self.heads, -1).unbind(1)  # [P, H, Dh] each
-        q, k, v = self.rope(q, cos, sin), self.rope(k, cos, sin), v.contiguous()  # varlen kernels want dense rows
+        # qkv [P, 3 * C]: q's heads, k's, v's; split, rotated and v in dense rows in one step: [P, H, Dh] each
+        q, k, v = self.qkv_rope(self.qkv(self.norm1(x)), cos, sin, self.heads, self.heads)
         x = x + self.proj(varlen_attention(q, k, v, plan, causal=False).reshape(P, -1))
         return x + self.mlp(self.norm2(x))
 

@@ -144,6 +144,43 @@ def test_bench_rope(benchmark, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ["fused", "separate"])
+def test_bench_qkv_rope(benchmark, device, path):
+    """The step after the decoder's fused q/k/v projection (Qwen2.5-VL-3B heads): one qkv_rope
+    against the separate path it replaced (rotate q, rotate k, v to dense rows: three launches)."""
+    T, H, Hkv, D = 2048, 16, 2, 128
+    dtype = DTYPE[device]
+    qkv = _randn(T, (H + 2 * Hkv) * D, seed=7, device=device, dtype=dtype)
+    angle = torch.rand(T, D // 2, generator=torch.Generator().manual_seed(8), dtype=torch.float64) * 100
+    angle = torch.cat([angle, angle], dim=-1)
+    cos, sin = angle.cos().float().to(device), angle.sin().float().to(device)
+    nbytes = 2 * qkv.numel() * qkv.element_size() + 2 * T * D * 4
+    ops = _ops(device)
+
+    def separate(qkv, cos, sin):
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+        return (ops.rope(q.reshape(T, H, D), cos, sin), ops.rope(k.reshape(T, Hkv, D), cos, sin),
+                v.reshape(T, Hkv, D).contiguous())
+
+    def fused(qkv, cos, sin):
+        return ops.qkv_rope(qkv, cos, sin, H, Hkv)
+
+    q, k, v = _run(benchmark, fused if path == "fused" else separate, qkv, cos, sin, device=device,
+                   shape=f"qkv[{T},{(H + 2 * Hkv) * D}]", dtype=dtype, nbytes=nbytes)
+
+    assert q.shape == (T, H, D) and k.shape == v.shape == (T, Hkv, D) and v.is_contiguous()
+    t = 1234
+    row = qkv[t].double().cpu().reshape(H + 2 * Hkv, D)
+    c, s = angle[t, : D // 2].cos(), angle[t, : D // 2].sin()
+    x1, x2 = row[:, : D // 2], row[:, D // 2:]
+    want = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(q[t].double().cpu(), want[:H], atol=tol, rtol=tol)
+    torch.testing.assert_close(k[t].double().cpu(), want[H:H + Hkv], atol=tol, rtol=tol)
+    assert torch.equal(v[t].double().cpu(), row[H + Hkv:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("corpus_kind", ["fp32", "int8"])
 @pytest.mark.parametrize("Q", [1, 16])
 def test_bench_topk_search(benchmark, device, corpus_kind, Q):

@@ -1,6 +1,6 @@
 """The decoder's fused elementwise kernels (RMSNorm, the residual add fused with it, SwiGLU gate,
-rotary embedding) against
-their torch references, on strided inputs and sizes that are not powers of two."""
+rotary embedding alone and fused with the q/k/v split) against their torch references, on
+strided inputs and sizes that are not powers of two."""
 import pytest
 import torch
 
@@ -8,7 +8,7 @@ from rematch_fast import ops
 
 import triton  # noqa: E402,F401 - the test extra installs it: missing, these tests fail rather than skip
 from rematch_fast.kernels.rms_norm import add_rms_norm_triton, rms_norm_triton  # noqa: E402
-from rematch_fast.kernels.rope import rope_triton  # noqa: E402
+from rematch_fast.kernels.rope import qkv_rope_triton, rope_triton  # noqa: E402
 from rematch_fast.kernels.silu_mul import silu_mul_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the Triton interpreter
@@ -70,3 +70,28 @@ def test_rope(T, H, D, layout, dtype, tol):
     got = rope_triton(x, angles.cos(), angles.sin())
     assert got.dtype == dtype and got.shape == (T, H, D) and got.is_contiguous()
     torch.testing.assert_close(got.float(), ops.rope_torch(x, angles.cos(), angles.sin()).float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("T, H, Hkv, D, gap", [(1, 4, 2, 16, 0), (23, 12, 2, 128, 0), (9, 16, 16, 80, 8),
+                                               (6, 3, 1, 40, 3), (0, 2, 1, 8, 0)])
+def test_qkv_rope(T, H, Hkv, D, gap, dtype, tol):
+    """Split, rotary and v's dense copy in one pass: decoder GQA shapes, the vision tower's (H = Hkv),
+    heads that are not powers of two, rows with a gap after them, no rows at all."""
+    width = (H + 2 * Hkv) * D
+    qkv = _randn(T, width + gap, seed=T * H + D, dtype=dtype, scale=2.0)[:, :width]
+    angles = torch.rand(T, D // 2, generator=torch.Generator().manual_seed(D + 1)) * 50
+    angles = torch.cat([angles, angles], dim=-1).to(DEVICE)
+    got = qkv_rope_triton(qkv, angles.cos(), angles.sin(), H, Hkv)
+    want = ops.qkv_rope_torch(qkv, angles.cos(), angles.sin(), H, Hkv)
+    for g, w, heads in zip(got, want, (H, Hkv, Hkv)):
+        assert g.dtype == dtype and g.shape == (T, heads, D) and g.is_contiguous()
+    torch.testing.assert_close(got[0].float(), want[0].float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(got[1].float(), want[1].float(), atol=tol, rtol=tol)
+    assert torch.equal(got[2], want[2])  # v is copied, never rounded
+    # the reference itself: the separate rotations of the split projection
+    q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+    assert torch.equal(want[0], ops.rope_torch(q.reshape(T, H, D), angles.cos(), angles.sin()))
+    assert torch.equal(want[1], ops.rope_torch(k.reshape(T, Hkv, D), angles.cos(), angles.sin()))
+    assert torch.equal(want[2], v.reshape(T, Hkv, D))
+    assert T == 0 or want[2].data_ptr() != qkv.data_ptr()  # a copy, never a view of the input
