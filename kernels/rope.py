@@ -15,6 +15,8 @@ import triton.language as tl
 
 from ._launch import next_pow2
 
+QKV_HEADS_PER_PROGRAM = 8  # qkv_rope: heads per program (a [8, D/2] tile per half); more heads, more programs
+
 
 @triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, H, HALF, stride_xt, stride_xh, stride_ct,
@@ -53,7 +55,9 @@ def rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 def _qkv_rope_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, HQ, HKV, HALF, stride_t, stride_ct,
                      BH: tl.constexpr, BHALF: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    h = tl.arange(0, BH)[:, None]  # head of the fused projection: q heads, then k's, then v's
+    # BH heads of the fused projection per program (q heads, then k's, then v's): a small tile keeps
+    # the rotation in registers for any head count (36 heads would otherwise pad to a 64-row tile)
+    h = tl.program_id(1) * BH + tl.arange(0, BH)[:, None]
     j = tl.arange(0, BHALF)[None, :]
     D = 2 * HALF
     jm = j < HALF
@@ -98,6 +102,8 @@ def qkv_rope_triton(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hea
     k = torch.empty((T, kv_heads, D), dtype=qkv.dtype, device=qkv.device)
     v = torch.empty_like(k)
     if T:
-        _qkv_rope_kernel[(T,)](qkv, cos, sin, q, k, v, heads, kv_heads, D // 2, qkv.stride(0), cos.stride(0),
-                               BH=next_pow2(heads + 2 * kv_heads), BHALF=next_pow2(D // 2))
+        total = heads + 2 * kv_heads
+        BH = min(QKV_HEADS_PER_PROGRAM, next_pow2(total))
+        _qkv_rope_kernel[(T, triton.cdiv(total, BH))](qkv, cos, sin, q, k, v, heads, kv_heads, D // 2, qkv.stride(0),
+                                                     cos.stride(0), BH=BH, BHALF=next_pow2(D // 2))
     return q, k, v

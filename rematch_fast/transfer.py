@@ -64,6 +64,9 @@ class HostCopy:
 
     def __init__(self, tensors: Sequence[torch.Tensor]):
         self.event = None
+        devices = {t.device for t in tensors}
+        if len(devices) > 1:  # one event marks the copies of one device's stream
+            raise ValueError(f"HostCopy takes tensors of one device, got {sorted(map(str, devices))}")
         if not any(t.is_cuda for t in tensors):
             self.tensors = list(tensors)
             return
@@ -72,9 +75,8 @@ class HostCopy:
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             host.copy_(t, non_blocking=True)
             self.tensors.append(host)
-        device = next(t.device for t in tensors if t.is_cuda)
         self.event = torch.cuda.Event()
-        self.event.record(torch.cuda.current_stream(device))
+        self.event.record(torch.cuda.current_stream(devices.pop()))
 
     def wait(self) -> list[torch.Tensor]:
         """The host tensors, once their copies are done (waits for them, not for later work)."""

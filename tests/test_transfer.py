@@ -61,6 +61,11 @@ def test_host_copy_of_host_tensors_hands_them_back():
     assert a is t and torch.equal(b, t[:2])
 
 
+def test_host_copy_refuses_tensors_of_several_devices():
+    with pytest.raises(ValueError, match="one device"):
+        HostCopy([torch.ones(2), torch.ones(2, device="meta")])
+
+
 def test_cu_seqlens_host():
     assert cu_seqlens_host([3, 1, 4]).tolist() == [0, 3, 4, 8]
     assert cu_seqlens_host([3]).dtype == torch.int32

@@ -20,6 +20,7 @@ from ..model.loader import load_model
 from ..model.quant import check_fits, check_preset, quantize_linears
 from ..ops import select_ops
 from ..sequence import Sequence
+from ..transfer import to_device
 from .base import INPUT_KINDS
 
 
@@ -149,7 +150,8 @@ class FastBackend:
         batch = PackedBatch([seqs[i] for i in order], self.device, self.image_token_id, layout)
         last = self.last_hidden(batch, prefix=kv, rows=batch.readout[:, -1])
         logits = torch.empty(len(seqs), 2, dtype=torch.float32, device=last.device)
-        logits[order] = (last @ self.model.output_rows(answer_ids).T).float()
+        rows = to_device([torch.tensor(order)], last.device)[0]  # a list index would be a blocking copy
+        logits[rows] = (last @ self.model.output_rows(answer_ids).T).float()
         return logits
 
 

@@ -13,6 +13,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from ..transfer import to_device
 from .batch import AttentionPlan
 
 
@@ -82,7 +83,7 @@ def _padded_sdpa(q, k, v, plan: AttentionPlan, causal: bool) -> torch.Tensor:
     L = plan.max_seqlen
     qp, kp, vp = padded(q, plan), padded(k, plan), padded(v, plan)
     gqa = q.shape[1] != k.shape[1]
-    lens = torch.tensor(plan.host_lengths(), device=q.device)
+    lens = to_device([torch.tensor(plan.host_lengths())], q.device)[0]  # non-blocking (rematch_fast.transfer)
     keep = None if causal else torch.arange(L, device=q.device)[None, :] < lens[:, None]  # [B, L] real keys
     out = torch.empty_like(qp)  # rows past a sequence's end are never read back
     for a, b, n in groups:

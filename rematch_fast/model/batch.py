@@ -76,9 +76,9 @@ class AttentionPlan:
         if self._padding is None:
             lens = self.host_lengths()
             dev = self.cu_seqlens.device
-            seq = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens)).to(dev)  # [T]
-            pos = torch.cat([torch.arange(n) for n in lens]).to(dev)  # [T]
-            self._padding = (length_groups(lens), seq, pos)
+            seq = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))  # [T]
+            pos = torch.cat([torch.arange(n) for n in lens])  # [T]
+            self._padding = (length_groups(lens), *to_device([seq, pos], dev))
         return self._padding
 
 
@@ -111,7 +111,7 @@ class PackedBatch:
             if ends[-1] != len(seqs):
                 raise ValueError(f"the prefixes cover {ends[-1]} sequences, the batch holds {len(seqs)}")
             rows = [sum(lens[a:b]) for a, b in zip([0] + ends, ends)]
-            prefix_layout = PrefixLayout.build(rows, [p for _, p in prefixes], device)
+            prefix_layout = PrefixLayout.build(rows, [p for _, p in prefixes], "cpu")  # its bounds join the copy
         # everything on the host first, then one non-blocking copy (rematch_fast.transfer): building
         # this batch never waits for the batches still queued on the device
         ids = torch.cat([s.input_ids for s in seqs])  # [T]
@@ -126,7 +126,11 @@ class PackedBatch:
                 if s.soft_embeds is not None]
         if soft:
             host["soft_rows"] = torch.cat([r for r, _ in soft])
+        if prefix_layout is not None:
+            host["cu_q"], host["cu_k"] = prefix_layout.cu_q, prefix_layout.cu_k
         moved = dict(zip(host, to_device(list(host.values()), device)))
+        if prefix_layout is not None:
+            prefix_layout.cu_q, prefix_layout.cu_k = moved["cu_q"], moved["cu_k"]
         self.ids, self.positions, self.readout = moved["ids"], moved["positions"], moved["readout"]
         self.plan = AttentionPlan(moved["cu_seqlens"], max(lens), lens, prefix_layout)
         self.pixels, self.image_rows = moved.get("pixels"), moved.get("image_rows")

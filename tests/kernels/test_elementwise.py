@@ -74,10 +74,11 @@ def test_rope(T, H, D, layout, dtype, tol):
 
 @pytest.mark.parametrize("dtype, tol", DTYPES)
 @pytest.mark.parametrize("T, H, Hkv, D, gap", [(1, 4, 2, 16, 0), (23, 12, 2, 128, 0), (9, 16, 16, 80, 8),
-                                               (6, 3, 1, 40, 3), (0, 2, 1, 8, 0)])
+                                               (6, 3, 1, 40, 3), (4, 28, 4, 64, 2), (0, 2, 1, 8, 0)])
 def test_qkv_rope(T, H, Hkv, D, gap, dtype, tol):
-    """Split, rotary and v's dense copy in one pass: decoder GQA shapes, the vision tower's (H = Hkv),
-    heads that are not powers of two, rows with a gap after them, no rows at all."""
+    """Split, rotary and v's dense copy in one pass: decoder GQA shapes (7B's 28 + 2 x 4 heads span
+    five programs, the last one partly), the vision tower's (H = Hkv), head counts that are not powers
+    of two, rows with a gap after them, no rows at all."""
     width = (H + 2 * Hkv) * D
     qkv = _randn(T, width + gap, seed=T * H + D, dtype=dtype, scale=2.0)[:, :width]
     angles = torch.rand(T, D // 2, generator=torch.Generator().manual_seed(D + 1)) * 50
