@@ -183,3 +183,16 @@ def test_to_device_and_host_copy_on_cuda():
     assert all(torch.equal(a.cpu(), b) for a, b in zip(moved, host))
     back = HostCopy(moved[:2]).wait()
     assert all(t.is_pinned() and torch.equal(t, b) for t, b in zip(back, host))
+
+
+def test_compiled_layers_on_cuda_trace_the_custom_ops(tiny_paths):
+    """Eager calls reach the Triton kernels directly (ops.eager_on_cuda); traced by torch.compile,
+    the same layers see the custom ops and their fakes, and give the same embeddings."""
+    from rematch_fast.model.decoder import compile_layers
+
+    path, texts = tiny_paths["qwen2.5-vl"], ["a short text", "another, longer text " * 8, "x"]
+    eager = ReMatch.from_pretrained(path, backend="fast", device="cuda", dtype=torch.float32, latency_buckets=())
+    traced = ReMatch.from_pretrained(path, backend="fast", device="cuda", dtype=torch.float32, latency_buckets=())
+    compile_layers(traced.backend.model.decoder, backend="aot_eager")  # traced, no code generation
+    torch.testing.assert_close(traced.embed(texts, side="document"), eager.embed(texts, side="document"),
+                               atol=1e-4, rtol=0)

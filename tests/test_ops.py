@@ -69,6 +69,35 @@ def test_the_choice_is_made_once_by_device_and_kernels():
     assert similarity.select_topk("auto", "cuda") is similarity.topk_keys_op
 
 
+def test_eager_calls_reach_the_cuda_kernel_directly_and_traced_calls_the_custom_op(monkeypatch):
+    """kernels="auto" on CUDA: in eager mode the Triton kernel without the dispatcher's round trip,
+    under torch.compile the custom op (whose fake the tracer needs), on other devices the op."""
+    class OnCuda:
+        is_cuda = True
+
+    def op(*args):
+        return "custom op"
+
+    monkeypatch.setitem(ops._CUDA_IMPLS, op, lambda *args: "kernel")
+    call = ops.eager_on_cuda(op)
+    assert call(OnCuda(), 1.0) == "kernel"
+    assert call(torch.ones(2)) == "custom op"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert call(OnCuda(), 1.0) == "custom op"
+    # every op of the set goes through it, each with its own CUDA implementation
+    assert all(ops._CUDA_IMPLS.get(o) for o in (ops.pool_learnable_op, ops.rms_norm_op, ops.silu_mul_op, ops.rope_op,
+                                                ops.merge_state_op, ops.add_rms_norm_op, ops.qkv_rope_op))
+    x = _rand(4, 2 * 8, seed=12)
+    assert torch.equal(ops.CUSTOM_OPS.silu_mul(x), ops.silu_mul_torch(x))  # CPU tensors: the op, its reference
+
+
+def test_the_eager_wrappers_trace_whole_under_torch_compile():
+    """No graph break: dynamo reads the device and is_compiling() and traces the custom op."""
+    f = torch.compile(lambda x: ops.CUSTOM_OPS.silu_mul(x) * 2, backend="aot_eager", fullgraph=True)
+    x = _rand(3, 2 * 16, seed=13)
+    torch.testing.assert_close(f(x), ops.silu_mul_torch(x) * 2, atol=1e-6, rtol=0)
+
+
 def test_models_and_indexes_hold_the_ops_they_were_built_with(tiny_paths):
     fast = ReMatch.from_pretrained(tiny_paths["qwen2.5-vl"], backend="fast", kernels="torch")
     layers = [m for m in fast.backend.model.modules() if hasattr(m, "ops")]
