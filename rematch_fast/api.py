@@ -1,6 +1,7 @@
 """The public model API. Every backend implements it unchanged."""
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import pipeline
-from .pipeline import check_finite, nonfinite_rows
+from .pipeline import InFlight, check_finite, nonfinite_rows
 from .backends import PrefixBackend, create_backend
 from .checkpoint import check_backend_fits, open_checkpoint
 from .config import DEFAULT_DECODE_LIMIT, EMBED_BATCH_SIZE, MATCH_BATCH_SIZE, MODEL_DTYPES, check_view, parse_device, parse_dtype
@@ -174,12 +175,14 @@ class ReMatch:
         probs = torch.empty(len(seqs))
         label = (lambda i: owner[i][1]) if len(requests) == 1 else (lambda i: f"{owner[i][1]} of query {owner[i][0]}")
         with tqdm(total=len(seqs), desc="match", unit="cand", disable=not progress) as bar:
-            def collect(batch, logits):  # waits for this batch's device work
+            def collect(batch, logits, p_yes):  # on the host, once this batch's copies are done
                 check_finite(logits, [label(i) for i in batch], "the answer logits of candidate")
-                probs[batch] = torch.softmax(logits, dim=-1)[:, 0].cpu()
+                probs[batch] = p_yes
                 bar.update(len(batch))
 
-            in_flight = None  # one batch queued on the device while the next one's inputs are built
+            # batches stay queued on the device while the next one's inputs are built; results come
+            # back through pinned copies that wait for their own batch only (pipeline.InFlight)
+            queue = InFlight()
             for batch in self._batches([len(s) for s in seqs], batch_tokens, batch_size):
                 part = [seqs[i] for i in batch]
                 if shared:  # one prefix for the whole batch, or one per candidate when queries mix
@@ -188,11 +191,8 @@ class ReMatch:
                     logits = self.backend.answer_logits(part, answers, prefix=prefix)
                 else:
                     logits = self.backend.answer_logits(part, answers)
-                if in_flight is not None:
-                    collect(*in_flight)
-                in_flight = (batch, logits)
-            if in_flight is not None:
-                collect(*in_flight)
+                queue.submit([logits, torch.softmax(logits, dim=-1)[:, 0]], functools.partial(collect, batch))
+            queue.drain()
         ends = list(itertools.accumulate(counts))
         return [MatchResult(probs[a:b], path) for a, b in zip([0] + ends, ends)]
 

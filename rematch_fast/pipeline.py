@@ -150,16 +150,16 @@ class InFlight:
         self.depth = depth
         self.waiting: deque = deque()
 
-    def submit(self, result: Embeddings, read) -> None:
-        """`read(Embeddings on the host)` runs once this result is back, in submission order."""
-        self.waiting.append((HostCopy([result.unit, result.norm]), read))
+    def submit(self, result: Seq[torch.Tensor], read) -> None:
+        """`read(*result on the host)` runs once these tensors are back, in submission order."""
+        self.waiting.append((HostCopy(result), read))
         while len(self.waiting) > self.depth:
             self.read_oldest()
 
     @torch.inference_mode()
     def read_oldest(self) -> None:
         copy, read = self.waiting.popleft()
-        read(Embeddings(*copy.wait()))
+        read(*copy.wait())
 
     def drain(self) -> None:
         while self.waiting:
@@ -216,10 +216,11 @@ class BatchStream:
     def _submit(self, batch: list[tuple[int, PreparedItem, int]]) -> None:
         pre = self.model.preprocessor
         pooled = self.model.backend.pooled([pre.embed_sequence(p, self.side, self.tokens) for _, p, _ in batch])
-        self.queue.submit(pooled, functools.partial(self._read, [i for i, _, _ in batch], sum(n for *_, n in batch)))
+        self.queue.submit([pooled.unit, pooled.norm],
+                          functools.partial(self._read, [i for i, _, _ in batch], sum(n for *_, n in batch)))
 
-    def _read(self, rows: list[int], tokens: int, pooled: Embeddings) -> None:  # pooled: on the host
-        self.unit[rows], self.norm[rows] = pooled.unit, pooled.norm
+    def _read(self, rows: list[int], tokens: int, unit: torch.Tensor, norm: torch.Tensor) -> None:  # on the host
+        self.unit[rows], self.norm[rows] = unit, norm
         check_finite(self.unit[rows], rows, "the embedding of item")
         if self.bar is not None:
             self.bar.update(len(rows))

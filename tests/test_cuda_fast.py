@@ -196,3 +196,27 @@ def test_compiled_layers_on_cuda_trace_the_custom_ops(tiny_paths):
     compile_layers(traced.backend.model.decoder, backend="aot_eager")  # traced, no code generation
     torch.testing.assert_close(traced.embed(texts, side="document"), eager.embed(texts, side="document"),
                                atol=1e-4, rtol=0)
+
+
+def test_a_match_batch_is_submitted_without_waiting_for_the_device(tiny_paths):
+    """Generative matching's batches, one prefix for all or candidates of several prefixes mixed
+    (their reorder included), are queued without a host-device synchronization."""
+    from rematch_fast.transfer import HostCopy
+
+    m = ReMatch.from_pretrained(tiny_paths["qwen2.5-vl"], backend="fast", device="cuda", dtype=torch.bfloat16)
+    pre = m.preprocessor
+    prefix_seq, next_pos = pre.match_prefix(m.prepare("a query about rivers"))
+    docs = [m.prepare(x) for x in ("river", "bread and the market " * 5, Item(image=random_image(61, 45, seed=43)))]
+    seqs = [pre.match_suffix(d, next_pos) for d in docs]
+    one, other = m.backend.prefill(prefix_seq), m.backend.prefill(prefix_seq)  # two prefixes (by identity)
+    for prefix in (one, [one, other, one]):
+        m.backend.answer_logits(seqs, pre.answer_ids, prefix=prefix)  # first use: Triton compilation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        copies = [HostCopy([m.backend.answer_logits(seqs, pre.answer_ids, prefix=prefix)])
+                  for prefix in (one, [one, other, one])]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    same, mixed = (c.wait()[0] for c in copies)
+    torch.testing.assert_close(mixed, same, atol=2e-2, rtol=0)

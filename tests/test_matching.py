@@ -74,6 +74,24 @@ def test_one_candidate_and_many_batches_against_one_prefill(models, fast_models,
     torch.testing.assert_close(got, ref.match(query, docs), atol=ATOL, rtol=0)
 
 
+def test_match_batches_stay_queued_before_a_result_is_read(models, fast_models, monkeypatch):
+    """Like embedding: batch i's answer logits are read back only after batch i + IN_FLIGHT was
+    submitted (no read in between drains the device), and every probability lands in input order."""
+    from rematch_fast import api, pipeline
+
+    fast = fast_models["qwen2-vl"]
+    events = []
+    logits, check = fast.backend.answer_logits, api.check_finite
+    monkeypatch.setattr(fast.backend, "answer_logits", lambda *a, **k: events.append("submit") or logits(*a, **k))
+    monkeypatch.setattr(api, "check_finite", lambda *a: events.append("read") or check(*a))
+    docs = [f"candidate number {i}" for i in range(10)]
+    got = fast.match("a query", docs, batch_size=2)
+    assert pipeline.IN_FLIGHT == 2
+    assert events == ["submit"] * 3 + ["read", "submit"] * 2 + ["read"] * 3
+    monkeypatch.undo()
+    torch.testing.assert_close(got, models["qwen2-vl"].match("a query", docs), atol=ATOL, rtol=0)
+
+
 def test_several_queries(models, fast_models):
     ref, fast = models["qwen2-vl"], fast_models["qwen2-vl"]
     docs = _docs(seed=41)[:4]

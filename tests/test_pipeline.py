@@ -107,12 +107,10 @@ def test_a_chunks_last_partial_batch_is_filled_from_the_next_chunk(models, monke
 
 
 def test_in_flight_reads_in_submission_order_and_drains():
-    from rematch_fast.embeddings import Embeddings
-
     read = []
     queue = pipeline.InFlight(depth=2)
     for i in range(5):
-        queue.submit(Embeddings(torch.full((1, 2), float(i)), torch.ones(1)), lambda e: read.append(int(e.unit[0, 0])))
+        queue.submit([torch.full((1, 2), float(i)), torch.ones(1)], lambda unit, norm: read.append(int(unit[0, 0])))
         assert len(queue.waiting) == min(i + 1, 2)
     assert read == [0, 1, 2]
     queue.drain()
