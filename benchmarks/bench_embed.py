@@ -12,8 +12,11 @@
   fast-buckets  (W5, CPU) the same with latency_buckets=(64, 128, 256): static shapes, padded eagerly
   fast-eager    (W5, GPU) the same with latency_buckets=(): the eager path the buckets replace
   fast-compiled (W1, W1e, with --compiled) every decoder layer through torch.compile (on a GPU
-             mode="max-autotune-no-cudagraphs"), attention eager: the measured alternative to the
-             hand-fused kernels; its compile time is spent in the warm-up, outside the timing
+             mode="max-autotune-no-cudagraphs"), attention eager, the hand-written kernels kept
+             (opaque custom ops to the compiler); compile time is spent in the warm-up, untimed
+  fast-inductor (W1, W1e, with --compiled) the same with kernels="torch": the layers' norms, rotary
+             and SwiGLU gate as plain torch, so that inductor fuses them itself (into its own
+             kernels or its GEMM templates' epilogues): the measured alternative to the hand-fused path
 
 W1: ragged texts (16..256 tokens, arrival order), useful tokens/s. W1e: all 128 tokens. Both also
 report processed tokens/s (template, item and learnable tokens: what the model runs) and, on CUDA,
@@ -145,7 +148,9 @@ def main(argv=None) -> str:
     ap.add_argument("--model", nargs="+", help=f"from {sorted(MODELS)} (default: tiny mid on CPU, 3b on GPU)")
     ap.add_argument("--out")
     ap.add_argument("--compiled", action="store_true",
-                    help="also fast-compiled on W1 / W1e (torch.compile of the decoder layers; minutes of autotuning on a GPU)")
+                    help="also fast-compiled and fast-inductor on W1 / W1e (torch.compile of the decoder layers; "
+                         "minutes of autotuning on a GPU)")
+    ap.add_argument("--name", default="embed", help="the results' file name in --out (default: embed)")
     ap.add_argument("--docs", type=int, help="texts in W1 / W1e (default: 4096 on a GPU, 128 on the CPU)")
     ap.add_argument("--images", type=int, help="images in W2 (default: 64 of 448x448 on a GPU, 8 of 224x224 on the CPU)")
     ap.add_argument("--with-reference", action="store_true",
@@ -156,7 +161,8 @@ def main(argv=None) -> str:
     ap.add_argument("--workloads", nargs="+", choices=["W1", "W1e", "W2", "W5"], default=["W1", "W1e", "W2", "W5"],
                     help="which workloads to run (default: all)")
     ap.add_argument("--profile", action="store_true",
-                    help="also profile `fast` on 512 W1e texts (embed_profile_<model>.txt)")
+                    help="also profile `fast` (and with --compiled its compiled variants) on 512 W1e texts "
+                         "(<name>_profile_<model>[_variant].txt)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if args.gpu else "cpu")
     dtype = torch.bfloat16 if args.gpu else torch.float32
@@ -165,7 +171,7 @@ def main(argv=None) -> str:
     ceil = ceilings(dev)
     print(f"# {ceil['device']}: copy {ceil['copy_GBps']:.0f} GB/s, {ceil['gemm_dtype']} GEMM {ceil['gemm_TFLOPs']:.3g} TFLOP/s")
     flops_per_s = ceil["gemm_TFLOPs"] * 1e12
-    res = Results(args.out, "embed")
+    res = Results(args.out, args.name)
     for name in args.model or (["3b"] if args.gpu else ["tiny", "mid"]):
         arch, sizes = MODELS[name]
         with tempfile.TemporaryDirectory() as tmp:
@@ -178,8 +184,10 @@ def main(argv=None) -> str:
             # the same engine with the embed template's prefix recomputed in every sequence (the gain of sharing it)
             noshare = ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, share_prefix=False)
             mode = "max-autotune-no-cudagraphs" if dev.type == "cuda" else "default"
-            compiled = (ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, compile=mode)
-                        if args.compiled else None)
+            # no latency buckets: a throughput comparison, and no CUDA-graph capture of compiled code
+            compiled = {p: ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, compile=mode,
+                                                   kernels=kernels, latency_buckets=())
+                        for p, kernels in (("fast-compiled", "auto"), ("fast-inductor", "torch")) if args.compiled}
         lm_params, vision_params = parameter_counts(fast)
         iters = args.iters or (CPU_TINY_ITERS if name == "tiny" and not args.gpu else scale["iters"])
         tok = fast.preprocessor.tok.text
@@ -209,9 +217,8 @@ def main(argv=None) -> str:
             warm = texts[: scale["warm_docs"]]
             warmers = [hf_text_runner(ref, warm, scale["hf_text_batch"], dev), lambda: ref.encode(warm, side="document"),
                        lambda: fast.encode(warm, side="document")]
-            if compiled is not None:  # torch.compile's work (its autotuning on a GPU) happens here, untimed
-                warmers += [lambda: compiled.encode(warm, side="document"),
-                            lambda: compiled.encode(texts, side="document")]
+            for m in compiled.values():  # torch.compile's work (its autotuning on a GPU) happens here, untimed
+                warmers += [lambda m=m: m.encode(warm, side="document"), lambda m=m: m.encode(texts, side="document")]
             for fn in warmers:
                 fn()  # kernels compiled, allocator settled, on a slice (the whole set takes long on hf)
             providers = {"hf": hf_text_runner(ref, texts, scale["hf_text_batch"], dev),
@@ -219,18 +226,20 @@ def main(argv=None) -> str:
                          "fast": lambda: fast.encode(texts, side="document")}
             if wl == "W1e":
                 providers["fast-noshare"] = lambda: noshare.encode(texts, side="document")
-            if compiled is not None:
-                providers["fast-compiled"] = lambda: compiled.encode(texts, side="document")
+            for p, m in compiled.items():
+                providers[p] = lambda m=m: m.encode(texts, side="document")
             if args.gpu and not args.with_reference:
                 del providers["reference"]
             ms = interleaved_median_ms(providers, dev, iters=iters, warmup=0)
-            if args.profile and wl == "W1e":
-                text = profile_table(lambda: fast.encode(texts[:512], side="document"), dev)
-                print(text)
-                if args.out:
-                    (Path(args.out) / f"embed_profile_{name}.txt").write_text(text)
+            if args.profile and wl == "W1e":  # where the time goes: fast, and each compiled variant
+                for p, m in {"fast": fast, **compiled}.items():
+                    text = profile_table(lambda m=m: m.encode(texts[:512], side="document"), dev)
+                    print(f"# profile of {p}\n{text}")
+                    if args.out:
+                        suffix = "" if p == "fast" else "_" + p.removeprefix("fast-")
+                        (Path(args.out) / f"{args.name}_profile_{name}{suffix}.txt").write_text(text)
             extra = {p: {"processed_tokens_per_s": processed / t * 1e3} for p, t in ms.items() if p != "hf"}
-            for p in ("fast", "fast-noshare", "fast-compiled"):  # the share of the wall time the GPU is busy (CUDA)
+            for p in ("fast", "fast-noshare", *compiled):  # the share of the wall time the GPU is busy (CUDA)
                 if p in providers and (busy := busy_fraction(providers[p], dev)) is not None:
                     extra[p]["busy"] = busy
             record(wl, len(texts), {p: useful / t * 1e3 for p, t in ms.items()}, "tokens/s",
