@@ -31,7 +31,12 @@ def inverse_frequencies(cfg: TextConfig, device=None) -> torch.Tensor:
 
 
 @torch.compiler.disable  # under torch.compile (compile_layers) attention's planning and kernels stay as written
-def _attention(q, k, v, plan: AttentionPlan, prefix: tuple | None, merge_state) -> torch.Tensor:
+def _attention(q, k, v, plan: AttentionPlan, prefix: tuple | None, merge_state,
+               capture: PrefixKV | None = None) -> torch.Tensor:
+    # recorded here, outside the traced code: traced, the append would guard on the list's length,
+    # one recompile per layer, and 36 layers pass torch.compile's recompile limit (then all run eager)
+    if capture is not None:
+        capture.layers.append((k, v))
     if prefix is None:
         return varlen_attention(q, k, v, plan, causal=True)
     return cascade_attention(q, k, v, plan, *prefix, merge_state)
@@ -70,9 +75,7 @@ class DecoderLayer(nn.Module):
             x, h = self.input_layernorm.add(x, delta)
         # split, rotary and v's dense rows in one step: q [T, H, Dh], k and v [T, Hkv, Dh]
         q, k, v = self.qkv_rope(self.qkv_proj(h), cos, sin, self.heads, self.kv_heads)
-        if capture is not None:
-            capture.layers.append((k, v))
-        attn = _attention(q, k, v, plan, prefix, self.merge_state)
+        attn = _attention(q, k, v, plan, prefix, self.merge_state, capture)
         x, h = self.post_attention_layernorm.add(x, self.o_proj(attn.reshape(T, -1)))
         return x, self.mlp(h)
 
