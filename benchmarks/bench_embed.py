@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._dynamo
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -162,8 +163,10 @@ def main(argv=None) -> str:
                     help="which workloads to run (default: all)")
     ap.add_argument("--profile", action="store_true",
                     help="also profile `fast` (and with --compiled its compiled variants) on 512 W1e texts "
-                         "(<name>_profile_<model>[_variant].txt)")
+                         "(<name>_profile_<model>[_variant].txt; fast's timeline: <name>_trace_<model>.json.gz)")
     args = ap.parse_args(argv)
+    if args.compiled:  # a compiled layer past the recompile limit would run eager and be timed as "compiled"
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
     dev = torch.device("cuda" if args.gpu else "cpu")
     dtype = torch.bfloat16 if args.gpu else torch.float32
     scale = dict(GPU_SCALE if args.gpu else CPU_SCALE)
@@ -231,19 +234,20 @@ def main(argv=None) -> str:
             if args.gpu and not args.with_reference:
                 del providers["reference"]
             ms = interleaved_median_ms(providers, dev, iters=iters, warmup=0)
-            if args.profile and wl == "W1e":  # where the time goes: fast, and each compiled variant
-                for p, m in {"fast": fast, **compiled}.items():
-                    text = profile_table(lambda m=m: m.encode(texts[:512], side="document"), dev)
-                    print(f"# profile of {p}\n{text}")
-                    if args.out:
-                        suffix = "" if p == "fast" else "_" + p.removeprefix("fast-")
-                        (Path(args.out) / f"{args.name}_profile_{name}{suffix}.txt").write_text(text)
             extra = {p: {"processed_tokens_per_s": processed / t * 1e3} for p, t in ms.items() if p != "hf"}
             for p in ("fast", "fast-noshare", *compiled):  # the share of the wall time the GPU is busy (CUDA)
                 if p in providers and (busy := busy_fraction(providers[p], dev)) is not None:
                     extra[p]["busy"] = busy
             record(wl, len(texts), {p: useful / t * 1e3 for p, t in ms.items()}, "tokens/s",
                    flops_per_s / (2 * lm_params), ms, extra)
+            if args.profile and wl == "W1e":  # where the time goes (after the figures: a part cut short keeps them)
+                for p, m in {"fast": fast, **compiled}.items():
+                    stem = f"{args.name}_profile_{name}" + ("" if p == "fast" else "_" + p.removeprefix("fast-"))
+                    trace = Path(args.out) / f"{args.name}_trace_{name}.json.gz" if args.out and p == "fast" else None
+                    text = profile_table(lambda m=m: m.encode(texts[:512], side="document"), dev, trace=trace)
+                    print(f"# profile of {p}\n{text}")
+                    if args.out:
+                        (Path(args.out) / f"{stem}.txt").write_text(text)
 
         if "W2" in args.workloads:
             w2(fast, ref, scale, iters, dev, flops_per_s, lm_params, vision_params, record)

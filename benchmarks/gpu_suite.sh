@@ -58,9 +58,10 @@ run_part() {  # name, log file, command...: the command under the part's time li
 }
 
 if [ "${2:-}" = "--tests" ]; then
-    # in parallel where pytest-xdist is installed (the tests' GPU work is small)
-    workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
-    run_part tests "$out/tests.log" python3 -m pytest -q -p no:cacheprovider $workers --durations=15 \
+    # in parallel where pytest-xdist is installed (the tests' GPU work is small); -v names each result
+    # as it comes, so a part cut short by its limit still says which tests failed
+    workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+    run_part tests "$out/tests.log" python3 -m pytest -v -p no:cacheprovider $workers --tb=short --durations=15 \
         tests/test_cuda.py tests/test_cuda_fast.py tests/test_ops.py \
         tests/test_attention.py tests/kernels tests/test_matching.py \
         "tests/test_fast.py::test_bf16_on_cuda_follows_the_flash_tolerance_rule" \
@@ -69,6 +70,7 @@ if [ "${2:-}" = "--tests" ]; then
         "tests/test_search.py::test_streamed_shards_on_cuda_equal_the_resident_index" \
         "tests/test_search.py::test_k_up_to_2048_on_cuda_then_a_clear_error" \
         "tests/test_corpus.py::test_store_shards_streamed_to_cuda_equal_the_resident_index"
+    grep -E "(FAILED|ERROR) tests/" "$out/tests.log"
     tail -15 "$out/tests.log"
     grep -q " passed" "$out/tests.log" || status=1  # and some test really ran
 fi

@@ -2,9 +2,12 @@
 memory, and results as JSONL plus a Markdown table."""
 from __future__ import annotations
 
+import gzip
 import json
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,8 +59,9 @@ def peak_extra_mb(fn, device: torch.device) -> float | None:
 def busy_fraction(fn, device: torch.device) -> float | None:
     """The fraction of one call's wall time during which some kernel runs on the device (the union
     of the kernels' intervals, so streams that overlap count once), from torch's profiler; CUDA only.
-    Less than 1: the device waits on the host (launches, copies, synchronizations). The profiler's
-    own overhead slows the host a little, so this is a lower bound."""
+    Less than 1: the device waits on the host (launches, copies, synchronizations). Only the device
+    side is recorded: recording every host operator too would add host work per operator, which
+    shows as idle device time; what overhead remains makes this a lower bound."""
     if device.type != "cuda":
         return None
     from torch.autograd import DeviceType
@@ -65,7 +69,7 @@ def busy_fraction(fn, device: torch.device) -> float | None:
 
     fn()  # warm
     sync(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t = time.perf_counter()
         fn()
         sync(device)
@@ -85,9 +89,11 @@ def union_length(spans: list[tuple[float, float]]) -> float:
 
 
 @torch.inference_mode()
-def profile_table(fn, device: torch.device, rows: int = 20) -> str:
+def profile_table(fn, device: torch.device, rows: int = 20, trace: Path | None = None) -> str:
     """One call of fn under torch's profiler: the operators (and, on CUDA, kernels) that took the
-    most time, as text. For finding what bounds a provider, not for figures."""
+    most time, as text. For finding what bounds a provider, not for figures. `trace`: also write
+    the timeline there, gzipped Chrome trace JSON (chrome://tracing, Perfetto): where the device
+    sits idle and what the host does meanwhile."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()  # warm: compiled kernels and caches are not what we look for
@@ -95,6 +101,12 @@ def profile_table(fn, device: torch.device, rows: int = 20) -> str:
     with profile(activities=activities) as prof:
         fn()
         sync(device)
+    if trace is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = Path(tmp) / "trace.json"
+            prof.export_chrome_trace(str(raw))
+            with raw.open("rb") as src, gzip.open(trace, "wb") as dst:
+                shutil.copyfileobj(src, dst)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 

@@ -6,11 +6,12 @@ smallest length bucket that holds its longest sequence: each sequence is
 padded at its end (causal attention: the padding never reaches its real
 tokens) and spare rows repeat the first sequence. Equal row lengths make
 attention one dense SDPA call. With the embed template's shared prefix (the
-fast backend's default), the rows are the suffixes after it and attend to its
-cached keys and values through the cascade. On CUDA each (B, L) shape is captured once as
-a CUDA graph at its first use and then replayed, which removes the
-per-kernel launch cost that dominates a 48-token query; elsewhere the same
-padded forward runs eagerly.
+fast backend's default), a batch of several queries is laid out as the
+suffixes after it, which attend to its cached keys and values through the
+cascade; a single query runs whole (the fast backend's choice: see its pooled).
+On CUDA each (B, L) shape is captured once as a CUDA graph at its first use
+and then replayed, which removes the per-kernel launch cost that dominates a
+48-token query; elsewhere the same padded forward runs eagerly.
 """
 from __future__ import annotations
 

@@ -33,7 +33,9 @@ class QwenVL(nn.Module):
     def output_rows(self, ids) -> torch.Tensor:
         """Rows of the LM head (the embedding matrix when tied): [len(ids), d]."""
         w = self.decoder.embed_tokens.weight if self.cfg.text.tie_word_embeddings else self.lm_head.weight
-        return w[list(ids)]
+        # row by row: indexing with a list would copy it to the device from pageable memory, a blocking
+        # copy that drains the queued match batches (found by test_cuda_fast's sync-debug test on an H200)
+        return torch.stack([w[int(i)] for i in ids])
 
 
 def _our_name(key: str) -> str | None:

@@ -300,6 +300,14 @@ MUTANTS: list[Mutant] = [
       "readout=torch.stack([start + s.readout for start, s in zip(starts, seqs)]),",
       "readout=torch.stack([s.readout for start, s in zip(starts, seqs)]),",
       "tests/test_transfer.py::test_packed_batch_matches_the_sequences_it_packs"),
+    M("single-query-continues-the-prefix", "model", "rematch_fast/backends/fast.py",
+      "if len(seqs) == 1 and self.latency is not None", "if False and self.latency is not None",
+      "tests/test_fast.py::test_latency_buckets_give_the_same_embeddings"),
+    M("compiled-layers-record-the-prefix-in-traced-code", "model", "rematch_fast/model/decoder.py",
+      "        attn = _attention(q, k, v, plan, prefix, self.merge_state, capture)\n",
+      "        capture is not None and capture.layers.append((k, v))\n"
+      "        attn = _attention(q, k, v, plan, prefix, self.merge_state, None)\n",
+      "tests/test_fast.py::test_compiled_layers_equal_the_hand_fused_ones"),
 ]
 
 
