@@ -8,7 +8,8 @@
   fast       rematch_fast backend="fast" as from_pretrained gives it (own model, packed batches,
              token-budget scheduler; on CUDA, CUDA-graph latency buckets for small text batches)
   fast-noshare  (W1e, W5) the same with share_prefix=False: the embed template's part before the item
-             recomputed in every sequence instead of computed once and shared
+             recomputed in every sequence instead of computed once and shared (on W5 with latency
+             buckets, as on CUDA, `fast` runs the single query whole too: the same path)
   fast-buckets  (W5, CPU) the same with latency_buckets=(64, 128, 256): static shapes, padded eagerly
   fast-eager    (W5, GPU) the same with latency_buckets=(): the eager path the buckets replace
   fast-compiled (W1, W1e, with --compiled) every decoder layer through torch.compile (on a GPU
