@@ -5,8 +5,8 @@
 # embedding (the CLI against encode), search (W4), pooling, low precision (W6 and the presets on the
 # whole model).
 # Budget: at most 18.4 minutes on one 80 GB card (the parts' limits; --tests adds at most 4): past
-# a 10-minute call limit, run it in calls with PARTS (below), e.g. "embed compile" with --tests, then
-# "match search", then "images corpus pooling quant";
+# a 10-minute call limit, run it in calls with PARTS (below), e.g. "embed" with --tests, then
+# "compile match", then "search images corpus pooling quant" (each call within 10 minutes);
 # each part runs under its own time limit (PART_LIMITS below), so one hang cannot starve the others.
 # Usage: benchmarks/gpu_suite.sh OUT_DIR [--tests]   (run from the repository root)
 #   --tests  first run the CUDA-only tests (kernels, fast engine, CUDA graphs), under their own limit
