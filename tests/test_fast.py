@@ -237,7 +237,7 @@ def test_embed_template_prefix_is_computed_once_per_side(models, tiny_paths, arc
     assert calls[0] == fast.preprocessor.embed_sequence(fast.prepare("x"), "query", fast.head.query_tokens).shared_prefix
 
 
-def test_compiled_layers_equal_the_hand_fused_ones(tmp_path, monkeypatch):
+def test_compiled_layers_equal_the_hand_fused_ones(tmp_path):
     """compile= (torch.compile of every decoder layer, attention eager; inductor on the CPU here):
     the same embeddings, across batches of other shapes. Four compiled entries serve every layer
     and shape, however many layers (the first layer or the others, capturing the template prefix or
@@ -247,12 +247,12 @@ def test_compiled_layers_equal_the_hand_fused_ones(tmp_path, monkeypatch):
 
     path = make_tiny_checkpoint(tmp_path / "six", arch="qwen2-vl", seed=5, num_hidden_layers=6)
     torch._dynamo.reset()  # entries of other tests' compiled layers do not count
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 4)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     texts = [f"text {i} " * (i % 7 + 1) for i in range(20)]
     want = ReMatch.from_pretrained(path, backend="fast").encode(texts, side="document")
     m = ReMatch.from_pretrained(path, backend="fast", compile="default")
     assert all(hasattr(layer.forward, "_torchdynamo_orig_callable") for layer in m.backend.model.decoder.layers)
-    for batch_size in (7, 5):
-        torch.testing.assert_close(m.encode(texts, side="document", batch_size=batch_size).unit, want.unit,
-                                   atol=1e-5, rtol=0)
+    # config.patch, not monkeypatch: a plain setattr on dynamo's config module is not undone cleanly
+    with torch._dynamo.config.patch(recompile_limit=4, fail_on_recompile_limit_hit=True):
+        for batch_size in (7, 5):
+            torch.testing.assert_close(m.encode(texts, side="document", batch_size=batch_size).unit, want.unit,
+                                       atol=1e-5, rtol=0)
