@@ -166,8 +166,12 @@ def main(argv=None) -> str:
                     help="also profile `fast` (and with --compiled its compiled variants) on 512 W1e texts "
                          "(<name>_profile_<model>[_variant].txt; fast's timeline: <name>_trace_<model>.json.gz)")
     args = ap.parse_args(argv)
-    if args.compiled:  # a compiled layer past the recompile limit would run eager and be timed as "compiled"
-        torch._dynamo.config.fail_on_recompile_limit_hit = True
+    # a compiled layer past the recompile limit would run eager and be timed as "compiled": fail instead
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=args.compiled):
+        return run(args)
+
+
+def run(args) -> str:
     dev = torch.device("cuda" if args.gpu else "cpu")
     dtype = torch.bfloat16 if args.gpu else torch.float32
     scale = dict(GPU_SCALE if args.gpu else CPU_SCALE)
