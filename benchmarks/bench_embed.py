@@ -10,6 +10,10 @@
   fast-noshare  (W1e, W5) the same with share_prefix=False: the embed template's part before the item
              recomputed in every sequence instead of computed once and shared (on W5 with latency
              buckets, as on CUDA, `fast` runs the single query whole too: the same path)
+  fast-graphs (W1, W1e) the same with packed_graphs=True: packed batches in static shapes, replayed
+             as CUDA graphs on a GPU (run eagerly on the CPU); each shape is captured at its second
+             batch, and two untimed passes over the texts capture them all (a corpus meets the same
+             shapes again and again)
   fast-buckets  (W5, CPU) the same with latency_buckets=(64, 128, 256): static shapes, padded eagerly
   fast-eager    (W5, GPU) the same with latency_buckets=(): the eager path the buckets replace
   fast-compiled (W1, W1e, with --compiled) every decoder layer through torch.compile (on a GPU
@@ -191,6 +195,7 @@ def run(args) -> str:
             buckets = ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, latency_buckets=other[1])
             # the same engine with the embed template's prefix recomputed in every sequence (the gain of sharing it)
             noshare = ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, share_prefix=False)
+            graphs = ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, packed_graphs=True)
             mode = "max-autotune-no-cudagraphs" if dev.type == "cuda" else "default"
             # no latency buckets: a throughput comparison, and no CUDA-graph capture of compiled code
             compiled = {p: ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, compile=mode,
@@ -225,13 +230,14 @@ def run(args) -> str:
             warm = texts[: scale["warm_docs"]]
             warmers = [hf_text_runner(ref, warm, scale["hf_text_batch"], dev), lambda: ref.encode(warm, side="document"),
                        lambda: fast.encode(warm, side="document")]
-            for m in compiled.values():  # torch.compile's work (its autotuning on a GPU) happens here, untimed
+            for m in (graphs, *compiled.values()):  # captures, or torch.compile's autotuning: here, untimed
                 warmers += [lambda m=m: m.encode(warm, side="document"), lambda m=m: m.encode(texts, side="document")]
             for fn in warmers:
                 fn()  # kernels compiled, allocator settled, on a slice (the whole set takes long on hf)
             providers = {"hf": hf_text_runner(ref, texts, scale["hf_text_batch"], dev),
                          "reference": lambda: ref.encode(texts, side="document"),
-                         "fast": lambda: fast.encode(texts, side="document")}
+                         "fast": lambda: fast.encode(texts, side="document"),
+                         "fast-graphs": lambda: graphs.encode(texts, side="document")}
             if wl == "W1e":
                 providers["fast-noshare"] = lambda: noshare.encode(texts, side="document")
             for p, m in compiled.items():
@@ -240,7 +246,7 @@ def run(args) -> str:
                 del providers["reference"]
             ms = interleaved_median_ms(providers, dev, iters=iters, warmup=0)
             extra = {p: {"processed_tokens_per_s": processed / t * 1e3} for p, t in ms.items() if p != "hf"}
-            for p in ("fast", "fast-noshare", *compiled):  # the share of the wall time the GPU is busy (CUDA)
+            for p in ("fast", "fast-noshare", "fast-graphs", *compiled):  # the share of the wall time the GPU is busy (CUDA)
                 if p in providers and (busy := busy_fraction(providers[p], dev)) is not None:
                     extra[p]["busy"] = busy
             record(wl, len(texts), {p: useful / t * 1e3 for p, t in ms.items()}, "tokens/s",
@@ -258,7 +264,7 @@ def run(args) -> str:
             w2(fast, ref, scale, iters, dev, flops_per_s, lm_params, vision_params, record)
         if "W5" in args.workloads:
             w5(fast, ref, noshare, (other[0], buckets), dtype, ceil, lm_params, dev, record)
-        del ref, fast, buckets, noshare, compiled
+        del ref, fast, buckets, noshare, graphs, compiled
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     table = res.markdown(["model", "workload", "provider", "items", "value", "unit", "x_hf", "x_reference", "of_ceiling",

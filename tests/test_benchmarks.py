@@ -24,7 +24,7 @@ def test_bench_embed_small(tmp_path):
     for wl in ("W1", "W1e", "W2"):
         assert {(wl, p) for p in ("hf", "reference", "fast")} <= got
     assert {("W5", p) for p in ("hf", "reference", "fast", "fast-noshare", "fast-buckets")} <= got
-    assert ("W1e", "fast-noshare") in got
+    assert ("W1e", "fast-noshare") in got and {("W1", "fast-graphs"), ("W1e", "fast-graphs")} <= got
     assert all(r["value"] > 0 and 0 < r["of_ceiling"] for r in rows)
     assert all(r["x_hf"] == 1 for r in rows if r["provider"] == "hf")
     assert (tmp_path / "embed.md").read_text().strip() == table

@@ -1,11 +1,11 @@
-"""backend="fast" on a CUDA device: packed batches and the CUDA graphs behind latency_buckets
-(skipped where there is no GPU)."""
+"""backend="fast" on a CUDA device: packed batches and the CUDA graphs behind latency_buckets and
+packed_graphs (skipped where there is no GPU)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import random_image
-from rematch_fast import Item, ReMatch
+from rematch_fast import InputError, Item, ReMatch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is visible")
 
@@ -45,6 +45,33 @@ def test_latency_buckets_replay_cuda_graphs(tiny_paths, dtype, tol):
     assert {B for B, _, _ in captured} == {1, 2, 4, 8} and all("graph" in s for s in captured.values())
     # batches continue the shared template prefix; a single query runs whole
     assert all((s["prefix"] is not None) == (B > 1) for (B, _, _), s in captured.items())
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_packed_graphs_replay_on_cuda(tiny_paths, arch, share_prefix):
+    """Packed batches in static shapes: eager at a shape's first batch, captured at its second,
+    replayed after, with other contents each time (texts of other lengths, images)."""
+    import random
+
+    path = tiny_paths[arch]
+    plain = ReMatch.from_pretrained(path, backend="fast", device="cuda", dtype=torch.bfloat16, latency_buckets=(),
+                                    share_prefix=share_prefix)
+    m = ReMatch.from_pretrained(path, backend="fast", device="cuda", dtype=torch.bfloat16, latency_buckets=(),
+                                share_prefix=share_prefix, packed_graphs=True)
+    rng = random.Random()
+    words = ["river", "photo", "seven", "blue", "station"]
+    for round in range(4):
+        texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 60))) for _ in range(12)]
+        items = texts + ITEMS[1:3] if round % 2 else texts
+        got = m.encode(items, side="document", batch_tokens=400)
+        want = plain.encode(items, side="document", batch_tokens=400)
+        assert F.cosine_similarity(got.unit, want.unit, dim=-1).min() >= 0.999, f"round {round}, texts {texts}"
+        torch.testing.assert_close(got.norm, want.norm, atol=0, rtol=2e-2)
+    graphs = m.backend.graphs
+    assert graphs.captured >= 1 and all("out" in s for s in graphs.static.values() if "graph" in s)
+    assert sum(n - 2 for key, n in graphs.seen.items() if "graph" in graphs.static[key] and n > 2) >= 1  # replayed
+    with pytest.raises(InputError, match="bfloat16 or float16"):
+        ReMatch.from_pretrained(path, backend="fast", device="cuda", dtype=torch.float32, packed_graphs=True)
 
 
 def test_auto_kernels_on_cuda_equal_the_torch_references(tiny_paths, arch):
@@ -144,20 +171,23 @@ def test_many_queries_in_one_batch_on_cuda(models, tiny_paths, dtype, tol):
         torch.testing.assert_close(gap(result.p_yes.cpu()), gap(want), atol=tol, rtol=0)
 
 
-@pytest.mark.parametrize("buckets", [(), (64, 128, 256)])
-def test_submitting_a_batch_never_waits_for_the_device(tiny_paths, arch, buckets):
+@pytest.mark.parametrize("buckets, graphs", [((), False), ((64, 128, 256), False), ((), True)])
+def test_submitting_a_batch_never_waits_for_the_device(tiny_paths, arch, buckets, graphs):
     """Building a batch's inputs and queueing its kernels makes no host-device synchronization
     (each would drain the batches queued before it, rematch_fast.transfer); its result's copy back
     waits for that batch alone. Texts of several lengths and images (packed, varlen, the vision
-    tower), and a single query through the latency buckets (once its graph is captured)."""
+    tower), a single query through the latency buckets, the packed batch replayed as a graph
+    (each once its graph is captured)."""
     from rematch_fast.transfer import HostCopy
 
     m = ReMatch.from_pretrained(tiny_paths[arch], backend="fast", device="cuda", dtype=torch.bfloat16,
-                                latency_buckets=buckets)
+                                latency_buckets=buckets, packed_graphs=graphs)
     items = ["one short query"] if buckets else ITEMS
     tokens = m.head.tokens("document")
     seqs = [m.preprocessor.embed_sequence(m.prepare(x), "document", tokens) for x in items]
-    m.backend.pooled(seqs)  # first use: the template prefix, Triton compilation, a graph's capture
+    for _ in range(2):  # first uses: the template prefix, Triton compilation, a graph's capture
+        m.backend.pooled(seqs)
+    assert not graphs or m.backend.graphs.captured == 1
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -40,7 +40,7 @@ class FastBackend:
 
     def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, latency_buckets=None,
                  kernels="auto", share_prefix: bool = True, quantize: str | None = None,
-                 uint8_pixels: bool | None = None, compile: str | None = None):
+                 uint8_pixels: bool | None = None, compile: str | None = None, packed_graphs: bool = False):
         """latency_buckets: sequence lengths (e.g. (64, 128, 256)) for which a single text query, or
         a small batch of them, runs with static shapes, as a CUDA graph on CUDA (see latency.py).
         Default: DEFAULT_LATENCY_BUCKETS on CUDA (one query is launch-bound there), none elsewhere
@@ -56,7 +56,14 @@ class FastBackend:
         Default: on CUDA, where those bytes cross to the device.
         compile: a torch.compile mode (e.g. "max-autotune-no-cudagraphs") for every decoder layer,
         attention left eager; None (the default): the hand-fused layers as written. For measuring
-        one against the other (bench_embed.py --compiled)."""
+        one against the other (bench_embed.py --compiled).
+        packed_graphs: embedding batches that the latency buckets do not take run in static shapes,
+        captured as CUDA graphs on CUDA at a shape's second batch and replayed after (see
+        packed_graphs.py): the host no longer launches every kernel of every batch. Off by default
+        until measured on a GPU (bench_embed.py's fast-graphs row)."""
+        if compile and packed_graphs:
+            raise InputError("compile and packed_graphs cannot be combined yet: the graphs are captured from "
+                             "the hand-fused layers; choose one")
         if ckpt.quantized and quantize not in (None, ckpt.quantized):
             raise InputError(f"{ckpt.path} is pre-quantized as {ckpt.quantized}; it cannot be loaded as {quantize}")
         self.quantize = check_preset(quantize or ckpt.quantized)  # before any weight is read
@@ -89,6 +96,11 @@ class FastBackend:
             from .latency import LatencyBuckets
 
             self.latency = LatencyBuckets(self.model, latency_buckets, ckpt.special_tokens.pad, device)
+        self.graphs = None
+        if packed_graphs:
+            from .packed_graphs import PackedGraphs
+
+            self.graphs = PackedGraphs(self.model, device, dtype)
 
     @torch.inference_mode()
     def last_hidden(self, batch: PackedBatch, prefix: PrefixKV | None = None, capture: PrefixKV | None = None,
@@ -96,13 +108,17 @@ class FastBackend:
         """Packed last-layer hidden states [T, d] (or of `rows` only); see Decoder.forward."""
         if (prefix is None) != (batch.plan.prefix is None):
             raise ValueError("a batch continues a prefix exactly when it was packed with that prefix's layout")
+        return self.model.decoder(self._embeds(batch), batch.positions, batch.plan, prefix, capture, rows)
+
+    def _embeds(self, batch: PackedBatch) -> torch.Tensor:
+        """The decoder's input [T, d]: token embeddings, image features and learnable rows written in."""
         embeds = self.model.decoder.embed_tokens(batch.ids)  # [T, d]
         if batch.pixels is not None:
             feats = self.model.visual(batch.pixels, batch.grids)  # [n_image_tokens, d]
             embeds[batch.image_rows] = feats.to(embeds.dtype)
         if batch.soft_rows is not None:
             embeds[batch.soft_rows] = batch.soft_embeds.to(embeds.dtype)
-        return self.model.decoder(embeds, batch.positions, batch.plan, prefix, capture, rows)
+        return embeds
 
     def prefill(self, prefix: Sequence) -> PrefixKV:
         """Every layer's keys and values of a shared prefix, computed once."""
@@ -123,6 +139,9 @@ class FastBackend:
         if self.latency is not None and self.latency.bucket_for(seqs) is not None:
             return self.latency.pooled(seqs, prefix)
         batch = PackedBatch(seqs, self.device, self.image_token_id, _one_prefix(seqs, prefix))
+        if self.graphs is not None:
+            with torch.inference_mode():
+                return self.graphs.pooled(batch, self._embeds(batch), prefix)
         return Embeddings(*self.ops.pool_learnable(self.last_hidden(batch, prefix=prefix), batch.readout))
 
     def _template_prefix(self, seqs: list[Sequence]) -> PrefixKV | None:

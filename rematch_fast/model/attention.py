@@ -1,7 +1,7 @@
 """Variable-length attention over a packed batch: q [T, H, D], k/v [T, Hkv, D], cu_seqlens [B+1].
 
-Sequences all of one length (a single sequence, or a static-shape bucket): one dense SDPA
-call (any device; safe inside a CUDA graph). Otherwise on CUDA: torch's varlen_attn
+Sequences all of one length, known on the host (a single sequence, or a static-shape bucket):
+one dense SDPA call (any device; safe inside a CUDA graph). Otherwise on CUDA: torch's varlen_attn
 (torch >= 2.10) or flash_attn when installed; elsewhere, and for dtypes those kernels refuse,
 SDPA over the batch padded for attention only. `max_seqlen` is always the longest length.
 """
@@ -41,7 +41,7 @@ def varlen_attention(q, k, v, plan: AttentionPlan, causal: bool) -> torch.Tensor
     """Attention within each packed sequence of the plan. Returns [T, H, D]."""
     cu_seqlens, max_seqlen = plan.cu_seqlens, plan.max_seqlen
     B = cu_seqlens.shape[0] - 1
-    if q.shape[0] == B * max_seqlen:  # every sequence is max_seqlen long: a dense [B, H, L, D] batch
+    if plan.dense(q.shape[0]):  # every sequence is max_seqlen long: a dense [B, H, L, D] batch
         qs, ks, vs = (x.reshape(B, max_seqlen, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
         out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
         return out.transpose(1, 2).reshape(q.shape)
@@ -87,6 +87,8 @@ def _padded_sdpa(q, k, v, plan: AttentionPlan, causal: bool) -> torch.Tensor:
     keep = None if causal else torch.arange(L, device=q.device)[None, :] < lens[:, None]  # [B, L] real keys
     out = torch.empty_like(qp)  # rows past a sequence's end are never read back
     for a, b, n in groups:
+        if n == 0:  # empty sequences (a static layout's spare slots): nothing to attend
+            continue
         # causal with right padding: a real query only reaches earlier, real keys, so no mask is needed
         mask = None if causal else keep[a:b, None, None, :n]
         out[a:b, :, :n] = F.scaled_dot_product_attention(qp[a:b, :, :n], kp[a:b, :, :n], vp[a:b, :, :n],

@@ -119,7 +119,7 @@ def suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return _flash_packed(q, k, v, cu, cu, plan.max_seqlen, plan.max_seqlen, causal=True)
     T, H, D = q.shape
     B, L = plan.cu_seqlens.shape[0] - 1, plan.max_seqlen
-    if T == B * L:  # every suffix L long (static-shape buckets): one dense call, no host sync (CUDA graphs)
+    if plan.dense(T):  # every suffix L long (static-shape buckets): one dense call, no host sync (CUDA graphs)
         qd, kd, vd = (_expand(x.reshape(B, L, *x.shape[1:]).transpose(1, 2), H) for x in (q, k, v))
         o, lse = _attend_lse(qd.contiguous(), kd.contiguous(), vd.contiguous(), causal=True)
         return o.transpose(1, 2).reshape(T, H, D), lse.transpose(1, 2).reshape(T, H)
@@ -128,6 +128,8 @@ def suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.zeros(qp.shape, dtype=q.dtype, device=q.device)
     lse = torch.zeros(qp.shape[:3], dtype=torch.float32, device=q.device)
     for a, b, n in groups:
+        if n == 0:  # empty sequences (a static layout's spare slots)
+            continue
         # right padding: a real query's causal window holds real keys only
         out[a:b, :, :n], lse[a:b, :, :n] = _attend_lse(*(x[a:b, :, :n].contiguous() for x in (qp, kp, vp)), causal=True)
     return out.transpose(1, 2)[seq, pos], lse.transpose(1, 2)[seq, pos]

@@ -1,0 +1,153 @@
+"""CUDA graphs for packed embedding batches: the decoder's launches replayed, not issued one by one.
+
+Eagerly, a batch costs the host a few thousand kernel launches (every layer's GEMMs, norms,
+rotary, attention), and on a slow host that launch time is as long as the kernels' own: the
+device waits (bench_embed's `busy` column). Here a packed batch of T tokens in B sequences, the
+longest L, takes a static shape:
+
+- T rounded up to a multiple of TOKEN_STEP (the rows past T are padding);
+- L rounded up to a power of two M (at least MIN_LONGEST): the varlen kernels' longest length;
+- S sequence slots, a power of two: the B real sequences, then the padding cut into dummy
+  sequences of at most M rows, then empty sequences.
+
+Attention stays within a sequence and every other step is row by row, so padding never reaches
+a real row; spare pooling rows are cut from the result. Per shape (and the shared prefix
+continued, and the number of learnable tokens) the buffers are made once. The token embeddings,
+image features and learnable rows are written eagerly (a few launches; the vision tower stays
+eager); the decoder and the pooling replay.
+
+On CUDA (bfloat16 or float16, whose attention kernels take the bounds on the device) a shape
+runs eagerly at its first batch, which also compiles and loads the kernels it needs, is captured
+at its second and replayed from then on: a shape seen once costs no capture. All graphs share
+one memory pool (they replay one at a time, on one stream, and each result is copied out before
+the next replay); at most MAX_GRAPHS are captured, later new shapes run eagerly on their buffers.
+Elsewhere the same static layout runs eagerly (what the CPU tests check against the plain
+packed path).
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from ..embeddings import Embeddings
+from ..errors import InputError
+from ..model.batch import AttentionPlan, PackedBatch, PrefixLayout
+from ..model.cascade import PrefixKV
+from ..transfer import to_device
+
+TOKEN_STEP = 256  # token counts are rounded up to a multiple of this: at most 255 rows of padding
+MIN_LONGEST = 64
+MAX_GRAPHS = 32
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def static_shape(lengths: list[int]) -> tuple[int, int, int]:
+    """(tokens, longest, slots) of the static layout that holds sequences of these lengths."""
+    tokens = -(-sum(lengths) // TOKEN_STEP) * TOKEN_STEP
+    longest = min(max(MIN_LONGEST, _pow2(max(lengths))), tokens)
+    dummies = -(-(tokens - sum(lengths)) // longest)
+    return tokens, longest, _pow2(len(lengths) + dummies)
+
+
+def slot_bounds(lengths: list[int], tokens: int, longest: int, slots: int) -> list[int]:
+    """The cumulative bounds [slots + 1] of the layout: the real sequences, the padding as dummy
+    sequences of at most `longest` rows, then empty ones (repeated bounds)."""
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    while bounds[-1] < tokens:
+        bounds.append(min(tokens, bounds[-1] + longest))
+    if len(bounds) > slots + 1 or max(lengths) > longest:
+        raise ValueError(f"lengths {lengths} do not fit {slots} slots of at most {longest} in {tokens} rows")
+    return bounds + [tokens] * (slots + 1 - len(bounds))
+
+
+class PackedGraphs:
+    def __init__(self, model, device: torch.device, dtype: torch.dtype, max_graphs: int = MAX_GRAPHS):
+        if device.type == "cuda" and dtype not in (torch.float16, torch.bfloat16):
+            raise InputError(f"packed_graphs on CUDA needs dtype bfloat16 or float16 (got {dtype}): only their "
+                             "attention kernels read the sequence bounds on the device, as a graph replays them")
+        self.model, self.device, self.max_graphs = model, device, max_graphs
+        # (tokens, longest, slots, learnable tokens, id of the prefix continued or None) -> buffers (+ graph)
+        self.static: dict[tuple, dict] = {}
+        self.seen: Counter = Counter()  # batches run per shape
+        self.pool = None  # the graphs' shared memory pool, made at the first capture
+        self.captured = 0
+
+    @torch.inference_mode()
+    def pooled(self, batch: PackedBatch, embeds: torch.Tensor, prefix: PrefixKV | None = None) -> Embeddings:
+        """E* (unit and norm, fp32) of a packed batch whose input embeddings [T, d] are written
+        (FastBackend.pooled); `prefix`: the shared prefix its sequences continue, as packed."""
+        lengths = batch.plan.host_lengths()
+        tokens, longest, slots = static_shape(lengths)
+        key = (tokens, longest, slots, batch.readout.shape[1], None if prefix is None else id(prefix))
+        s = self._buffers(key, embeds, prefix)
+        bounds = slot_bounds(lengths, tokens, longest, slots)
+        self._fill(s, batch, embeds, bounds)
+        self.seen[key] += 1
+        n = len(lengths)
+        eager = "graph" not in s and (self.seen[key] == 1 or self.captured >= self.max_graphs)
+        if self.device.type != "cuda" or eager:
+            unit, norm = self._forward(s, [b - a for a, b in zip(bounds, bounds[1:])])
+            return Embeddings(unit[:n], norm[:n])
+        with torch.cuda.device(self.device):  # capture and replay on the model's device (cuda:1 too)
+            if "graph" not in s:
+                self._capture(s)
+            s["graph"].replay()
+        unit, norm = s["out"]
+        return Embeddings(unit[:n].clone(), norm[:n].clone())  # read before another graph reuses the pool
+
+    def _buffers(self, key: tuple, embeds: torch.Tensor, prefix: PrefixKV | None) -> dict:
+        if key not in self.static:
+            tokens, longest, slots, K, _ = key
+            dev = self.device
+            self.static[key] = dict(
+                embeds=torch.zeros(tokens, embeds.shape[1], dtype=embeds.dtype, device=dev),
+                positions=torch.zeros(3, tokens, dtype=torch.long, device=dev),
+                cu_seqlens=torch.zeros(slots + 1, dtype=torch.int32, device=dev),
+                readout=torch.zeros(slots, K, dtype=torch.long, device=dev),
+                longest=longest,
+                # every row, padding included, continues the prefix: one group over all of them
+                layout=None if prefix is None else PrefixLayout.build([tokens], prefix.lengths, dev),
+                prefix=prefix,  # held here: a captured graph reads its keys and values in place
+            )
+        return self.static[key]
+
+    def _fill(self, s: dict, batch: PackedBatch, embeds: torch.Tensor, bounds: list[int]) -> None:
+        T, B = embeds.shape[0], batch.readout.shape[0]
+        s["embeds"][:T].copy_(embeds)
+        s["embeds"][T:].zero_()  # padding rows: the same whatever ran before
+        s["positions"][:, :T].copy_(batch.positions)
+        s["positions"][:, T:].zero_()
+        s["readout"][:B].copy_(batch.readout)  # spare rows keep rows of an earlier batch (or 0): cut off
+        s["cu_seqlens"].copy_(to_device([torch.tensor(bounds, dtype=torch.int32)], self.device)[0])
+
+    def _forward(self, s: dict, sizes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`sizes`: the slots' lengths of this batch, for an eager run (attention paths that read them
+        on the host); None when captured: a graph serves every batch of the shape, and only the
+        device-side bounds may differ between them."""
+        plan = AttentionPlan(s["cu_seqlens"], s["longest"], sizes, s["layout"])
+        hidden = self.model.decoder(s["embeds"], s["positions"], plan, s["prefix"])
+        return self.model.ops.pool_learnable(hidden, s["readout"])  # unit [S, d], norm [S] fp32
+
+    def _capture(self, s: dict) -> None:
+        """Record the forward on a side stream. Not torch.cuda.graph: it synchronizes the device and
+        empties the allocator's cache before every capture, which would drain the batches queued."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream):
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                out = self._forward(s)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        s["graph"], s["out"] = graph, out
+        self.captured += 1

@@ -1,0 +1,93 @@
+"""Static-shape packed batches (backends/packed_graphs.py): the layout, and on the CPU the same
+embeddings as the plain packed path (the CUDA graphs themselves: tests/test_cuda_fast.py)."""
+import random
+
+import pytest
+import torch
+
+from conftest import random_image
+from rematch_fast import InputError, Item, ReMatch
+from rematch_fast.backends.packed_graphs import TOKEN_STEP, slot_bounds, static_shape
+from rematch_fast.model.attention import varlen_attention
+from rematch_fast.model.batch import AttentionPlan
+
+ATOL = 1e-4
+
+
+@pytest.mark.parametrize("lengths, shape, bounds", [
+    ([100, 30], (256, 128, 4), [0, 100, 130, 256, 256]),  # 126 rows of padding: one dummy, one empty slot
+    ([40, 20, 10], (256, 64, 8), [0, 40, 60, 70, 134, 198, 256, 256, 256]),  # padding cut to <= 64 rows
+    ([256], (256, 256, 1), [0, 256]),  # no padding, no spare slot
+    ([300], (512, 512, 2), [0, 300, 512]),
+    ([1100], (1280, 1280, 2), [0, 1100, 1280]),  # the longest length is never past the tokens
+])
+def test_static_layout(lengths, shape, bounds):
+    assert static_shape(lengths) == shape
+    assert slot_bounds(lengths, *shape) == bounds
+
+
+def test_static_layout_holds_any_batch():
+    rng = random.Random(5)
+    for _ in range(500):
+        lengths = [rng.randint(1, rng.choice([8, 70, 300, 2000])) for _ in range(rng.randint(1, 80))]
+        tokens, longest, slots = static_shape(lengths)
+        bounds = slot_bounds(lengths, tokens, longest, slots)
+        sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+        assert tokens % TOKEN_STEP == 0 and tokens - sum(lengths) < TOKEN_STEP
+        assert len(sizes) == slots and sizes[:len(lengths)] == lengths and max(sizes) <= longest
+        assert slots & (slots - 1) == 0 and bounds[-1] == tokens
+    with pytest.raises(ValueError, match="do not fit"):
+        slot_bounds([100, 30], 256, 128, 2)
+
+
+def test_dense_attention_only_from_lengths_known_on_the_host():
+    """A static layout whose shape happens to be slots x longest is still ragged inside: the bounds
+    on the device decide, not the shape (256 rows = 4 x 64, lengths 64, 64, 100, 28 would be wrong
+    read as four of 64)."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(256, 2, 8, generator=g) for _ in range(3))
+    lengths = [64, 64, 100, 28]
+    known = AttentionPlan.for_lengths(lengths, "cpu")
+    bounds_only = AttentionPlan(known.cu_seqlens, 128, None)
+    assert not known.dense(256) and not bounds_only.dense(256)
+    want = varlen_attention(q, k, v, known, causal=True)
+    torch.testing.assert_close(varlen_attention(q, k, v, bounds_only, causal=True), want, atol=1e-6, rtol=0)
+    assert AttentionPlan.for_lengths([64] * 4, "cpu").dense(256)
+
+
+def _texts(seed, n):
+    rng = random.Random(seed)
+    words = ["river", "photo", "seven", "blue", "alpha", "station", "quiet"]
+    return [" ".join(rng.choice(words) for _ in range(rng.choice([1, 3, 9, 30, 70]))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_paths):
+    return {a: ReMatch.from_pretrained(p, backend="fast") for a, p in tiny_paths.items()}
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_static_shapes_give_the_same_embeddings(tiny_paths, plain, arch, share_prefix):
+    """Texts of many lengths in batches of several shapes (padding rows, dummy and empty slots,
+    shapes met again with other contents), images among them, both sides."""
+    m = ReMatch.from_pretrained(tiny_paths[arch], backend="fast", packed_graphs=True, share_prefix=share_prefix)
+    base = plain[arch] if share_prefix else ReMatch.from_pretrained(tiny_paths[arch], backend="fast",
+                                                                    share_prefix=False)
+    seed = random.randrange(1 << 30)  # fresh inputs every run; the seed is in the failure message
+    items = _texts(seed, 14) + [Item(text="caption", image=random_image(97, 213, seed % 1000)),
+                                Item(image=random_image(61, 333, seed % 1000 + 1))]
+    for side, limits in (("document", dict(batch_tokens=400)), ("query", dict(batch_size=3)),
+                         ("document", dict(batch_tokens=400))):  # the last run meets its shapes again
+        got, want = m.encode(items, side=side, **limits), base.encode(items, side=side, **limits)
+        torch.testing.assert_close(got.unit, want.unit, atol=ATOL, rtol=0, msg=lambda s: f"seed {seed}: {s}")
+        torch.testing.assert_close(got.norm, want.norm, atol=0, rtol=ATOL, msg=lambda s: f"seed {seed}: {s}")
+    static = m.backend.graphs.static
+    assert len(static) >= 3 and max(m.backend.graphs.seen.values()) >= 2
+    assert all((s["prefix"] is not None) == share_prefix for s in static.values())
+    assert not any("graph" in s for s in static.values())  # captured on CUDA only
+
+
+def test_packed_graphs_is_off_by_default_and_refuses_compile(tiny_paths, plain):
+    assert all(m.backend.graphs is None for m in plain.values())
+    with pytest.raises(InputError, match="compile and packed_graphs"):
+        ReMatch.from_pretrained(tiny_paths["qwen2-vl"], backend="fast", packed_graphs=True, compile="default")
