@@ -8,8 +8,6 @@ import torch
 from conftest import random_image
 from rematch_fast import InputError, Item, ReMatch
 from rematch_fast.backends.packed_graphs import TOKEN_STEP, slot_bounds, static_shape
-from rematch_fast.model.attention import varlen_attention
-from rematch_fast.model.batch import AttentionPlan
 
 ATOL = 1e-4
 
@@ -18,6 +16,7 @@ ATOL = 1e-4
     ([100, 30], (256, 128, 4), [0, 100, 130, 256, 256]),  # 126 rows of padding: one dummy, one empty slot
     ([40, 20, 10], (256, 64, 8), [0, 40, 60, 70, 134, 198, 256, 256, 256]),  # padding cut to <= 64 rows
     ([256], (256, 256, 1), [0, 256]),  # no padding, no spare slot
+    ([64, 64, 64, 64], (256, 64, 4), [0, 64, 128, 192, 256]),  # tokens = slots x longest: every slot that long
     ([300], (512, 512, 2), [0, 300, 512]),
     ([1100], (1280, 1280, 2), [0, 1100, 1280]),  # the longest length is never past the tokens
 ])
@@ -38,21 +37,6 @@ def test_static_layout_holds_any_batch():
         assert slots & (slots - 1) == 0 and bounds[-1] == tokens
     with pytest.raises(ValueError, match="do not fit"):
         slot_bounds([100, 30], 256, 128, 2)
-
-
-def test_dense_attention_only_from_lengths_known_on_the_host():
-    """A static layout whose shape happens to be slots x longest is still ragged inside: the bounds
-    on the device decide, not the shape (256 rows = 4 x 64, lengths 64, 64, 100, 28 would be wrong
-    read as four of 64)."""
-    g = torch.Generator().manual_seed(8)
-    q, k, v = (torch.randn(256, 2, 8, generator=g) for _ in range(3))
-    lengths = [64, 64, 100, 28]
-    known = AttentionPlan.for_lengths(lengths, "cpu")
-    bounds_only = AttentionPlan(known.cu_seqlens, 128, None)
-    assert not known.dense(256) and not bounds_only.dense(256)
-    want = varlen_attention(q, k, v, known, causal=True)
-    torch.testing.assert_close(varlen_attention(q, k, v, bounds_only, causal=True), want, atol=1e-6, rtol=0)
-    assert AttentionPlan.for_lengths([64] * 4, "cpu").dense(256)
 
 
 def _texts(seed, n):

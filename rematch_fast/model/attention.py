@@ -1,9 +1,10 @@
 """Variable-length attention over a packed batch: q [T, H, D], k/v [T, Hkv, D], cu_seqlens [B+1].
 
-Sequences all of one length, known on the host (a single sequence, or a static-shape bucket):
-one dense SDPA call (any device; safe inside a CUDA graph). Otherwise on CUDA: torch's varlen_attn
+Sequences all of one length (a single sequence, or a static-shape bucket): one dense SDPA
+call (any device; safe inside a CUDA graph). Otherwise on CUDA: torch's varlen_attn
 (torch >= 2.10) or flash_attn when installed; elsewhere, and for dtypes those kernels refuse,
-SDPA over the batch padded for attention only. `max_seqlen` is always the longest length.
+SDPA over the batch padded for attention only. `max_seqlen` is at least the longest length
+(a static layout's may be more), so T = B x max_seqlen means every sequence is that long.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def varlen_attention(q, k, v, plan: AttentionPlan, causal: bool) -> torch.Tensor
     """Attention within each packed sequence of the plan. Returns [T, H, D]."""
     cu_seqlens, max_seqlen = plan.cu_seqlens, plan.max_seqlen
     B = cu_seqlens.shape[0] - 1
-    if plan.dense(q.shape[0]):  # every sequence is max_seqlen long: a dense [B, H, L, D] batch
+    if q.shape[0] == B * max_seqlen:  # every sequence is max_seqlen long: a dense [B, H, L, D] batch
         qs, ks, vs = (x.reshape(B, max_seqlen, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
         out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
         return out.transpose(1, 2).reshape(q.shape)

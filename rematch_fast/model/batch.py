@@ -64,11 +64,6 @@ class AttentionPlan:
         lengths = list(lengths)
         return cls(to_device([cu_seqlens_host(lengths)], device)[0], max(lengths), lengths)
 
-    def dense(self, tokens: int) -> bool:
-        """Every sequence is max_seqlen long (one dense attention call). Only from lengths known on
-        the host: a static layout's bounds (backends/packed_graphs.py) change under a fixed shape."""
-        return self.lengths is not None and tokens == len(self.lengths) * self.max_seqlen
-
     def host_lengths(self) -> list[int]:
         if self.lengths is None:
             self.lengths = self.cu_seqlens.diff().tolist()

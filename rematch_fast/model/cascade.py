@@ -119,7 +119,7 @@ def suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return _flash_packed(q, k, v, cu, cu, plan.max_seqlen, plan.max_seqlen, causal=True)
     T, H, D = q.shape
     B, L = plan.cu_seqlens.shape[0] - 1, plan.max_seqlen
-    if plan.dense(T):  # every suffix L long (static-shape buckets): one dense call, no host sync (CUDA graphs)
+    if T == B * L:  # every suffix L long (static-shape buckets): one dense call, no host sync (CUDA graphs)
         qd, kd, vd = (_expand(x.reshape(B, L, *x.shape[1:]).transpose(1, 2), H) for x in (q, k, v))
         o, lse = _attend_lse(qd.contiguous(), kd.contiguous(), vd.contiguous(), causal=True)
         return o.transpose(1, 2).reshape(T, H, D), lse.transpose(1, 2).reshape(T, H)

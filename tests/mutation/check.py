@@ -308,6 +308,12 @@ MUTANTS: list[Mutant] = [
       "        capture is not None and capture.layers.append((k, v))\n"
       "        attn = _attention(q, k, v, plan, prefix, self.merge_state, None)\n",
       "tests/test_fast.py::test_compiled_layers_equal_the_hand_fused_ones"),
+    M("static-padding-one-dummy-past-the-longest", "model", "rematch_fast/backends/packed_graphs.py",
+      "bounds.append(min(tokens, bounds[-1] + longest))", "bounds.append(tokens)",
+      "tests/test_packed_graphs.py::test_static_layout"),
+    M("static-positions-not-written", "model", "rematch_fast/backends/packed_graphs.py",
+      "        s[\"positions\"][:, :T].copy_(batch.positions)\n", "",
+      "tests/test_packed_graphs.py::test_static_shapes_give_the_same_embeddings"),
 ]
 
 
