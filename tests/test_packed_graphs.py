@@ -65,13 +65,59 @@ def test_static_shapes_give_the_same_embeddings(tiny_paths, plain, arch, share_p
         got, want = m.encode(items, side=side, **limits), base.encode(items, side=side, **limits)
         torch.testing.assert_close(got.unit, want.unit, atol=ATOL, rtol=0, msg=lambda s: f"seed {seed}: {s}")
         torch.testing.assert_close(got.norm, want.norm, atol=0, rtol=ATOL, msg=lambda s: f"seed {seed}: {s}")
-    static = m.backend.graphs.static
-    assert len(static) >= 3 and max(m.backend.graphs.seen.values()) >= 2
-    assert all((s["prefix"] is not None) == share_prefix for s in static.values())
-    assert not any("graph" in s for s in static.values())  # captured on CUDA only
+    seen = m.backend.graphs.seen  # shape key -> batches
+    assert len(seen) >= 3 and max(seen.values()) >= 2
+    assert all((prefix is not None) == share_prefix for *_, prefix in seen)
+    assert not m.backend.graphs.graphs  # captured on CUDA only
 
 
 def test_packed_graphs_is_off_by_default_and_refuses_compile(tiny_paths, plain):
     assert all(m.backend.graphs is None for m in plain.values())
     with pytest.raises(InputError, match="compile and packed_graphs"):
         ReMatch.from_pretrained(tiny_paths["qwen2-vl"], backend="fast", packed_graphs=True, compile="default")
+
+
+class ReplayedOnTheCpu:
+    """A stand-in for a captured CUDA graph: capturing runs nothing (the buffers hold no batch
+    yet) and makes the outputs; a replay runs the recorded forward on the buffers as they are now
+    and writes into those outputs, as a graph does."""
+
+    def __init__(self, forward, s):
+        self.forward = forward
+        self.out = (torch.full((s["readout"].shape[0], s["embeds"].shape[1]), float("nan")),
+                    torch.full((s["readout"].shape[0],), float("nan")))
+
+    def replay(self):
+        for dest, value in zip(self.out, self.forward()):
+            dest.copy_(value)
+
+
+def test_capture_and_replay_bookkeeping(tiny_paths, plain, monkeypatch):
+    """The CUDA path's bookkeeping on the CPU, graphs replaced by ReplayedOnTheCpu: a shape is
+    captured at its second batch and replayed after with other contents (the buffers refilled,
+    padding and spare rows included), graphs of one token count read one set of inputs, and past
+    max_graphs new shapes run eagerly."""
+    from rematch_fast.backends.packed_graphs import PackedGraphs
+
+    def capture(self, s):
+        graph = ReplayedOnTheCpu(lambda: self._forward(s), s)
+        s["graph"], s["out"], s["replay"] = graph, graph.out, graph.replay
+        return s
+
+    monkeypatch.setattr(PackedGraphs, "_capture", capture)
+    m = ReMatch.from_pretrained(tiny_paths["qwen2.5-vl"], backend="fast", packed_graphs=True)
+    graphs = m.backend.graphs
+    graphs.capturable, graphs.max_graphs = True, 2
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    for round in range(4):  # the same lengths (one-token words), other words: the same shapes, other contents
+        items = [" ".join(rng.choice(["river", "photo", "blue", "seven"]) for _ in range(n))
+                 for n in (1, 3, 9, 30, 70, 5, 50, 12, 2, 40, 20, 8, 150)]
+        got = m.encode(items, side="document", batch_tokens=300)
+        want = plain["qwen2.5-vl"].encode(items, side="document", batch_tokens=300)
+        torch.testing.assert_close(got.unit, want.unit, atol=ATOL, rtol=0, msg=lambda s: f"seed {seed}: {s}")
+    assert len(graphs.graphs) == 2 and all(graphs.seen[key] >= 2 for key in graphs.graphs)
+    assert any(graphs.seen[key] > 2 for key in graphs.graphs)
+    assert any(n >= 2 and key not in graphs.graphs for key, n in graphs.seen.items())  # past the cap: eager
+    for key, s in graphs.graphs.items():
+        assert s["embeds"] is graphs.inputs[key[0]][0] and s["positions"] is graphs.inputs[key[0]][1]

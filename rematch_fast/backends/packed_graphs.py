@@ -11,18 +11,18 @@ longest L, takes a static shape:
   sequences of at most M rows, then empty sequences.
 
 Attention stays within a sequence and every other step is row by row, so padding never reaches
-a real row; spare pooling rows are cut from the result. Per shape (and the shared prefix
-continued, and the number of learnable tokens) the buffers are made once. The token embeddings,
-image features and learnable rows are written eagerly (a few launches; the vision tower stays
-eager); the decoder and the pooling replay.
+a real row; spare pooling rows are cut from the result. The token embeddings, image features
+and learnable rows are written eagerly (a few launches; the vision tower stays eager); the
+decoder and the pooling replay.
 
 On CUDA (bfloat16 or float16, whose attention kernels take the bounds on the device) a shape
 runs eagerly at its first batch, which also compiles and loads the kernels it needs, is captured
-at its second and replayed from then on: a shape seen once costs no capture. All graphs share
-one memory pool (they replay one at a time, on one stream, and each result is copied out before
-the next replay); at most MAX_GRAPHS are captured, later new shapes run eagerly on their buffers.
-Elsewhere the same static layout runs eagerly (what the CPU tests check against the plain
-packed path).
+at its second and replayed from then on: a shape seen once costs no capture. A graph is kept
+per shape (with the shared prefix continued and the number of learnable tokens); graphs of one
+token count read the same input buffers, and all share one memory pool (they replay one at a
+time, on one stream, each filled just before and its result copied out just after). At most
+MAX_GRAPHS are captured; later new shapes run eagerly. Elsewhere the same static layout runs
+eagerly (what the CPU tests check against the plain packed path).
 """
 from __future__ import annotations
 
@@ -72,11 +72,12 @@ class PackedGraphs:
             raise InputError(f"packed_graphs on CUDA needs dtype bfloat16 or float16 (got {dtype}): only their "
                              "attention kernels read the sequence bounds on the device, as a graph replays them")
         self.model, self.device, self.max_graphs = model, device, max_graphs
-        # (tokens, longest, slots, learnable tokens, id of the prefix continued or None) -> buffers (+ graph)
-        self.static: dict[tuple, dict] = {}
-        self.seen: Counter = Counter()  # batches run per shape
+        self.capturable = device.type == "cuda"
+        self.seen: Counter = Counter()  # batches run per shape key (below)
+        # (tokens, longest, slots, learnable tokens, id of the prefix continued or None) -> its graph and buffers
+        self.graphs: dict[tuple, dict] = {}
+        self.inputs: dict[int, tuple] = {}  # tokens -> (embeds, positions): every graph of that size reads these
         self.pool = None  # the graphs' shared memory pool, made at the first capture
-        self.captured = 0
 
     @torch.inference_mode()
     def pooled(self, batch: PackedBatch, embeds: torch.Tensor, prefix: PrefixKV | None = None) -> Embeddings:
@@ -85,37 +86,47 @@ class PackedGraphs:
         lengths = batch.plan.host_lengths()
         tokens, longest, slots = static_shape(lengths)
         key = (tokens, longest, slots, batch.readout.shape[1], None if prefix is None else id(prefix))
-        s = self._buffers(key, embeds, prefix)
         bounds = slot_bounds(lengths, tokens, longest, slots)
-        self._fill(s, batch, embeds, bounds)
         self.seen[key] += 1
         n = len(lengths)
-        eager = "graph" not in s and (self.seen[key] == 1 or self.captured >= self.max_graphs)
-        if self.device.type != "cuda" or eager:
+        if key not in self.graphs and not self._capture_now(key):  # eagerly, on buffers of this call only
+            s = self._buffers(key, embeds, prefix)
+            self._fill(s, batch, embeds, bounds)
             unit, norm = self._forward(s, [b - a for a, b in zip(bounds, bounds[1:])])
             return Embeddings(unit[:n], norm[:n])
-        with torch.cuda.device(self.device):  # capture and replay on the model's device (cuda:1 too)
-            if "graph" not in s:
-                self._capture(s)
-            s["graph"].replay()
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(self._buffers(key, embeds, prefix, shared=True))
+        s = self.graphs[key]
+        self._fill(s, batch, embeds, bounds)
+        s["replay"]()
         unit, norm = s["out"]
         return Embeddings(unit[:n].clone(), norm[:n].clone())  # read before another graph reuses the pool
 
-    def _buffers(self, key: tuple, embeds: torch.Tensor, prefix: PrefixKV | None) -> dict:
-        if key not in self.static:
-            tokens, longest, slots, K, _ = key
-            dev = self.device
-            self.static[key] = dict(
-                embeds=torch.zeros(tokens, embeds.shape[1], dtype=embeds.dtype, device=dev),
-                positions=torch.zeros(3, tokens, dtype=torch.long, device=dev),
-                cu_seqlens=torch.zeros(slots + 1, dtype=torch.int32, device=dev),
-                readout=torch.zeros(slots, K, dtype=torch.long, device=dev),
-                longest=longest,
-                # every row, padding included, continues the prefix: one group over all of them
-                layout=None if prefix is None else PrefixLayout.build([tokens], prefix.lengths, dev),
-                prefix=prefix,  # held here: a captured graph reads its keys and values in place
-            )
-        return self.static[key]
+    def _capture_now(self, key: tuple) -> bool:
+        """A shape's second batch is captured (its first compiled and loaded the kernels), on CUDA,
+        while fewer than max_graphs are."""
+        return self.capturable and self.seen[key] >= 2 and len(self.graphs) < self.max_graphs
+
+    def _buffers(self, key: tuple, embeds: torch.Tensor, prefix: PrefixKV | None, shared: bool = False) -> dict:
+        """A shape's inputs; `shared`: the embeddings and positions are the ones every graph of this
+        token count reads (graphs replay one at a time, each filled just before)."""
+        tokens, longest, slots, K, _ = key
+        dev = self.device
+        inputs = self.inputs.get(tokens) if shared else None
+        if inputs is None:
+            inputs = (torch.zeros(tokens, embeds.shape[1], dtype=embeds.dtype, device=dev),
+                      torch.zeros(3, tokens, dtype=torch.long, device=dev))
+            if shared:
+                self.inputs[tokens] = inputs
+        return dict(
+            embeds=inputs[0], positions=inputs[1],
+            cu_seqlens=torch.zeros(slots + 1, dtype=torch.int32, device=dev),
+            readout=torch.zeros(slots, K, dtype=torch.long, device=dev),
+            longest=longest,
+            # every row, padding included, continues the prefix: one group over all of them
+            layout=None if prefix is None else PrefixLayout.build([tokens], prefix.lengths, dev),
+            prefix=prefix,  # held here: a captured graph reads its keys and values in place
+        )
 
     def _fill(self, s: dict, batch: PackedBatch, embeds: torch.Tensor, bounds: list[int]) -> None:
         T, B = embeds.shape[0], batch.readout.shape[0]
@@ -134,20 +145,27 @@ class PackedGraphs:
         hidden = self.model.decoder(s["embeds"], s["positions"], plan, s["prefix"])
         return self.model.ops.pool_learnable(hidden, s["readout"])  # unit [S, d], norm [S] fp32
 
-    def _capture(self, s: dict) -> None:
-        """Record the forward on a side stream. Not torch.cuda.graph: it synchronizes the device and
-        empties the allocator's cache before every capture, which would drain the batches queued."""
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(stream):
-            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
-            try:
-                out = self._forward(s)
-            finally:
-                graph.capture_end()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        s["graph"], s["out"] = graph, out
-        self.captured += 1
+    def _capture(self, s: dict) -> dict:
+        """Record the forward on a side stream; s gains its outputs and `replay`. Not torch.cuda.graph:
+        it synchronizes the device and empties the allocator's cache before every capture, which
+        would drain the batches queued."""
+        with torch.cuda.device(self.device):
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(stream):
+                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+                try:
+                    out = self._forward(s)
+                finally:
+                    graph.capture_end()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+
+        def replay():
+            with torch.cuda.device(self.device):  # launched on the model's device's stream (cuda:1 too)
+                graph.replay()
+
+        s["graph"], s["out"], s["replay"] = graph, out, replay
+        return s
