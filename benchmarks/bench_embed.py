@@ -246,7 +246,7 @@ def run(args) -> str:
                 del providers["reference"]
             ms = interleaved_median_ms(providers, dev, iters=iters, warmup=0)
             extra = {p: {"processed_tokens_per_s": processed / t * 1e3} for p, t in ms.items() if p != "hf"}
-            for p in ("fast", "fast-noshare", "fast-graphs", *compiled):  # the share of the wall time the GPU is busy (CUDA)
+            for p in ("fast", "fast-noshare", "fast-graphs", *compiled):  # share of the wall time the GPU is busy
                 if p in providers and (busy := busy_fraction(providers[p], dev)) is not None:
                     extra[p]["busy"] = busy
             record(wl, len(texts), {p: useful / t * 1e3 for p, t in ms.items()}, "tokens/s",
