@@ -77,7 +77,7 @@ class PackedGraphs:
         # (tokens, longest, slots, learnable tokens, id of the prefix continued or None) -> its graph and buffers
         self.graphs: dict[tuple, dict] = {}
         self.inputs: dict[int, tuple] = {}  # tokens -> (embeds, positions): every graph of that size reads these
-        self.pool = None  # the graphs' shared memory pool, made at the first capture
+        self.pool = self.stream = None  # the graphs' shared memory pool and capture stream: at the first capture
 
     @torch.inference_mode()
     def pooled(self, batch: PackedBatch, embeds: torch.Tensor, prefix: PrefixKV | None = None) -> Embeddings:
@@ -152,7 +152,9 @@ class PackedGraphs:
         with torch.cuda.device(self.device):
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
-            stream = torch.cuda.Stream(self.device)
+                # one capture stream for all: cuBLAS keeps a workspace per stream it has run on
+                self.stream = torch.cuda.Stream(self.device)
+            stream = self.stream
             stream.wait_stream(torch.cuda.current_stream(self.device))
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.stream(stream):
