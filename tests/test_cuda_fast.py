@@ -75,6 +75,33 @@ def test_packed_graphs_replay_on_cuda(tiny_paths, arch, share_prefix):
         ReMatch.from_pretrained(path, backend="fast", device="cuda", dtype=torch.float32, packed_graphs=True)
 
 
+def test_packed_graphs_replayed_out_of_capture_order_on_cuda(tiny_paths):
+    """Two shapes captured into the one memory pool, then replayed B, A, B, A with new contents,
+    every result kept on the device until the end: each still equals the plain path (a result not
+    copied out at once could be overwritten by the other graph's replay)."""
+    import random
+
+    path = tiny_paths["qwen2.5-vl"]
+    plain = ReMatch.from_pretrained(path, backend="fast", device="cuda", dtype=torch.bfloat16, latency_buckets=())
+    m = ReMatch.from_pretrained(path, backend="fast", device="cuda", dtype=torch.bfloat16, latency_buckets=(),
+                                packed_graphs=True)
+    tokens, rng = m.head.tokens("document"), random.Random(3)
+    lengths = {"A": [3, 9, 30], "B": [70, 5, 50, 12, 2, 40]}
+
+    def batch(name):  # the same lengths (one-token words) every time, other words
+        texts = [" ".join(rng.choice(["river", "photo", "blue", "seven"]) for _ in range(n)) for n in lengths[name]]
+        return texts, [m.preprocessor.embed_sequence(m.prepare(x), "document", tokens) for x in texts]
+
+    for name in "ABAB":  # eager at each shape's first batch, captured at its second
+        m.backend.pooled(batch(name)[1])
+    assert len(m.backend.graphs.graphs) == 2
+    kept = [(texts, m.backend.pooled(seqs)) for texts, seqs in map(batch, "BABA")]
+    for texts, got in kept:
+        want = plain.encode(texts, side="document", batch_size=len(texts))
+        assert F.cosine_similarity(got.unit.cpu(), want.unit, dim=-1).min() >= 0.999, texts
+        torch.testing.assert_close(got.norm.cpu(), want.norm, atol=0, rtol=2e-2)
+
+
 def test_auto_kernels_on_cuda_equal_the_torch_references(tiny_paths, arch):
     """kernels="auto" builds the model with the custom ops (Triton on CUDA); "torch" with the references."""
     from rematch_fast import ops

@@ -7,6 +7,7 @@ import torch
 from conftest import document_first_copy, random_image
 from rematch_fast import InputError, Item, ReMatch, ops
 from rematch_fast.model import cascade
+from rematch_fast.model.attention import flash_packed, flash_packed_ok
 from rematch_fast.model.batch import AttentionPlan, PrefixLayout
 
 ATOL = 1e-4
@@ -204,9 +205,9 @@ def test_the_packed_cuda_call_on_meta_tensors():
     q = torch.empty(T, H, D, device="meta", dtype=torch.bfloat16)
     k, v = (torch.empty(44, Hkv, D, device="meta", dtype=torch.bfloat16) for _ in range(2))
     assert layout.cu_q.dtype == layout.cu_k.dtype == torch.int32 and (layout.max_q, layout.max_k) == (180, 35)
-    o, lse = cascade._flash_packed(q, k, v, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, causal=False)
+    o, lse = flash_packed(q, k, v, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, causal=False)
     assert o.shape == (T, H, D) and lse.shape == (T, H) and lse.dtype == torch.float32
-    assert not cascade._fused_packed_ok(torch.empty(T, H, D, dtype=torch.bfloat16))  # the CPU takes its own path
+    assert not flash_packed_ok(torch.empty(T, H, D, dtype=torch.bfloat16))  # the CPU takes its own path
 
 
 def test_prefix_layout_bounds():

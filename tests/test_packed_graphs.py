@@ -71,10 +71,14 @@ def test_static_shapes_give_the_same_embeddings(tiny_paths, plain, arch, share_p
     assert not m.backend.graphs.graphs  # captured on CUDA only
 
 
-def test_packed_graphs_is_off_by_default_and_refuses_compile(tiny_paths, plain):
+def test_packed_graphs_is_off_by_default_and_refuses_what_it_cannot_capture(tiny_paths, plain):
     assert all(m.backend.graphs is None for m in plain.values())
     with pytest.raises(InputError, match="compile and packed_graphs"):
         ReMatch.from_pretrained(tiny_paths["qwen2-vl"], backend="fast", packed_graphs=True, compile="default")
+    pytest.importorskip("bitsandbytes", reason="the bnb-* presets need bitsandbytes")
+    for preset in ("bnb-int8", "bnb-nf4"):  # bitsandbytes' kernels read device values on the host
+        with pytest.raises(InputError, match="cannot be captured"):
+            ReMatch.from_pretrained(tiny_paths["qwen2-vl"], backend="fast", packed_graphs=True, quantize=preset)
 
 
 class ReplayedOnTheCpu:

@@ -44,7 +44,8 @@ class FastBackend:
         """latency_buckets: sequence lengths (e.g. (64, 128, 256)) for which a single text query, or
         a small batch of them, runs with static shapes, as a CUDA graph on CUDA (see latency.py).
         Default: DEFAULT_LATENCY_BUCKETS on CUDA (one query is launch-bound there), none elsewhere
-        (the padded eager path gains nothing on a CPU); () turns them off.
+        (the padded eager path gains nothing on a CPU) and none with the bnb-* presets (not capturable);
+        () turns them off.
         kernels: "auto" (Triton kernels on CUDA, torch elsewhere) or "torch" (torch references everywhere).
         share_prefix: compute the embed template's part before the item once per side and let every
         embedding batch continue it (False: every sequence from its first token, for comparison).
@@ -67,6 +68,12 @@ class FastBackend:
         if ckpt.quantized and quantize not in (None, ckpt.quantized):
             raise InputError(f"{ckpt.path} is pre-quantized as {ckpt.quantized}; it cannot be loaded as {quantize}")
         self.quantize = check_preset(quantize or ckpt.quantized)  # before any weight is read
+        # bitsandbytes' kernels read device values on the host (LLM.int8's outlier test), which a CUDA
+        # graph cannot capture; nf4's are not checked: both bnb presets run eagerly
+        capturable = not self.quantize.startswith("bnb-")
+        if not capturable and (packed_graphs or (latency_buckets and device.type == "cuda")):
+            raise InputError(f"quantize={self.quantize!r} runs eagerly: bitsandbytes' kernels cannot be captured as "
+                             "CUDA graphs (leave out packed_graphs and latency_buckets)")
         self.device, self.dtype = device, dtype
         self.share_prefix = share_prefix
         self._template_prefixes: dict[tuple[int, ...], PrefixKV] = {}  # template ids -> their keys/values
@@ -91,7 +98,8 @@ class FastBackend:
             compile_layers(self.model.decoder, compile)
         self.image_token_id = ckpt.special_tokens.image
         self.latency = None
-        latency_buckets = default_latency_buckets(device) if latency_buckets is None else latency_buckets
+        if latency_buckets is None:
+            latency_buckets = default_latency_buckets(device) if capturable else ()
         if latency_buckets:
             from .latency import LatencyBuckets
 

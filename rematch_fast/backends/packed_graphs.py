@@ -100,7 +100,9 @@ class PackedGraphs:
         self._fill(s, batch, embeds, bounds)
         s["replay"]()
         unit, norm = s["out"]
-        return Embeddings(unit[:n].clone(), norm[:n].clone())  # read before another graph reuses the pool
+        # copied out now, before any other replay: a graph captured earlier may use this one's output
+        # memory for its own intermediates (they share the pool)
+        return Embeddings(unit[:n].clone(), norm[:n].clone())
 
     def _capture_now(self, key: tuple) -> bool:
         """A shape's second batch is captured (its first compiled and loaded the kernels), on CUDA,
@@ -154,15 +156,22 @@ class PackedGraphs:
                 self.pool = torch.cuda.graph_pool_handle()
                 # one capture stream for all: cuBLAS keeps a workspace per stream it has run on
                 self.stream = torch.cuda.Stream(self.device)
+            # a capture takes no memory the eager allocator holds cached: hand that back first (this
+            # waits for the queued work, once per captured shape)
+            torch.cuda.empty_cache()
             stream = self.stream
             stream.wait_stream(torch.cuda.current_stream(self.device))
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.stream(stream):
-                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
-                try:
-                    out = self._forward(s)
-                finally:
-                    graph.capture_end()
+            try:
+                with torch.cuda.stream(stream):
+                    graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+                    try:
+                        out = self._forward(s)
+                    finally:
+                        graph.capture_end()
+            except RuntimeError as e:
+                raise RuntimeError(f"capturing a packed batch of {s['embeds'].shape[0]} tokens as a CUDA graph "
+                                   f"failed ({e}); packed_graphs=False runs every batch eagerly") from e
             torch.cuda.current_stream(self.device).wait_stream(stream)
 
         def replay():

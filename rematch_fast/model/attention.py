@@ -1,32 +1,21 @@
 """Variable-length attention over a packed batch: q [T, H, D], k/v [T, Hkv, D], cu_seqlens [B+1].
 
 Sequences all of one length (a single sequence, or a static-shape bucket): one dense SDPA
-call (any device; safe inside a CUDA graph). Otherwise on CUDA: torch's varlen_attn
-(torch >= 2.10) or flash_attn when installed; elsewhere, and for dtypes those kernels refuse,
-SDPA over the batch padded for attention only. `max_seqlen` is at least the longest length
-(a static layout's may be more), so T = B x max_seqlen means every sequence is that long.
+call (any device; safe inside a CUDA graph). Otherwise on CUDA in fp16/bf16: flash_attn when
+installed, else torch's own flash kernel (grouped-query keys read in place); elsewhere, and for
+dtypes or GPUs those kernels refuse, SDPA over the batch padded for attention only.
+`max_seqlen` is at least the longest length (a static layout's may be more), so T = B x
+max_seqlen means every sequence is that long.
 """
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 import torch.nn.functional as F
 
 from ..transfer import to_device
 from .batch import AttentionPlan
-
-
-@functools.lru_cache(maxsize=1)
-def _torch_varlen():
-    """torch's varlen_attn and the keyword names this torch version uses (they changed across releases)."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    params = inspect.signature(varlen_attn).parameters
-    return varlen_attn, "is_causal" in params, "enable_gqa" in params
 
 
 @functools.lru_cache(maxsize=1)
@@ -51,18 +40,29 @@ def varlen_attention(q, k, v, plan: AttentionPlan, causal: bool) -> torch.Tensor
         flash = _flash_varlen()
         if flash is not None:
             return flash(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=causal)
-        found = _torch_varlen()
-        if found is not None:
-            fn, has_is_causal, has_gqa = found
-            kw = {"is_causal": causal} if has_is_causal else {"window_size": (-1, 0) if causal else (-1, -1)}
-            if q.shape[1] != k.shape[1]:
-                if has_gqa:
-                    kw["enable_gqa"] = True
-                else:
-                    rep = q.shape[1] // k.shape[1]
-                    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-            return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kw)
+        if flash_packed_ok(q):
+            return flash_packed(q, k, v, cu, cu, max_seqlen, max_seqlen, causal)[0]
     return _padded_sdpa(q, k, v, plan, causal)
+
+
+def flash_packed_ok(q: torch.Tensor) -> bool:
+    """torch's flash kernel takes packed (varlen) rows with grouped-query heads in place and
+    returns the log-sum-exp: CUDA fp16/bf16 on Ampere and newer, head dims up to 256 in multiples of 8."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 256 and torch.cuda.get_device_capability(q.device) >= (8, 0))
+
+
+def flash_packed(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed q [T, H, D] over packed k/v [S, Hkv, D] (sequence bounds cu_q, cu_k) through torch's
+    flash kernel: o [T, H, D] and lse [T, H] fp32 (a transposed view of the kernel's [H, T]).
+    Called as the op itself: torch's public varlen_attn of some releases (2.11) takes no
+    grouped-query flag, and repeating the keys to every head costs a copy per layer."""
+    o, lse = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False)[:2]
+    if lse.shape != (q.shape[1], q.shape[0]):  # no silent misread of another layout
+        raise RuntimeError(f"torch's flash kernel returned a log-sum-exp of shape {tuple(lse.shape)}, expected "
+                           f"(heads, tokens) = {(q.shape[1], q.shape[0])}; this torch version is not supported "
+                           "by the packed attention (use float32, or another torch release)")
+    return o, lse.t()
 
 
 def padded(x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:

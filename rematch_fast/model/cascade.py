@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import padded
+from .attention import flash_packed, flash_packed_ok, padded
 from .batch import AttentionPlan
 
 _SCORES_PER_CHUNK = 1 << 24  # fp32 attention scores held at once by the prefix part (64 MB)
@@ -61,24 +61,6 @@ def _attend(q, k, v, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
     return probs @ v.float(), lse
 
 
-def _fused_packed_ok(q: torch.Tensor) -> bool:
-    """torch's flash kernel takes packed (varlen) rows with grouped-query heads in place and
-    returns the log-sum-exp: CUDA fp16/bf16 on Ampere and newer, head dims up to 256 in multiples of 8."""
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
-            and q.shape[-1] <= 256 and torch.cuda.get_device_capability(q.device) >= (8, 0))
-
-
-def _flash_packed(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed q [T, H, D] over packed k/v [S, Hkv, D] (sequence bounds cu_q, cu_k): o [T, H, D] and
-    lse [T, H] fp32 (a transposed view of the kernel's [H, T])."""
-    o, lse = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False)[:2]
-    if lse.shape != (q.shape[1], q.shape[0]):  # no silent misread of another layout
-        raise RuntimeError(f"torch's flash kernel returned a log-sum-exp of shape {tuple(lse.shape)}, expected "
-                           f"(heads, tokens) = {(q.shape[1], q.shape[0])}; this torch version is not supported "
-                           "by the cascade (use float32, or kernels of another torch release)")
-    return o, lse.t()
-
-
 def _attend_lse(q, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention with its log-sum-exp: q, k, v [B, H, L, D] -> o [B, H, Lq, D], lse [B, H, Lq] fp32.
     torch's CPU flash kernel returns the LSE (SDPA does not); both are exact, as `_attend` is."""
@@ -96,8 +78,8 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse [T, H] fp32."""
     T, H, _ = q.shape
     layout = plan.prefix
-    if _fused_packed_ok(q):  # each group of rows as one query sequence over its prefix's keys
-        return _flash_packed(q, k, v, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, causal=False)
+    if flash_packed_ok(q):  # each group of rows as one query sequence over its prefix's keys
+        return flash_packed(q, k, v, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, causal=False)
     outs, lses = [], []
     for (a, b), (c, d) in zip(layout.q_bounds, layout.k_bounds):
         kp, vp = _expand(k[c:d].transpose(0, 1)[None], H), _expand(v[c:d].transpose(0, 1)[None], H)  # [1, H, P, D]
@@ -114,9 +96,9 @@ def suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Causal attention within each packed suffix: q [T, H, D], k/v [T, Hkv, D] -> o [T, H, D]
     and lse [T, H] fp32. Packed on CUDA (fp16/bf16); elsewhere suffixes of similar length share
     one padded computation."""
-    if _fused_packed_ok(q):
+    if flash_packed_ok(q):
         cu = plan.cu_seqlens
-        return _flash_packed(q, k, v, cu, cu, plan.max_seqlen, plan.max_seqlen, causal=True)
+        return flash_packed(q, k, v, cu, cu, plan.max_seqlen, plan.max_seqlen, causal=True)
     T, H, D = q.shape
     B, L = plan.cu_seqlens.shape[0] - 1, plan.max_seqlen
     if T == B * L:  # every suffix L long (static-shape buckets): one dense call, no host sync (CUDA graphs)
