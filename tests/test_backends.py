@@ -24,7 +24,7 @@ def test_unknown_backend_lists_the_registered_ones(tiny_paths):
 def test_options_are_checked_against_the_factory(tiny_paths):
     with pytest.raises(InputError, match=r"takes no option \['latency_buckets'\]; its options: \[\]"):
         ReMatch.from_pretrained(tiny_paths["qwen2-vl"], backend="reference", latency_buckets=(64,))
-    with pytest.raises(InputError, match=r"takes no option \['kernel'\]; its options: \['latency_buckets', 'kernels', 'share_prefix', 'quantize', 'uint8_pixels', 'compile'\]"):
+    with pytest.raises(InputError, match=r"takes no option \['kernel'\]; its options: \['latency_buckets', 'kernels', 'share_prefix', 'quantize', 'uint8_pixels', 'compile', 'packed_graphs'\]"):
         ReMatch.from_pretrained(tiny_paths["qwen2-vl"], backend="fast", kernel="torch")
 
 
