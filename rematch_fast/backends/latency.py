@@ -38,6 +38,7 @@ class LatencyBuckets:
         self.device = device
         # (B, L, id of the shared prefix or None) -> buffers (and its graph on CUDA)
         self.static: dict[tuple[int, int, int | None], dict] = {}
+        self.stream = None  # the warm-up and capture stream, made at the first capture
 
     def bucket_for(self, seqs: list[Sequence]) -> tuple[int, int] | None:
         """(B, L) for a batch this path serves, None for any other (images, too many, too long)."""
@@ -114,14 +115,16 @@ class LatencyBuckets:
 
     def _replay(self, s: dict, n: int) -> Embeddings:
         if "graph" not in s:
-            stream = torch.cuda.Stream(self.device)
+            if self.stream is None:  # on the model's device (torch.cuda.graph's default: the current one, once)
+                self.stream = torch.cuda.Stream(self.device)
+            stream = self.stream
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for _ in range(3):  # compile Triton kernels and settle allocations before capture
                     self._forward(s)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=stream):
                 s["out"] = self._forward(s)
             s["graph"] = graph
         s["graph"].replay()

@@ -148,31 +148,22 @@ class PackedGraphs:
         return self.model.ops.pool_learnable(hidden, s["readout"])  # unit [S, d], norm [S] fp32
 
     def _capture(self, s: dict) -> dict:
-        """Record the forward on a side stream; s gains its outputs and `replay`. Not torch.cuda.graph:
-        it synchronizes the device and empties the allocator's cache before every capture, which
-        would drain the batches queued."""
+        """Record the forward; s gains its outputs and `replay`. torch.cuda.graph waits for the queued
+        work and empties the allocator's cache first (a capture takes no memory cached for eager
+        use): once per captured shape."""
         with torch.cuda.device(self.device):
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
-                # one capture stream for all: cuBLAS keeps a workspace per stream it has run on
+                # one capture stream for all (cuBLAS keeps a workspace per stream), on the model's device:
+                # torch.cuda.graph's own default is made once per process, on whichever device is current
                 self.stream = torch.cuda.Stream(self.device)
-            # a capture takes no memory the eager allocator holds cached: hand that back first (this
-            # waits for the queued work, once per captured shape)
-            torch.cuda.empty_cache()
-            stream = self.stream
-            stream.wait_stream(torch.cuda.current_stream(self.device))
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.stream(stream):
-                    graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
-                    try:
-                        out = self._forward(s)
-                    finally:
-                        graph.capture_end()
+                with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                    out = self._forward(s)
             except RuntimeError as e:
                 raise RuntimeError(f"capturing a packed batch of {s['embeds'].shape[0]} tokens as a CUDA graph "
                                    f"failed ({e}); packed_graphs=False runs every batch eagerly") from e
-            torch.cuda.current_stream(self.device).wait_stream(stream)
 
         def replay():
             with torch.cuda.device(self.device):  # launched on the model's device's stream (cuda:1 too)
