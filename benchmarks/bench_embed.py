@@ -167,8 +167,9 @@ def main(argv=None) -> str:
     ap.add_argument("--workloads", nargs="+", choices=["W1", "W1e", "W2", "W5"], default=["W1", "W1e", "W2", "W5"],
                     help="which workloads to run (default: all)")
     ap.add_argument("--profile", action="store_true",
-                    help="also profile `fast` (and with --compiled its compiled variants) on 512 W1e texts "
-                         "(<name>_profile_<model>[_variant].txt; fast's timeline: <name>_trace_<model>.json.gz)")
+                    help="also profile `fast`, `fast-graphs` (and with --compiled the compiled variants) on 512 "
+                         "W1e texts (<name>_profile_<model>[_variant].txt; the timelines of fast and fast-graphs: "
+                         "<name>_trace_<model>[_graphs].json.gz)")
     args = ap.parse_args(argv)
     # a compiled layer past the recompile limit would run eager and be timed as "compiled": fail instead
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=args.compiled):
@@ -252,9 +253,11 @@ def run(args) -> str:
             record(wl, len(texts), {p: useful / t * 1e3 for p, t in ms.items()}, "tokens/s",
                    flops_per_s / (2 * lm_params), ms, extra)
             if args.profile and wl == "W1e":  # where the time goes (after the figures: a part cut short keeps them)
-                for p, m in {"fast": fast, **compiled}.items():
-                    stem = f"{args.name}_profile_{name}" + ("" if p == "fast" else "_" + p.removeprefix("fast-"))
-                    trace = Path(args.out) / f"{args.name}_trace_{name}.json.gz" if args.out and p == "fast" else None
+                for p, m in {"fast": fast, "fast-graphs": graphs, **compiled}.items():
+                    variant = "" if p == "fast" else "_" + p.removeprefix("fast-")
+                    stem = f"{args.name}_profile_{name}{variant}"
+                    timeline = args.out and p in ("fast", "fast-graphs")  # where the device waits, and for what
+                    trace = Path(args.out) / f"{args.name}_trace_{name}{variant}.json.gz" if timeline else None
                     text = profile_table(lambda m=m: m.encode(texts[:512], side="document"), dev, trace=trace)
                     print(f"# profile of {p}\n{text}")
                     if args.out:
