@@ -9,7 +9,9 @@ float8 on 8.9+) where torchao is installed, the well-kept alternative to our own
           M = 1, 16, 256, 4096 rows: ms per call and x_base (base ms / preset ms)
   model   the fast backend with each preset: W1e (texts of 128 tokens) throughput, W5 (one 48-token
           query) latency, the linear layers' weight bytes, and quality against the unquantized model
-          (rematch_fast.export.parity.compare: cosine min, top-10 overlap, |delta p(yes)|)
+          (rematch_fast.export.parity.compare: cosine min, top-10 overlap, |delta p(yes)|); on a GPU,
+          W5 replays the latency buckets' CUDA graph except for the bnb-* presets, which run eagerly
+          (their kernels cannot be captured): their x_base_W5 compares eager with replayed
 
 The base is the model's dtype: bf16 on a GPU, fp32 on the CPU unless --dtype says otherwise (on
 the CPU torch's int8 kernel is fast with bf16 activations only); providers are timed round-robin,

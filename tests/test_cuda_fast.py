@@ -50,7 +50,8 @@ def test_latency_buckets_replay_cuda_graphs(tiny_paths, dtype, tol):
 @pytest.mark.parametrize("share_prefix", [True, False])
 def test_packed_graphs_replay_on_cuda(tiny_paths, arch, share_prefix):
     """Packed batches in static shapes: eager at a shape's first batch, captured at its second,
-    replayed after, with other contents each time (texts of other lengths, images)."""
+    replayed after with other contents (other words of the same lengths; images in every other
+    round); query and document batches keep their own graphs."""
     import random
 
     path = tiny_paths[arch]
@@ -59,17 +60,18 @@ def test_packed_graphs_replay_on_cuda(tiny_paths, arch, share_prefix):
     m = ReMatch.from_pretrained(path, backend="fast", device="cuda", dtype=torch.bfloat16, latency_buckets=(),
                                 share_prefix=share_prefix, packed_graphs=True)
     rng = random.Random()
-    words = ["river", "photo", "seven", "blue", "station"]
+    lengths = [rng.randint(1, 60) for _ in range(12)]  # one-token words: the same shapes every round
     for round in range(4):
-        texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 60))) for _ in range(12)]
+        texts = [" ".join(rng.choice(["river", "photo", "seven", "blue"]) for _ in range(n)) for n in lengths]
         items = texts + ITEMS[1:3] if round % 2 else texts
-        got = m.encode(items, side="document", batch_tokens=400)
-        want = plain.encode(items, side="document", batch_tokens=400)
-        assert F.cosine_similarity(got.unit, want.unit, dim=-1).min() >= 0.999, f"round {round}, texts {texts}"
-        torch.testing.assert_close(got.norm, want.norm, atol=0, rtol=2e-2)
+        for side in ("document", "query"):
+            got = m.encode(items, side=side, batch_tokens=400)
+            want = plain.encode(items, side=side, batch_tokens=400)
+            assert F.cosine_similarity(got.unit, want.unit, dim=-1).min() >= 0.999, f"round {round}, {side}, {texts}"
+            torch.testing.assert_close(got.norm, want.norm, atol=0, rtol=2e-2)
     graphs = m.backend.graphs
-    assert graphs.graphs and all(graphs.seen[key] >= 2 for key in graphs.graphs)  # captured at a second batch
-    assert any(graphs.seen[key] > 2 for key in graphs.graphs)  # and replayed after
+    assert graphs.graphs and set(graphs.graphs) == {key for key, n in graphs.seen.items() if n >= 2}
+    assert any(graphs.seen[key] > 2 for key in graphs.graphs)  # replayed
     assert len(graphs.inputs) == len({tokens for tokens, *_ in graphs.graphs})  # inputs shared per token count
     with pytest.raises(InputError, match="bfloat16 or float16"):
         ReMatch.from_pretrained(path, backend="fast", device="cuda", dtype=torch.float32, packed_graphs=True)
@@ -100,6 +102,16 @@ def test_packed_graphs_replayed_out_of_capture_order_on_cuda(tiny_paths):
         want = plain.encode(texts, side="document", batch_size=len(texts))
         assert F.cosine_similarity(got.unit.cpu(), want.unit, dim=-1).min() >= 0.999, texts
         torch.testing.assert_close(got.norm.cpu(), want.norm, atol=0, rtol=2e-2)
+
+
+def test_bnb_presets_run_eagerly_on_cuda(tiny_paths):
+    """LLM.int8 reads its outlier columns back to the host: no latency buckets by default (a
+    captured single query would fail)."""
+    pytest.importorskip("bitsandbytes", reason="the bnb-* presets need bitsandbytes")
+    m = ReMatch.from_pretrained(tiny_paths["qwen2.5-vl"], backend="fast", device="cuda", dtype=torch.bfloat16,
+                                quantize="bnb-int8")
+    assert m.backend.latency is None and m.backend.graphs is None
+    assert torch.isfinite(m.embed(["one short query"])).all()
 
 
 def test_auto_kernels_on_cuda_equal_the_torch_references(tiny_paths, arch):

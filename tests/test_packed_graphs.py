@@ -72,13 +72,19 @@ def test_static_shapes_give_the_same_embeddings(tiny_paths, plain, arch, share_p
 
 
 def test_packed_graphs_is_off_by_default_and_refuses_what_it_cannot_capture(tiny_paths, plain):
+    from rematch_fast.backends.packed_graphs import check_capturable
+
     assert all(m.backend.graphs is None for m in plain.values())
     with pytest.raises(InputError, match="compile and packed_graphs"):
         ReMatch.from_pretrained(tiny_paths["qwen2-vl"], backend="fast", packed_graphs=True, compile="default")
+    with pytest.raises(InputError, match="bfloat16 or float16"):  # fp32 attention reads the lengths on the host
+        check_capturable(torch.device("cuda"), torch.float32, 128)
+    check_capturable(torch.device("cpu"), torch.float32, 128)  # elsewhere the layout runs eagerly
     pytest.importorskip("bitsandbytes", reason="the bnb-* presets need bitsandbytes")
     for preset in ("bnb-int8", "bnb-nf4"):  # bitsandbytes' kernels read device values on the host
-        with pytest.raises(InputError, match="cannot be captured"):
-            ReMatch.from_pretrained(tiny_paths["qwen2-vl"], backend="fast", packed_graphs=True, quantize=preset)
+        for option in (dict(packed_graphs=True), dict(latency_buckets=(64,))):
+            with pytest.raises(InputError, match="CUDA graphs cannot capture"):
+                ReMatch.from_pretrained(tiny_paths["qwen2-vl"], backend="fast", quantize=preset, **option)
 
 
 class ReplayedOnTheCpu:
@@ -96,32 +102,57 @@ class ReplayedOnTheCpu:
             dest.copy_(value)
 
 
-def test_capture_and_replay_bookkeeping(tiny_paths, plain, monkeypatch):
-    """The CUDA path's bookkeeping on the CPU, graphs replaced by ReplayedOnTheCpu: a shape is
-    captured at its second batch and replayed after with other contents (the buffers refilled,
-    padding and spare rows included), graphs of one token count read one set of inputs, and past
-    max_graphs new shapes run eagerly."""
+@pytest.fixture
+def stand_in_graphs(tiny_paths, monkeypatch):
+    """A packed-graphs model whose captures make ReplayedOnTheCpu stand-ins (the CUDA path's
+    bookkeeping, on the CPU)."""
     from rematch_fast.backends.packed_graphs import PackedGraphs
 
     def capture(self, s):
         graph = ReplayedOnTheCpu(lambda: self._forward(s), s)
-        s["graph"], s["out"], s["replay"] = graph, graph.out, graph.replay
+        s["out"], s["replay"] = graph.out, graph.replay
         return s
 
     monkeypatch.setattr(PackedGraphs, "_capture", capture)
     m = ReMatch.from_pretrained(tiny_paths["qwen2.5-vl"], backend="fast", packed_graphs=True)
-    graphs = m.backend.graphs
-    graphs.capturable, graphs.max_graphs = True, 2
+    m.backend.graphs.capturable = True
+    return m
+
+
+def _same_lengths(rng, lengths=(1, 3, 9, 30, 70, 5, 50, 12, 2, 40, 20, 8, 150)):
+    """Texts of these numbers of one-token words, other words each call: the same shapes, other contents."""
+    return [" ".join(rng.choice(["river", "photo", "blue", "seven"]) for _ in range(n)) for n in lengths]
+
+
+def test_capture_and_replay_bookkeeping(stand_in_graphs, plain):
+    """A shape is captured at its second batch (not its first) and replayed after with other
+    contents (the buffers refilled, padding and spare rows included); query and document batches
+    of the same shape keep their own graphs (each continues its side's template prefix); graphs
+    of one token count read one set of inputs."""
+    m, graphs = stand_in_graphs, stand_in_graphs.backend.graphs
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
-    for round in range(4):  # the same lengths (one-token words), other words: the same shapes, other contents
-        items = [" ".join(rng.choice(["river", "photo", "blue", "seven"]) for _ in range(n))
-                 for n in (1, 3, 9, 30, 70, 5, 50, 12, 2, 40, 20, 8, 150)]
-        got = m.encode(items, side="document", batch_tokens=300)
-        want = plain["qwen2.5-vl"].encode(items, side="document", batch_tokens=300)
-        torch.testing.assert_close(got.unit, want.unit, atol=ATOL, rtol=0, msg=lambda s: f"seed {seed}: {s}")
-    assert len(graphs.graphs) == 2 and all(graphs.seen[key] >= 2 for key in graphs.graphs)
-    assert any(graphs.seen[key] > 2 for key in graphs.graphs)
-    assert any(n >= 2 and key not in graphs.graphs for key, n in graphs.seen.items())  # past the cap: eager
+    for round in range(3):
+        for side in ("document", "query"):
+            items = _same_lengths(rng)
+            got = m.encode(items, side=side, batch_tokens=300)
+            want = plain["qwen2.5-vl"].encode(items, side=side, batch_tokens=300)
+            torch.testing.assert_close(got.unit, want.unit, atol=ATOL, rtol=0, msg=lambda s: f"seed {seed}: {s}")
+            assert set(graphs.graphs) == {key for key, n in graphs.seen.items() if n >= 2}, f"round {round}"
+    assert any(n > 2 for key, n in graphs.seen.items() if key in graphs.graphs)  # replayed
+    assert len({prefix for *_, prefix in graphs.graphs}) == 2  # one template prefix per side
     for key, s in graphs.graphs.items():
         assert s["embeds"] is graphs.inputs[key[0]][0] and s["positions"] is graphs.inputs[key[0]][1]
+
+
+def test_past_max_graphs_new_shapes_run_eagerly(stand_in_graphs, plain):
+    m, graphs = stand_in_graphs, stand_in_graphs.backend.graphs
+    graphs.max_graphs = 1
+    rng = random.Random(11)
+    for _ in range(3):
+        items = _same_lengths(rng)
+        torch.testing.assert_close(m.encode(items, side="document", batch_tokens=300).unit,
+                                   plain["qwen2.5-vl"].encode(items, side="document", batch_tokens=300).unit,
+                                   atol=ATOL, rtol=0)
+    assert len(graphs.graphs) == 1
+    assert any(n >= 2 and key not in graphs.graphs for key, n in graphs.seen.items())

@@ -44,8 +44,8 @@ class FastBackend:
         """latency_buckets: sequence lengths (e.g. (64, 128, 256)) for which a single text query, or
         a small batch of them, runs with static shapes, as a CUDA graph on CUDA (see latency.py).
         Default: DEFAULT_LATENCY_BUCKETS on CUDA (one query is launch-bound there), none elsewhere
-        (the padded eager path gains nothing on a CPU) and none with the bnb-* presets (not capturable);
-        () turns them off.
+        (the padded eager path gains nothing on a CPU); () turns them off. The bnb-* presets take none
+        (their kernels cannot be captured).
         kernels: "auto" (Triton kernels on CUDA, torch elsewhere) or "torch" (torch references everywhere).
         share_prefix: compute the embed template's part before the item once per side and let every
         embedding batch continue it (False: every sequence from its first token, for comparison).
@@ -68,17 +68,21 @@ class FastBackend:
         if ckpt.quantized and quantize not in (None, ckpt.quantized):
             raise InputError(f"{ckpt.path} is pre-quantized as {ckpt.quantized}; it cannot be loaded as {quantize}")
         self.quantize = check_preset(quantize or ckpt.quantized)  # before any weight is read
+        self.cfg = model_config(ckpt)
         # bitsandbytes' kernels read device values on the host (LLM.int8's outlier test), which a CUDA
-        # graph cannot capture; nf4's are not checked: both bnb presets run eagerly
+        # graph cannot capture; nf4's are not checked: both bnb presets run eagerly, on every device
         capturable = not self.quantize.startswith("bnb-")
-        if not capturable and (packed_graphs or (latency_buckets and device.type == "cuda")):
-            raise InputError(f"quantize={self.quantize!r} runs eagerly: bitsandbytes' kernels cannot be captured as "
-                             "CUDA graphs (leave out packed_graphs and latency_buckets)")
+        if not capturable and (packed_graphs or latency_buckets):
+            raise InputError(f"quantize={self.quantize!r} runs eagerly: bitsandbytes' kernels read values back to "
+                             "the host, which CUDA graphs cannot capture (leave out packed_graphs and latency_buckets)")
+        if packed_graphs:
+            from .packed_graphs import check_capturable
+
+            check_capturable(device, dtype, self.cfg.text.head_dim)
         self.device, self.dtype = device, dtype
         self.share_prefix = share_prefix
         self._template_prefixes: dict[tuple[int, ...], PrefixKV] = {}  # template ids -> their keys/values
         self.ops = select_ops(kernels, device)
-        self.cfg = model_config(ckpt)
         if device.type == "cuda":  # refused now rather than out of memory halfway through a corpus
             check_fits(self.cfg, dtype, self.quantize, torch.cuda.mem_get_info(device)[0], str(device))
         if ckpt.quantized or self.quantize == "bf16":
@@ -108,7 +112,7 @@ class FastBackend:
         if packed_graphs:
             from .packed_graphs import PackedGraphs
 
-            self.graphs = PackedGraphs(self.model, device, dtype)
+            self.graphs = PackedGraphs(self.model, device)
 
     @torch.inference_mode()
     def last_hidden(self, batch: PackedBatch, prefix: PrefixKV | None = None, capture: PrefixKV | None = None,

@@ -15,9 +15,10 @@ a real row; spare pooling rows are cut from the result. The token embeddings, im
 and learnable rows are written eagerly (a few launches; the vision tower stays eager); the
 decoder and the pooling replay.
 
-On CUDA (bfloat16 or float16, whose attention kernels take the bounds on the device) a shape
-runs eagerly at its first batch, which also compiles and loads the kernels it needs, is captured
-at its second and replayed from then on: a shape seen once costs no capture. A graph is kept
+On CUDA (bfloat16 or float16 on Ampere or newer, whose attention kernels take the bounds on the
+device: check_capturable) a shape runs eagerly at its first batch, which also compiles and loads
+the kernels it needs, is captured at its second and replayed from then on: a shape seen once
+costs no capture. A graph is kept
 per shape (with the shared prefix continued and the number of learnable tokens); graphs of one
 token count read the same input buffers, and all share one memory pool (they replay one at a
 time, on one stream, each filled just before and its result copied out just after). At most
@@ -32,6 +33,7 @@ import torch
 
 from ..embeddings import Embeddings
 from ..errors import InputError
+from ..model.attention import flash_supported
 from ..model.batch import AttentionPlan, PackedBatch, PrefixLayout
 from ..model.cascade import PrefixKV
 from ..transfer import to_device
@@ -66,11 +68,18 @@ def slot_bounds(lengths: list[int], tokens: int, longest: int, slots: int) -> li
     return bounds + [tokens] * (slots + 1 - len(bounds))
 
 
+def check_capturable(device: torch.device, dtype: torch.dtype, head_dim: int) -> None:
+    """On CUDA a graph replays attention with new sequence bounds, so its kernels must read them
+    on the device: torch's flash kernel (the other paths read the lengths on the host)."""
+    if device.type == "cuda" and not flash_supported(device, dtype, head_dim):
+        raise InputError(f"packed_graphs on CUDA needs dtype bfloat16 or float16 on a GPU of compute capability 8.0 "
+                         f"or newer, and a head dim of at most 256 in multiples of 8 (got {dtype} on {device}, head "
+                         f"dim {head_dim}): the attention kernels that read the sequence bounds on the device")
+
+
 class PackedGraphs:
-    def __init__(self, model, device: torch.device, dtype: torch.dtype, max_graphs: int = MAX_GRAPHS):
-        if device.type == "cuda" and dtype not in (torch.float16, torch.bfloat16):
-            raise InputError(f"packed_graphs on CUDA needs dtype bfloat16 or float16 (got {dtype}): only their "
-                             "attention kernels read the sequence bounds on the device, as a graph replays them")
+    def __init__(self, model, device: torch.device, max_graphs: int = MAX_GRAPHS):
+        """On CUDA, check_capturable first."""
         self.model, self.device, self.max_graphs = model, device, max_graphs
         self.capturable = device.type == "cuda"
         self.seen: Counter = Counter()  # batches run per shape key (below)
@@ -169,5 +178,5 @@ class PackedGraphs:
             with torch.cuda.device(self.device):  # launched on the model's device's stream (cuda:1 too)
                 graph.replay()
 
-        s["graph"], s["out"], s["replay"] = graph, out, replay
+        s["out"], s["replay"] = out, replay  # the closure keeps the graph
         return s

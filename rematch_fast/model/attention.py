@@ -41,28 +41,35 @@ def varlen_attention(q, k, v, plan: AttentionPlan, causal: bool) -> torch.Tensor
         if flash is not None:
             return flash(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=causal)
         if flash_packed_ok(q):
-            return flash_packed(q, k, v, cu, cu, max_seqlen, max_seqlen, causal)[0]
+            return flash_packed(q, k, v, cu, cu, max_seqlen, max_seqlen, causal, lse=False)
     return _padded_sdpa(q, k, v, plan, causal)
 
 
 def flash_packed_ok(q: torch.Tensor) -> bool:
-    """torch's flash kernel takes packed (varlen) rows with grouped-query heads in place and
-    returns the log-sum-exp: CUDA fp16/bf16 on Ampere and newer, head dims up to 256 in multiples of 8."""
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
-            and q.shape[-1] <= 256 and torch.cuda.get_device_capability(q.device) >= (8, 0))
+    """torch's flash kernel takes these packed (varlen) rows, grouped-query heads in place."""
+    return flash_supported(q.device, q.dtype, q.shape[-1])
 
 
-def flash_packed(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def flash_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """torch's flash kernel runs packed attention with the bounds on the device (nothing read on
+    the host): CUDA fp16/bf16 on Ampere and newer, head dims up to 256 in multiples of 8."""
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0
+            and head_dim <= 256 and torch.cuda.get_device_capability(device) >= (8, 0))
+
+
+def flash_packed(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, lse: bool = True):
     """Packed q [T, H, D] over packed k/v [S, Hkv, D] (sequence bounds cu_q, cu_k) through torch's
-    flash kernel: o [T, H, D] and lse [T, H] fp32 (a transposed view of the kernel's [H, T]).
-    Called as the op itself: torch's public varlen_attn of some releases (2.11) takes no
-    grouped-query flag, and repeating the keys to every head costs a copy per layer."""
-    o, lse = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False)[:2]
-    if lse.shape != (q.shape[1], q.shape[0]):  # no silent misread of another layout
-        raise RuntimeError(f"torch's flash kernel returned a log-sum-exp of shape {tuple(lse.shape)}, expected "
+    flash kernel: o [T, H, D], and with `lse` (o, lse [T, H] fp32: a transposed view of the
+    kernel's [H, T]). Called as the op itself: torch's public varlen_attn of some releases (2.11)
+    takes no grouped-query flag, and repeating the keys to every head costs a copy per layer."""
+    o, logsumexp = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False)[:2]
+    if not lse:
+        return o
+    if logsumexp.shape != (q.shape[1], q.shape[0]):  # no silent misread of another layout
+        raise RuntimeError(f"torch's flash kernel returned a log-sum-exp of shape {tuple(logsumexp.shape)}, expected "
                            f"(heads, tokens) = {(q.shape[1], q.shape[0])}; this torch version is not supported "
-                           "by the packed attention (use float32, or another torch release)")
-    return o, lse.t()
+                           "by the cascade (use float32, or another torch release)")
+    return o, logsumexp.t()
 
 
 def padded(x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
