@@ -34,7 +34,7 @@ import torch
 from ..embeddings import Embeddings
 from ..errors import InputError
 from ..model.attention import flash_supported
-from ..model.batch import AttentionPlan, PackedBatch, PrefixLayout
+from ..model.batch import AttentionPlan, PackedBatch, PrefixLayout, cu_seqlens_host
 from ..model.cascade import PrefixKV
 from ..transfer import to_device
 
@@ -58,9 +58,7 @@ def static_shape(lengths: list[int]) -> tuple[int, int, int]:
 def slot_bounds(lengths: list[int], tokens: int, longest: int, slots: int) -> list[int]:
     """The cumulative bounds [slots + 1] of the layout: the real sequences, the padding as dummy
     sequences of at most `longest` rows, then empty ones (repeated bounds)."""
-    bounds = [0]
-    for n in lengths:
-        bounds.append(bounds[-1] + n)
+    bounds = cu_seqlens_host(lengths).tolist()
     while bounds[-1] < tokens:
         bounds.append(min(tokens, bounds[-1] + longest))
     if len(bounds) > slots + 1 or max(lengths) > longest:

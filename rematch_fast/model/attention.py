@@ -95,8 +95,6 @@ def _padded_sdpa(q, k, v, plan: AttentionPlan, causal: bool) -> torch.Tensor:
     keep = None if causal else torch.arange(L, device=q.device)[None, :] < lens[:, None]  # [B, L] real keys
     out = torch.empty_like(qp)  # rows past a sequence's end are never read back
     for a, b, n in groups:
-        if n == 0:  # empty sequences (a static layout's spare slots): nothing to attend
-            continue
         # causal with right padding: a real query only reaches earlier, real keys, so no mask is needed
         mask = None if causal else keep[a:b, None, None, :n]
         out[a:b, :, :n] = F.scaled_dot_product_attention(qp[a:b, :, :n], kp[a:b, :, :n], vp[a:b, :, :n],

@@ -71,14 +71,16 @@ class AttentionPlan:
 
     def padding(self) -> tuple[list[tuple[int, int, int]], torch.Tensor, torch.Tensor]:
         """(length groups, seq, pos): sequences grouped so that padding each group to its longest
-        costs little (`length_groups`), and each packed row's (sequence, position) in the
-        right-padded [B, L] layout."""
+        costs little (`length_groups`; groups of empty sequences only, a static layout's spare
+        slots, are left out: nothing to attend), and each packed row's (sequence, position) in
+        the right-padded [B, L] layout."""
         if self._padding is None:
             lens = self.host_lengths()
             dev = self.cu_seqlens.device
             seq = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))  # [T]
             pos = torch.cat([torch.arange(n) for n in lens])  # [T]
-            self._padding = (length_groups(lens), *to_device([seq, pos], dev))
+            groups = [g for g in length_groups(lens) if g[2] > 0]
+            self._padding = (groups, *to_device([seq, pos], dev))
         return self._padding
 
 

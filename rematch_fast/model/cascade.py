@@ -110,8 +110,6 @@ def suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.zeros(qp.shape, dtype=q.dtype, device=q.device)
     lse = torch.zeros(qp.shape[:3], dtype=torch.float32, device=q.device)
     for a, b, n in groups:
-        if n == 0:  # empty sequences (a static layout's spare slots)
-            continue
         # right padding: a real query's causal window holds real keys only
         out[a:b, :, :n], lse[a:b, :, :n] = _attend_lse(*(x[a:b, :, :n].contiguous() for x in (qp, kp, vp)), causal=True)
     return out.transpose(1, 2)[seq, pos], lse.transpose(1, 2)[seq, pos]
