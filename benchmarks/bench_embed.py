@@ -14,6 +14,9 @@
              as CUDA graphs on a GPU (run eagerly on the CPU); each shape is captured at its second
              batch, and two untimed passes over all the texts (after one over the warm-up slice)
              capture them all (a corpus meets the same shapes again and again)
+  fast-swiglu (W1, W1e, GPU) the same with kernels="auto+swiglu-gemm": the gate/up projection and
+             SwiGLU's gate as one autotuned Triton GEMM (the gate in its epilogue) instead of cuBLAS
+             and the gate kernel; the autotuner's choices are printed (tuned in the warm-up, untimed)
   fast-buckets  (W5, CPU) the same with latency_buckets=(64, 128, 256): static shapes, padded eagerly
   fast-eager    (W5, GPU) the same with latency_buckets=(): the eager path the buckets replace
   fast-compiled (W1, W1e, with --compiled) every decoder layer through torch.compile (on a GPU
@@ -167,7 +170,8 @@ def main(argv=None) -> str:
     ap.add_argument("--workloads", nargs="+", choices=["W1", "W1e", "W2", "W5"], default=["W1", "W1e", "W2", "W5"],
                     help="which workloads to run (default: all)")
     ap.add_argument("--profile", action="store_true",
-                    help="also profile `fast`, `fast-graphs` (and with --compiled the compiled variants) on 512 "
+                    help="also profile `fast`, `fast-graphs`, `fast-swiglu` (and with --compiled the compiled "
+                         "variants) on 512 "
                          "W1e texts (<name>_profile_<model>[_variant].txt; the timelines of fast and fast-graphs: "
                          "<name>_trace_<model>[_graphs].json.gz)")
     args = ap.parse_args(argv)
@@ -197,6 +201,9 @@ def run(args) -> str:
             # the same engine with the embed template's prefix recomputed in every sequence (the gain of sharing it)
             noshare = ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, share_prefix=False)
             graphs = ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, packed_graphs=True)
+            # the gate in the gate/up GEMM's epilogue (on the CPU the same torch references as fast: not run)
+            swiglu = {"fast-swiglu": ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype,
+                                                             kernels="auto+swiglu-gemm")} if args.gpu else {}
             mode = "max-autotune-no-cudagraphs" if dev.type == "cuda" else "default"
             # no latency buckets: a throughput comparison, and no CUDA-graph capture of compiled code
             compiled = {p: ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, compile=mode,
@@ -231,7 +238,8 @@ def run(args) -> str:
             warm = texts[: scale["warm_docs"]]
             warmers = [hf_text_runner(ref, warm, scale["hf_text_batch"], dev), lambda: ref.encode(warm, side="document"),
                        lambda: fast.encode(warm, side="document")]
-            for m in (graphs, *compiled.values()):  # captures, or torch.compile's autotuning: here, untimed
+            # captures, torch.compile's or the swiglu GEMM's autotuning: here, untimed
+            for m in (graphs, *compiled.values(), *swiglu.values()):
                 warmers += [lambda m=m: m.encode(warm, side="document"), lambda m=m: m.encode(texts, side="document")]
             warmers.append(lambda: graphs.encode(texts, side="document"))  # every shape's second batch: captured
             for fn in warmers:
@@ -242,19 +250,20 @@ def run(args) -> str:
                          "fast-graphs": lambda: graphs.encode(texts, side="document")}
             if wl == "W1e":
                 providers["fast-noshare"] = lambda: noshare.encode(texts, side="document")
-            for p, m in compiled.items():
+            for p, m in {**swiglu, **compiled}.items():
                 providers[p] = lambda m=m: m.encode(texts, side="document")
             if args.gpu and not args.with_reference:
                 del providers["reference"]
             ms = interleaved_median_ms(providers, dev, iters=iters, warmup=0)
             extra = {p: {"processed_tokens_per_s": processed / t * 1e3} for p, t in ms.items() if p != "hf"}
-            for p in ("fast", "fast-noshare", "fast-graphs", *compiled):  # share of the wall time the GPU is busy
+            # the share of the wall time the GPU is busy
+            for p in ("fast", "fast-noshare", "fast-graphs", *swiglu, *compiled):
                 if p in providers and (busy := busy_fraction(providers[p], dev)) is not None:
                     extra[p]["busy"] = busy
             record(wl, len(texts), {p: useful / t * 1e3 for p, t in ms.items()}, "tokens/s",
                    flops_per_s / (2 * lm_params), ms, extra)
             if args.profile and wl == "W1e":  # where the time goes (after the figures: a part cut short keeps them)
-                for p, m in {"fast": fast, "fast-graphs": graphs, **compiled}.items():
+                for p, m in {"fast": fast, "fast-graphs": graphs, **swiglu, **compiled}.items():
                     variant = "" if p == "fast" else "_" + p.removeprefix("fast-")
                     stem = f"{args.name}_profile_{name}{variant}"
                     timeline = args.out and p in ("fast", "fast-graphs")  # where the device waits, and for what
@@ -268,7 +277,12 @@ def run(args) -> str:
             w2(fast, ref, scale, iters, dev, flops_per_s, lm_params, vision_params, record)
         if "W5" in args.workloads:
             w5(fast, ref, noshare, (other[0], buckets), dtype, ceil, lm_params, dev, record)
-        del ref, fast, buckets, noshare, graphs, compiled
+        if swiglu:
+            from rematch_fast.kernels.swiglu_gemm import tuned_configs
+
+            for key, config in tuned_configs().items():  # (rows rounded up, I, D, dtypes...): the tiles chosen
+                print(f"# swiglu GEMM tiles {key}: {config}")
+        del ref, fast, buckets, noshare, graphs, compiled, swiglu
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     table = res.markdown(["model", "workload", "provider", "items", "value", "unit", "x_hf", "x_reference", "of_ceiling",

@@ -1,7 +1,8 @@
 """The model ops and the one rule that dispatches them.
 
 Each op (learnable-token pooling, RMSNorm and the residual add fused before it, SwiGLU gate,
-rotary embedding alone and fused with the q/k/v split, the cascade attention merge) is a
+alone and in the gate/up GEMM's epilogue, rotary embedding alone and fused with the q/k/v split,
+the cascade attention merge) is a
 `torch.library` custom op `rematch_fast::<op>` with three parts: its torch reference
 (the `*_torch` function here, also the op's default implementation), a Triton kernel
 registered for CUDA (from `rematch_fast.kernels`, imported on first use), and a fake
@@ -14,7 +15,12 @@ by `select_ops(kernels, device)`, never per call:
     kernels="auto"   the custom ops on CUDA: their Triton kernels, called directly in eager
                      mode (no dispatcher round trip per call) and through the custom ops
                      under torch.compile (eager_on_cuda); the torch references on any
-                     other device
+                     other device. The decoder's gate/up projection stays a cuBLAS GEMM,
+                     followed by the gate kernel
+    kernels="auto+swiglu-gemm"  the same, with the gate in the gate/up GEMM's epilogue (one
+                     Triton GEMM, kernels/swiglu_gemm.py; models only). Opt-in until a GPU
+                     benchmark shows it beats cuBLAS plus the gate kernel (bench_embed.py's
+                     fast-swiglu row)
 
 An `Ops` instance may also be passed where `kernels` is taken, e.g. `triton_ops()`,
 which calls the Triton kernels directly (the CPU tests run them in Triton's interpreter).
@@ -30,7 +36,8 @@ import torch.nn.functional as F
 
 from .errors import InputError
 
-KERNEL_CHOICES = ("auto", "torch")
+KERNEL_CHOICES = ("auto", "torch")  # what an index takes
+MODEL_KERNEL_CHOICES = (*KERNEL_CHOICES, "auto+swiglu-gemm")  # what a model takes
 
 
 _CUDA_IMPLS: dict = {}  # custom op -> its CUDA implementation (what eager_on_cuda calls directly)
@@ -141,6 +148,26 @@ silu_mul_op = define_op(
     triton_kernel("silu_mul", "silu_mul_triton"))
 
 
+def swiglu_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The gate/up projection and SwiGLU's gate: x [..., D], weight [2I, D] (gate rows, then up rows),
+    bias [2I] or None -> silu(x Wg^T + bg) * (x Wu^T + bu) [..., I]: the GEMM, then silu_mul_torch."""
+    return silu_mul_torch(F.linear(x, weight, bias))
+
+
+swiglu_gemm_op = define_op(
+    "swiglu_gemm", swiglu_torch,
+    lambda x, weight, bias: x.new_empty((*x.shape[:-1], weight.shape[0] // 2)),
+    triton_kernel("swiglu_gemm", "swiglu_gemm_triton"))
+
+
+def gemm_then(silu_mul: Callable) -> Callable:
+    """swiglu as the library GEMM (cuBLAS on CUDA) followed by `silu_mul` (the gate kernel)."""
+    def swiglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return silu_mul(F.linear(x, weight, bias))
+
+    return swiglu
+
+
 def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding: x [T, H, D], cos/sin [T, D] fp32; rotation in fp32, result in x's dtype."""
     xf = x.float()
@@ -208,12 +235,16 @@ class Ops:
     merge_state: Callable  # (o_a, lse_a, o_b, lse_b) -> (o [T, H, D], lse [T, H]): cascade attention
     add_rms_norm: Callable  # (x [..., D], delta [..., D], weight [D], eps) -> (x + delta, its rms_norm)
     qkv_rope: Callable  # (qkv [T, (H + 2 Hkv) * D], cos, sin, H, Hkv) -> (q, k rotated, v), dense [T, h, D]
+    swiglu: Callable  # (x [..., D], gate/up weight [2I, D], bias [2I] | None) -> silu(gate) * up [..., I]
 
 
 TORCH_OPS = Ops("torch", pool_learnable_torch, rms_norm_torch, silu_mul_torch, rope_torch, merge_state_torch,
-                add_rms_norm_torch, qkv_rope_torch)
-CUSTOM_OPS = Ops("custom", *map(eager_on_cuda, (pool_learnable_op, rms_norm_op, silu_mul_op, rope_op, merge_state_op,
-                                                add_rms_norm_op, qkv_rope_op)))
+                add_rms_norm_torch, qkv_rope_torch, swiglu_torch)
+_custom = tuple(map(eager_on_cuda, (pool_learnable_op, rms_norm_op, silu_mul_op, rope_op, merge_state_op,
+                                    add_rms_norm_op, qkv_rope_op)))
+CUSTOM_OPS = Ops("custom", *_custom, gemm_then(_custom[2]))  # cuBLAS, then the gate kernel
+# the same with the gate in the GEMM's epilogue (kernels="auto+swiglu-gemm"; opt-in until measured)
+SWIGLU_GEMM_OPS = Ops("custom+swiglu-gemm", *_custom, eager_on_cuda(swiglu_gemm_op))
 
 
 def triton_ops() -> Ops:
@@ -223,21 +254,22 @@ def triton_ops() -> Ops:
     from .kernels.rope import qkv_rope_triton, rope_triton
     from .kernels.merge_state import merge_state_triton
     from .kernels.silu_mul import silu_mul_triton
+    from .kernels.swiglu_gemm import swiglu_gemm_triton
 
     return Ops("triton", pool_learnable_triton, rms_norm_triton, silu_mul_triton, rope_triton, merge_state_triton,
-               add_rms_norm_triton, qkv_rope_triton)
+               add_rms_norm_triton, qkv_rope_triton, swiglu_gemm_triton)
 
 
-def check_kernels(kernels: str | Ops) -> None:
-    if not isinstance(kernels, Ops) and kernels not in KERNEL_CHOICES:
-        raise InputError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+def check_kernels(kernels: str | Ops, choices: tuple[str, ...] = KERNEL_CHOICES) -> None:
+    if not isinstance(kernels, Ops) and kernels not in choices:
+        raise InputError(f"kernels must be one of {choices}, got {kernels!r}")
 
 
 def select_ops(kernels: str | Ops, device: torch.device | str) -> Ops:
     """The op set for a model on `device` (see the module docstring for the rule)."""
-    check_kernels(kernels)
+    check_kernels(kernels, MODEL_KERNEL_CHOICES)
     if isinstance(kernels, Ops):
         return kernels
-    if kernels == "auto" and torch.device(device).type == "cuda":
-        return CUSTOM_OPS
+    if kernels != "torch" and torch.device(device).type == "cuda":
+        return SWIGLU_GEMM_OPS if kernels == "auto+swiglu-gemm" else CUSTOM_OPS
     return TORCH_OPS

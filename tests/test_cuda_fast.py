@@ -124,6 +124,37 @@ def test_auto_kernels_on_cuda_equal_the_torch_references(tiny_paths, arch):
     torch.testing.assert_close(auto.embed(ITEMS), plain.embed(ITEMS), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_swiglu_gemm_on_cuda_equals_the_torch_references(tiny_paths, arch, dtype):
+    """kernels="auto+swiglu-gemm": the gate/up GEMM with the gate in its epilogue (autotuned Triton) in
+    the whole model: eager batches, a single query in the latency buckets' graph and, in bf16, packed
+    batches replayed as graphs. The autotuner runs at a shape's first, eager call, never inside a capture."""
+    from rematch_fast import ops
+    from rematch_fast.kernels.swiglu_gemm import tuned_configs
+
+    path = tiny_paths[arch]
+    fused = ReMatch.from_pretrained(path, backend="fast", device="cuda", dtype=dtype, kernels="auto+swiglu-gemm")
+    plain = ReMatch.from_pretrained(path, backend="fast", device="cuda", dtype=dtype, kernels="torch")
+    assert fused.backend.ops is ops.SWIGLU_GEMM_OPS and fused.backend.latency is not None
+
+    def same(got, want):
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        else:
+            assert F.cosine_similarity(got.float(), want.float(), dim=-1).min() >= 0.999
+
+    for items in (ITEMS, ["one short query"], ["one short query"]):  # the query: warm-up, then the replay
+        same(fused.embed(items, side="query"), plain.embed(items, side="query"))
+    assert tuned_configs()
+    if dtype == torch.bfloat16:
+        graphs = ReMatch.from_pretrained(path, backend="fast", device="cuda", dtype=dtype, latency_buckets=(),
+                                         kernels="auto+swiglu-gemm", packed_graphs=True)
+        texts = ["river photo " * n for n in (3, 40, 11, 7)]
+        for _ in range(3):  # eager, captured, replayed
+            same(graphs.embed(texts, batch_size=4), plain.embed(texts, batch_size=4))
+        assert graphs.backend.graphs.graphs
+
+
 def test_the_reference_backend_never_runs_a_kernel(tiny_paths, monkeypatch):
     """The oracle must not share the kernels it checks: with every Triton entry point broken,
     the reference backend still embeds on CUDA."""
@@ -131,7 +162,8 @@ def test_the_reference_backend_never_runs_a_kernel(tiny_paths, monkeypatch):
 
     for module, fn in [("pooling", "pool_learnable_triton"), ("rms_norm", "rms_norm_triton"),
                        ("silu_mul", "silu_mul_triton"), ("rope", "rope_triton"), ("rope", "qkv_rope_triton"),
-                       ("rms_norm", "add_rms_norm_triton"), ("similarity", "topk_keys_triton")]:
+                       ("rms_norm", "add_rms_norm_triton"), ("similarity", "topk_keys_triton"),
+                       ("swiglu_gemm", "swiglu_gemm_triton")]:
         monkeypatch.setattr(importlib.import_module(f"rematch_fast.kernels.{module}"), fn,
                             lambda *a, **k: (_ for _ in ()).throw(AssertionError("a kernel ran")))
     ref = ReMatch.from_pretrained(tiny_paths["qwen2.5-vl"], device="cuda")

@@ -27,6 +27,9 @@ def _op_cases():
         "pool_learnable": (ops.pool_learnable_op, (_rand(47, 32, seed=1), rows)),
         "rms_norm": (ops.rms_norm_op, (_rand(7, 48, seed=2), _rand(48, seed=3), 1e-6)),
         "silu_mul": (ops.silu_mul_op, (_rand(5, 2 * 40, seed=7),)),
+        "swiglu_gemm": (ops.swiglu_gemm_op, (_rand(6, 24, seed=14), _rand(2 * 20, 24, seed=15), None)),
+        "swiglu_gemm bias 3-d": (ops.swiglu_gemm_op, (_rand(2, 3, 24, seed=16), _rand(2 * 20, 24, seed=17),
+                                                      _rand(2 * 20, seed=18))),
         "rope": (ops.rope_op, (_rand(9, 3, 16, seed=8), angles.cos(), angles.sin())),
         "qkv_rope": (ops.qkv_rope_op, (_rand(9, (4 + 2 * 2) * 16, seed=9), angles.cos(), angles.sin(), 4, 2)),
         "qkv_rope one row": (ops.qkv_rope_op, (_rand(1, 3 * 16, seed=10), angles[:1].cos(), angles[:1].sin(), 1, 1)),
@@ -45,7 +48,8 @@ def test_custom_op_registration_schema_and_fake(name):
 def test_custom_ops_equal_their_references_on_the_cpu():
     cases = _op_cases()
     refs = {"pool_learnable": ops.pool_learnable_torch, "rms_norm": ops.rms_norm_torch,
-            "silu_mul": ops.silu_mul_torch, "rope": ops.rope_torch, "qkv_rope": ops.qkv_rope_torch}
+            "silu_mul": ops.silu_mul_torch, "rope": ops.rope_torch, "qkv_rope": ops.qkv_rope_torch,
+            "swiglu_gemm": ops.swiglu_torch, "swiglu_gemm bias 3-d": ops.swiglu_torch}
     for name, ref in refs.items():
         op, args = cases[name]
         got, want = op(*args), ref(*args)
@@ -60,7 +64,9 @@ def test_the_choice_is_made_once_by_device_and_kernels():
     assert ops.select_ops("torch", "cpu") is ops.TORCH_OPS
     assert ops.select_ops("auto", torch.device("cuda", 0)) is ops.CUSTOM_OPS
     assert ops.select_ops("auto", "cpu") is ops.TORCH_OPS
-    mine = ops.Ops("mine", *(lambda *a: None,) * 7)
+    assert ops.select_ops("auto+swiglu-gemm", "cuda") is ops.SWIGLU_GEMM_OPS
+    assert ops.select_ops("auto+swiglu-gemm", "cpu") is ops.TORCH_OPS
+    mine = ops.Ops("mine", *(lambda *a: None,) * 8)
     assert ops.select_ops(mine, "cpu") is mine
     with pytest.raises(InputError, match="kernels must be one of"):
         ops.select_ops("triton", "cpu")
@@ -89,6 +95,10 @@ def test_eager_calls_reach_the_cuda_kernel_directly_and_traced_calls_the_custom_
                                                 ops.merge_state_op, ops.add_rms_norm_op, ops.qkv_rope_op))
     x = _rand(4, 2 * 8, seed=12)
     assert torch.equal(ops.CUSTOM_OPS.silu_mul(x), ops.silu_mul_torch(x))  # CPU tensors: the op, its reference
+    assert ops._CUDA_IMPLS.get(ops.swiglu_gemm_op)
+    h, w, b = _rand(3, 8, seed=19), _rand(2 * 5, 8, seed=20), _rand(2 * 5, seed=21)
+    for chosen in (ops.CUSTOM_OPS, ops.SWIGLU_GEMM_OPS):  # the GEMM then the gate op; the fused op
+        assert torch.equal(chosen.swiglu(h, w, b), ops.swiglu_torch(h, w, b))
 
 
 def test_the_eager_wrappers_trace_whole_under_torch_compile():
@@ -106,6 +116,35 @@ def test_models_and_indexes_hold_the_ops_they_were_built_with(tiny_paths):
         ReMatch.from_pretrained(tiny_paths["qwen2.5-vl"], backend="fast", kernels="fastest")
     with pytest.raises(InputError, match="kernels must be one of"):
         Index(torch.randn(4, 8), kernels="cuda")
+    with pytest.raises(InputError, match="kernels must be one of"):  # a model's choice, not an index's
+        Index(torch.randn(4, 8), kernels="auto+swiglu-gemm")
+
+
+def test_dense_mlps_take_the_swiglu_op_and_quantized_ones_the_gate_alone(tiny_paths):
+    """The decoder's SwiGLU MLPs with dense weights hand the gate/up weight to ops.swiglu (where the
+    fused GEMM plugs in); a quantized layer runs its own matmul, then ops.silu_mul."""
+    calls = []
+
+    def spy(name, fn):
+        def call(*args):
+            calls.append(name)
+            return fn(*args)
+        return call
+
+    from dataclasses import replace
+
+    mine = replace(ops.TORCH_OPS, name="spy", swiglu=spy("swiglu", ops.swiglu_torch),
+                   silu_mul=spy("silu_mul", ops.silu_mul_torch))
+    dense = ReMatch.from_pretrained(tiny_paths["qwen2.5-vl"], backend="fast", kernels=mine, latency_buckets=())
+    plain = ReMatch.from_pretrained(tiny_paths["qwen2.5-vl"], backend="fast", kernels="torch", latency_buckets=())
+    torch.testing.assert_close(dense.embed(["a short text"]), plain.embed(["a short text"]), atol=0, rtol=0)
+    layers = len(dense.backend.model.decoder.layers)  # once per layer and pass (the template prefix, the batch)
+    assert set(calls) == {"swiglu"} and len(calls) % layers == 0
+    calls.clear()
+    quantized = ReMatch.from_pretrained(tiny_paths["qwen2.5-vl"], backend="fast", kernels=mine,
+                                        quantize="int8-weight", latency_buckets=())
+    quantized.embed(["a short text"])
+    assert set(calls) == {"silu_mul"} and len(calls) % layers == 0
 
 
 def test_kernel_files_are_leaves():

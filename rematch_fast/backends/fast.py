@@ -46,7 +46,9 @@ class FastBackend:
         Default: DEFAULT_LATENCY_BUCKETS on CUDA (one query is launch-bound there), none elsewhere
         (the padded eager path gains nothing on a CPU); () turns them off. The bnb-* presets take none
         (their kernels cannot be captured).
-        kernels: "auto" (Triton kernels on CUDA, torch elsewhere) or "torch" (torch references everywhere).
+        kernels: "auto" (Triton kernels on CUDA, torch elsewhere), "torch" (torch references everywhere)
+        or "auto+swiglu-gemm" ("auto" with SwiGLU's gate in the gate/up GEMM's epilogue on CUDA: one
+        autotuned Triton GEMM instead of cuBLAS and the gate kernel; opt-in until measured on a GPU).
         share_prefix: compute the embed template's part before the item once per side and let every
         embedding batch continue it (False: every sequence from its first token, for comparison).
         quantize: the linear layers' weight format, a preset of rematch_fast.model.quant ("bf16",

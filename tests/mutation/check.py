@@ -78,6 +78,7 @@ T_SCHED = "tests/test_scheduler.py"
 T_REF_EMBED = "tests/test_reference.py::test_embedding_equals_independent_computation"
 T_HD = "tests/test_hostile_data.py::"
 T_CLI = "tests/test_hostile_cli.py::"
+T_SWIGLU = "tests/kernels/test_swiglu_gemm.py"
 T_CORPUS = "tests/test_corpus.py::"
 
 MUTANTS: list[Mutant] = [
@@ -278,6 +279,18 @@ MUTANTS: list[Mutant] = [
     M("qkv-rope-v-rotated", "kernels", "kernels/rope.py",
       "tl.store(v, x1, mask=is_v)", "tl.store(v, r1, mask=is_v)",
       "tests/kernels/test_elementwise.py::test_qkv_rope"),
+    M("swiglu-gemm-up-rows-by-column-stride", "kernels", "kernels/swiglu_gemm.py",
+      "I * weight.stride(0), rows.stride(0)", "I * weight.stride(1), rows.stride(0)", T_SWIGLU),
+    M("swiglu-gemm-group-row-by-division", "kernels", "kernels/swiglu_gemm.py",
+      "pid_m = first_m + (pid % per_group) % rows_in_group", "pid_m = first_m + (pid % per_group) // rows_in_group",
+      T_SWIGLU),
+    M("swiglu-gemm-last-k-step-unmasked", "kernels", "kernels/swiglu_gemm.py",
+      "k_ok = rk < K - k * BK", "k_ok = rk < K", T_SWIGLU),
+    M("swiglu-gemm-up-takes-gate-bias", "kernels", "kernels/swiglu_gemm.py",
+      "tl.load(b_ptr + I + rn_in)", "tl.load(b_ptr + rn_in)", T_SWIGLU),
+    M("mlp-never-hands-its-weight-to-swiglu", "kernels", "rematch_fast/model/layers.py",
+      "if isinstance(gate_up, nn.Linear):", "if isinstance(gate_up, FusedLinear) and gate_up.bias is not None:",
+      "tests/test_ops.py::test_dense_mlps_take_the_swiglu_op_and_quantized_ones_the_gate_alone"),
     M("eager-on-cuda-always-dispatches", "kernels", "rematch_fast/ops.py",
       "if args[0].is_cuda and not torch.compiler.is_compiling():", "if False:",
       "tests/test_ops.py::test_eager_calls_reach_the_cuda_kernel_directly_and_traced_calls_the_custom_op"),

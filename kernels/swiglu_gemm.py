@@ -1,0 +1,121 @@
+"""SwiGLU in the gate/up GEMM's epilogue (Triton): silu(x Wg^T + bg) * (x Wu^T + bu) in one kernel.
+
+The plain path runs the fused gate/up GEMM ([T, 2I] written to memory), then the gate kernel
+(silu_mul.py: [T, 2I] read back, [T, I] written). Here each program computes one [BM, BN] tile of
+the result with two accumulators, the gate's and the up projection's, over the same x tiles: rows
+n of the gate and I + n of the up part of the fused weight [2I, D] (the checkpoint layout, nothing
+reordered), and only [T, I] ever reaches memory. Rounding follows the plain path: each projection
+is rounded to the input dtype (as the GEMM's output is), silu(gate) is rounded, then the product.
+The torch reference is rematch_fast.ops.swiglu_torch.
+
+On a GPU the tile sizes are autotuned per (token count rounded up to a power of two, I, D), at the
+first call of each (outside any CUDA-graph capture: the first batch of every shape runs eagerly).
+Opt-in (kernels="auto+swiglu-gemm") until a GPU benchmark shows it beats cuBLAS plus the gate kernel.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import interpreting, next_pow2
+
+
+@triton.jit
+def _swiglu_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, I, K, M_KEY, up_offset, stride_xm, stride_xk, stride_wn,
+                        stride_wk, stride_om, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    # M_KEY (M rounded up) only keys the autotuner's cache; up_offset = I * stride_wn (the up rows)
+    # programs walk the tiles GROUP_M row blocks at a time, so those x rows stay in L2 across columns
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(I, BN)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    rows_in_group = tl.minimum(tl.cdiv(M, BM) - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows_in_group
+    pid_n = (pid % per_group) // rows_in_group
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    m_ok, n_ok = rm < M, rn < I
+    # rows and columns past the end load row 0 (their results are never stored): no masks on M, N
+    rm_in = tl.where(m_ok, rm, 0).to(tl.int64)
+    rn_in = tl.where(n_ok, rn, 0).to(tl.int64)
+    x_at = x_ptr + rm_in[:, None] * stride_xm + rk[None, :] * stride_xk
+    gate_at = w_ptr + rn_in[None, :] * stride_wn + rk[:, None] * stride_wk  # W^T tiles [BK, BN]
+    up_at = gate_at + up_offset
+    acc_gate = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BK)):
+        if EVEN_K:
+            a = tl.load(x_at)
+            g = tl.load(gate_at)
+            u = tl.load(up_at)
+        else:
+            k_ok = rk < K - k * BK
+            a = tl.load(x_at, mask=k_ok[None, :], other=0.0)
+            g = tl.load(gate_at, mask=k_ok[:, None], other=0.0)
+            u = tl.load(up_at, mask=k_ok[:, None], other=0.0)
+        if IEEE:  # fp32 as torch computes it by default (no TF32)
+            acc_gate = tl.dot(a, g, acc_gate, input_precision="ieee")
+            acc_up = tl.dot(a, u, acc_up, input_precision="ieee")
+        else:
+            acc_gate = tl.dot(a, g, acc_gate)
+            acc_up = tl.dot(a, u, acc_up)
+        x_at += BK * stride_xk
+        gate_at += BK * stride_wk
+        up_at += BK * stride_wk
+    if HAS_BIAS:
+        acc_gate += tl.load(b_ptr + rn_in).to(tl.float32)[None, :]
+        acc_up += tl.load(b_ptr + I + rn_in).to(tl.float32)[None, :]
+    dtype = out_ptr.dtype.element_ty
+    gate = acc_gate.to(dtype).to(tl.float32)
+    up = acc_up.to(dtype).to(tl.float32)
+    silu = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
+    tl.store(out_ptr + rm_in[:, None] * stride_om + rn[None, :], (silu * up).to(dtype),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _configs() -> list[triton.Config]:
+    """Candidates for Hopper-class GPUs: two fp32 accumulators per program, so BN is half what a
+    plain GEMM would take; shared memory per stage is (BM + 2 BN) * BK * 2 bytes."""
+    shapes = [  # BM, BN, BK, warps, stages
+        (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+        (256, 64, 64, 8, 3), (128, 128, 32, 8, 5), (64, 64, 128, 4, 3), (32, 64, 128, 4, 4),
+    ]
+    return [triton.Config(dict(BM=bm, BN=bn, BK=bk, GROUP_M=8), num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes]
+
+
+_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BK"] == 0})
+_tuned = triton.autotune(configs=_configs(), key=["M_KEY", "I", "K"])(_even_k(_swiglu_gemm_kernel))
+INTERPRETER_BLOCKS = dict(BM=32, BN=32, BK=32, GROUP_M=2)  # small: awkward shapes cover every edge
+
+
+def swiglu_gemm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., D], weight [2I, D] (gate rows, then up rows), bias [2I] or None
+    -> silu(x Wg^T + bg) * (x Wu^T + bu) [..., I] in x's dtype."""
+    D = x.shape[-1]
+    I = weight.shape[0] // 2
+    rows = x.reshape(-1, D)
+    M = rows.shape[0]
+    out = torch.empty((M, I), dtype=x.dtype, device=x.device)
+    if M and I:
+        if interpreting() and x.dtype == torch.bfloat16:  # the interpreter computes bf16 tl.dot wrongly
+            rows, weight = rows.float(), weight.float()
+        args = (rows, weight, bias if bias is not None else weight, out, M, I, D, min(next_pow2(M), 1 << 16),
+                I * weight.stride(0), rows.stride(0), rows.stride(1), weight.stride(0), weight.stride(1), out.stride(0))
+        flags = dict(HAS_BIAS=bias is not None, IEEE=rows.dtype == torch.float32)
+        if interpreting():
+            b = INTERPRETER_BLOCKS
+            grid = (triton.cdiv(M, b["BM"]) * triton.cdiv(I, b["BN"]),)
+            _swiglu_gemm_kernel[grid](*args, **flags, EVEN_K=D % b["BK"] == 0, **b)
+        else:
+            grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(I, meta["BN"]),)  # noqa: E731
+            _tuned[grid](*args, **flags)
+    return out.reshape(*x.shape[:-1], I)
+
+
+def tuned_configs() -> dict:
+    """The autotuner's choice so far: {(M_KEY, I, D, ...): config} (what a benchmark reports)."""
+    return {key: str(cfg) for key, cfg in _tuned.cache.items()}

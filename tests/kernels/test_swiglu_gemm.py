@@ -1,0 +1,74 @@
+"""The gate/up GEMM with SwiGLU in its epilogue against its torch reference (the GEMM, then the gate):
+strided and 3-d inputs, sizes that fit no tile (rows, columns and the reduction), bias or none,
+several row blocks per program group, fresh random inputs each run. On the CPU the Triton
+interpreter runs it in fp32 and fp16 (its bf16 dot is wrong); on a GPU, bf16 at the 3B model's shapes
+through the autotuner."""
+import random
+
+import pytest
+import torch
+
+from rematch_fast import ops
+
+import triton  # noqa: E402,F401 - the test extra installs it: missing, these tests fail rather than skip
+from rematch_fast.kernels.swiglu_gemm import INTERPRETER_BLOCKS, swiglu_gemm_triton, tuned_configs  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"  # cpu: the Triton interpreter
+# fp16 / bf16: the reference rounds the GEMM's output before the gate, the kernel its fp32 accumulators;
+# a different summation order moves a rounding boundary now and then: one step of the output's dtype
+DTYPES = [(torch.float32, 1e-5), (torch.bfloat16 if CUDA else torch.float16, 1.6e-2)]
+SEED = random.randrange(1 << 30)  # fresh inputs every run, printed on failure
+
+
+def _inputs(M, D, I, dtype, seed, bias):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, D + 5, generator=g)[:, 3:D + 3]  # rows with a gap between them
+    w = torch.randn(2 * I, D, generator=g) / D ** 0.5 * 2  # gate and up of magnitude ~2: silu's curved part
+    b = torch.randn(2 * I, generator=g) * 0.5 if bias else None
+    return (x.to(DEVICE, dtype), w.to(DEVICE, dtype), None if b is None else b.to(DEVICE, dtype))
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("M, D, I, bias", [(1, 64, 32, False), (70, 40, 45, True), (37, 96, 100, False),
+                                           (131, 64, 33, True), (5, 33, 17, False)])
+def test_swiglu_gemm_equals_the_gemm_then_the_gate(M, D, I, bias, dtype, tol):
+    seed = SEED + M * D + I
+    x, w, b = _inputs(M, D, I, dtype, seed, bias)
+    got = swiglu_gemm_triton(x, w, b)
+    want = ops.swiglu_torch(x, w, b)
+    assert got.dtype == dtype and got.shape == (M, I)
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol, msg=lambda m: f"seed {seed}: {m}")
+    # and against an fp64 computation of its own (the reference's rounding aside)
+    gate_up = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    exact = torch.nn.functional.silu(gate_up[:, :I]) * gate_up[:, I:]
+    torch.testing.assert_close(got.double(), exact, atol=3 * tol, rtol=3 * tol)
+
+
+def test_the_interpreter_cases_cover_every_edge():
+    """The blocks the CPU runs with: some case spans several row groups with a short last group, a
+    partial row tile, a partial column tile and a partial reduction step."""
+    b = INTERPRETER_BLOCKS
+    assert b["GROUP_M"] > 1 and -(-131 // b["BM"]) > b["GROUP_M"] and -(-131 // b["BM"]) % b["GROUP_M"]
+    assert 45 % b["BN"] and 40 % b["BK"] and 70 % b["BM"]
+
+
+def test_3d_inputs_and_empty_batches():
+    x, w, b = _inputs(12, 48, 20, torch.float32, SEED, bias=True)
+    batched = x.reshape(3, 4, 48)
+    got = swiglu_gemm_triton(batched, w, b)
+    assert got.shape == (3, 4, 20)
+    torch.testing.assert_close(got.reshape(12, 20), ops.swiglu_torch(x, w, b), atol=1e-5, rtol=1e-5)
+    assert swiglu_gemm_triton(x[:0], w, b).shape == (0, 20)
+
+
+@pytest.mark.skipif(not CUDA, reason="the autotuned GEMM at the 3B model's sizes needs a CUDA GPU")
+@pytest.mark.parametrize("M", [1, 300, 4096])
+def test_swiglu_gemm_at_3b_shapes_on_cuda(M):
+    """Qwen2.5-VL-3B's decoder MLP (D = 2048, I = 11008) in bf16: a single query's rows, a small
+    batch, a large one; each row count picks its own autotuned tiles."""
+    x, w, _ = _inputs(M, 2048, 11008, torch.bfloat16, SEED + M, bias=False)
+    got = swiglu_gemm_triton(x, w)
+    want = ops.swiglu_torch(x, w, None)
+    torch.testing.assert_close(got.float(), want.float(), atol=1.6e-2, rtol=1.6e-2)
+    assert any(key[0] == min(1 << (M - 1).bit_length(), 1 << 16) for key in tuned_configs())
