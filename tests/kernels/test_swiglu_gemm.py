@@ -72,3 +72,23 @@ def test_swiglu_gemm_at_3b_shapes_on_cuda(M):
     want = ops.swiglu_torch(x, w, None)
     torch.testing.assert_close(got.float(), want.float(), atol=1.6e-2, rtol=1.6e-2)
     assert any(key[0] == min(1 << (M - 1).bit_length(), 1 << 16) for key in tuned_configs())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 64, 8192])
+@pytest.mark.parametrize("smem", [232448, 166912, 101376])  # Hopper, A100, consumer Ampere/Ada
+def test_autotuning_tries_only_tiles_that_fit(monkeypatch, dtype, rows, smem):
+    """The autotuner's candidates for a call: pipelined tiles within the GPU's shared memory, row tiles
+    no taller than the rows (at least 32), and never none."""
+    from rematch_fast.kernels import swiglu_gemm
+
+    monkeypatch.setattr(swiglu_gemm, "shared_memory_bytes", lambda device: smem)
+    x = torch.empty(4, 8, dtype=dtype)
+    kept = swiglu_gemm._worth_trying(swiglu_gemm._configs(), {"x_ptr": x, "M_KEY": rows})
+    assert kept
+    for c in kept:
+        b = c.kwargs
+        assert (b["BM"] + 2 * b["BN"]) * b["BK"] * x.element_size() * c.num_stages <= smem
+        assert b["BM"] <= max(32, rows)
+    if rows == 8192 and dtype == torch.bfloat16 and smem == 232448:
+        assert len(kept) == len(swiglu_gemm._configs())  # a large bf16 batch on Hopper: every candidate
