@@ -28,7 +28,7 @@ which calls the Triton kernels directly (the CPU tests run them in Triton's inte
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -160,14 +160,6 @@ swiglu_gemm_op = define_op(
     triton_kernel("swiglu_gemm", "swiglu_gemm_triton"))
 
 
-def gemm_then(silu_mul: Callable) -> Callable:
-    """swiglu as the library GEMM (cuBLAS on CUDA) followed by `silu_mul` (the gate kernel)."""
-    def swiglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return silu_mul(F.linear(x, weight, bias))
-
-    return swiglu
-
-
 def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding: x [T, H, D], cos/sin [T, D] fp32; rotation in fp32, result in x's dtype."""
     xf = x.float()
@@ -235,16 +227,17 @@ class Ops:
     merge_state: Callable  # (o_a, lse_a, o_b, lse_b) -> (o [T, H, D], lse [T, H]): cascade attention
     add_rms_norm: Callable  # (x [..., D], delta [..., D], weight [D], eps) -> (x + delta, its rms_norm)
     qkv_rope: Callable  # (qkv [T, (H + 2 Hkv) * D], cos, sin, H, Hkv) -> (q, k rotated, v), dense [T, h, D]
-    swiglu: Callable  # (x [..., D], gate/up weight [2I, D], bias [2I] | None) -> silu(gate) * up [..., I]
+    # (x [..., D], gate/up weight [2I, D], bias [2I] | None) -> silu(gate) * up [..., I], the gate in the
+    # GEMM's epilogue; None: the gate/up projection runs as its module (the library GEMM), then silu_mul
+    swiglu_gemm: Callable | None = None
 
 
 TORCH_OPS = Ops("torch", pool_learnable_torch, rms_norm_torch, silu_mul_torch, rope_torch, merge_state_torch,
-                add_rms_norm_torch, qkv_rope_torch, swiglu_torch)
-_custom = tuple(map(eager_on_cuda, (pool_learnable_op, rms_norm_op, silu_mul_op, rope_op, merge_state_op,
-                                    add_rms_norm_op, qkv_rope_op)))
-CUSTOM_OPS = Ops("custom", *_custom, gemm_then(_custom[2]))  # cuBLAS, then the gate kernel
-# the same with the gate in the GEMM's epilogue (kernels="auto+swiglu-gemm"; opt-in until measured)
-SWIGLU_GEMM_OPS = Ops("custom+swiglu-gemm", *_custom, eager_on_cuda(swiglu_gemm_op))
+                add_rms_norm_torch, qkv_rope_torch)
+CUSTOM_OPS = Ops("custom", *map(eager_on_cuda, (pool_learnable_op, rms_norm_op, silu_mul_op, rope_op, merge_state_op,
+                                                add_rms_norm_op, qkv_rope_op)))
+# the same with the gate in the gate/up GEMM's epilogue (kernels="auto+swiglu-gemm"; opt-in until measured)
+SWIGLU_GEMM_OPS = replace(CUSTOM_OPS, name="custom+swiglu-gemm", swiglu_gemm=eager_on_cuda(swiglu_gemm_op))
 
 
 def triton_ops() -> Ops:

@@ -66,7 +66,7 @@ def test_the_choice_is_made_once_by_device_and_kernels():
     assert ops.select_ops("auto", "cpu") is ops.TORCH_OPS
     assert ops.select_ops("auto+swiglu-gemm", "cuda") is ops.SWIGLU_GEMM_OPS
     assert ops.select_ops("auto+swiglu-gemm", "cpu") is ops.TORCH_OPS
-    mine = ops.Ops("mine", *(lambda *a: None,) * 8)
+    mine = ops.Ops("mine", *(lambda *a: None,) * 7)
     assert ops.select_ops(mine, "cpu") is mine
     with pytest.raises(InputError, match="kernels must be one of"):
         ops.select_ops("triton", "cpu")
@@ -97,8 +97,8 @@ def test_eager_calls_reach_the_cuda_kernel_directly_and_traced_calls_the_custom_
     assert torch.equal(ops.CUSTOM_OPS.silu_mul(x), ops.silu_mul_torch(x))  # CPU tensors: the op, its reference
     assert ops._CUDA_IMPLS.get(ops.swiglu_gemm_op)
     h, w, b = _rand(3, 8, seed=19), _rand(2 * 5, 8, seed=20), _rand(2 * 5, seed=21)
-    for chosen in (ops.CUSTOM_OPS, ops.SWIGLU_GEMM_OPS):  # the GEMM then the gate op; the fused op
-        assert torch.equal(chosen.swiglu(h, w, b), ops.swiglu_torch(h, w, b))
+    assert torch.equal(ops.SWIGLU_GEMM_OPS.swiglu_gemm(h, w, b), ops.swiglu_torch(h, w, b))
+    assert ops.TORCH_OPS.swiglu_gemm is None and ops.CUSTOM_OPS.swiglu_gemm is None  # opt-in only
 
 
 def test_the_eager_wrappers_trace_whole_under_torch_compile():
@@ -120,9 +120,12 @@ def test_models_and_indexes_hold_the_ops_they_were_built_with(tiny_paths):
         Index(torch.randn(4, 8), kernels="auto+swiglu-gemm")
 
 
-def test_dense_mlps_take_the_swiglu_op_and_quantized_ones_the_gate_alone(tiny_paths):
-    """The decoder's SwiGLU MLPs with dense weights hand the gate/up weight to ops.swiglu (where the
-    fused GEMM plugs in); a quantized layer runs its own matmul, then ops.silu_mul."""
+def test_dense_mlps_take_the_swiglu_gemm_and_others_the_gate_alone(tiny_paths):
+    """With a swiglu_gemm op, the decoder's SwiGLU MLPs with dense weights hand it the gate/up weight;
+    without one (the default op sets), or with a quantized layer (its own matmul), the gate/up module
+    runs (its hooks with it), then ops.silu_mul."""
+    from dataclasses import replace
+
     calls = []
 
     def spy(name, fn):
@@ -131,20 +134,22 @@ def test_dense_mlps_take_the_swiglu_op_and_quantized_ones_the_gate_alone(tiny_pa
             return fn(*args)
         return call
 
-    from dataclasses import replace
+    def run(kernels, **options):
+        calls.clear()
+        m = ReMatch.from_pretrained(tiny_paths["qwen2.5-vl"], backend="fast", kernels=kernels, latency_buckets=(),
+                                    **options)
+        out = m.embed(["a short text"])
+        assert calls and len(calls) % len(m.backend.model.decoder.layers) == 0  # per layer and pass
+        return set(calls), out
 
-    mine = replace(ops.TORCH_OPS, name="spy", swiglu=spy("swiglu", ops.swiglu_torch),
-                   silu_mul=spy("silu_mul", ops.silu_mul_torch))
-    dense = ReMatch.from_pretrained(tiny_paths["qwen2.5-vl"], backend="fast", kernels=mine, latency_buckets=())
-    plain = ReMatch.from_pretrained(tiny_paths["qwen2.5-vl"], backend="fast", kernels="torch", latency_buckets=())
-    torch.testing.assert_close(dense.embed(["a short text"]), plain.embed(["a short text"]), atol=0, rtol=0)
-    layers = len(dense.backend.model.decoder.layers)  # once per layer and pass (the template prefix, the batch)
-    assert set(calls) == {"swiglu"} and len(calls) % layers == 0
-    calls.clear()
-    quantized = ReMatch.from_pretrained(tiny_paths["qwen2.5-vl"], backend="fast", kernels=mine,
-                                        quantize="int8-weight", latency_buckets=())
-    quantized.embed(["a short text"])
-    assert set(calls) == {"silu_mul"} and len(calls) % layers == 0
+    gate = spy("silu_mul", ops.silu_mul_torch)
+    fused = replace(ops.TORCH_OPS, name="spy", silu_mul=gate, swiglu_gemm=spy("swiglu_gemm", ops.swiglu_torch))
+    plain = replace(ops.TORCH_OPS, name="spy", silu_mul=gate)
+    (fused_calls, got), (plain_calls, want) = run(fused), run(plain)
+    assert fused_calls == {"swiglu_gemm"} and plain_calls == {"silu_mul"}
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert run(fused, quantize="int8-weight")[0] == {"silu_mul"}
+
 
 
 def test_kernel_files_are_leaves():

@@ -68,10 +68,12 @@ class GatedMLP(nn.Module):
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act is F.silu:  # SwiGLU: the gate fused after the GEMM, or into it (ops.swiglu)
+        if self.act is F.silu:  # SwiGLU: the gate fused after the GEMM, or into it (ops.swiglu_gemm)
             gate_up = self.gate_up_proj
-            if isinstance(gate_up, nn.Linear):  # dense weights (a quantized layer runs its own matmul)
-                return self.down_proj(self.ops.swiglu(x, gate_up.weight, gate_up.bias))
+            # dense weights only (a quantized layer runs its own matmul); the module itself otherwise,
+            # so that its hooks run (SmoothQuant's calibration records its inputs through them)
+            if self.ops.swiglu_gemm is not None and isinstance(gate_up, nn.Linear):
+                return self.down_proj(self.ops.swiglu_gemm(x, gate_up.weight, gate_up.bias))
             return self.down_proj(self.ops.silu_mul(gate_up(x)))
         gate, up = self.gate_up_proj.split(x)
         return self.down_proj(self.act(gate) * up)
