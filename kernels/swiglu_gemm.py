@@ -14,6 +14,8 @@ Opt-in (kernels="auto+swiglu-gemm") until a GPU benchmark shows it beats cuBLAS 
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -21,7 +23,7 @@ import triton.language as tl
 from ._launch import interpreting, next_pow2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "M_KEY"])  # one compile for every row count
 def _swiglu_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, I, K, M_KEY, up_offset, stride_xm, stride_xk, stride_wn,
                         stride_wk, stride_om, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
@@ -108,9 +110,16 @@ def _worth_trying(configs: list[triton.Config], named_args: dict, **kwargs) -> l
 
 
 _even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BK"] == 0})
-_tuned = triton.autotune(configs=_configs(), key=["M_KEY", "I", "K"], prune_configs_by={
-    "early_config_prune": _worth_trying})(_even_k(_swiglu_gemm_kernel))
-INTERPRETER_BLOCKS = dict(BM=32, BN=32, BK=32, GROUP_M=2)  # small: awkward shapes cover every edge
+# the winners also go to Triton's disk cache where this Triton has one: every process on a machine
+# (the corpus job's workers) then runs the same tiles, so an item embeds the same on each of them
+_on_disk = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+_tuned = triton.autotune(configs=_configs(), key=["M_KEY", "I", "K"], **_on_disk,
+                         prune_configs_by={"early_config_prune": _worth_trying})(_even_k(_swiglu_gemm_kernel))
+# the CPU tests' tiles (the interpreter times nothing): small, so that awkward shapes cover every edge
+INTERPRETER_CONFIG = triton.Config(dict(BM=32, BN=32, BK=32, GROUP_M=2))
+# (rows rounded up, I, D, dtype, device) -> the tiles the autotuner chose: later calls launch the kernel
+# with them directly (the autotuner's own lookup costs host time on every call)
+_chosen: dict[tuple, triton.Config] = {}
 
 
 def swiglu_gemm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,19 +133,24 @@ def swiglu_gemm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if M and I:
         if interpreting() and x.dtype == torch.bfloat16:  # the interpreter computes bf16 tl.dot wrongly
             rows, weight = rows.float(), weight.float()
-        args = (rows, weight, bias if bias is not None else weight, out, M, I, D, min(next_pow2(M), 1 << 16),
-                I * weight.stride(0), rows.stride(0), rows.stride(1), weight.stride(0), weight.stride(1), out.stride(0))
+        rows_key = min(next_pow2(M), 1 << 16)
+        args = (rows, weight, bias if bias is not None else weight, out, M, I, D, rows_key, I * weight.stride(0),
+                rows.stride(0), rows.stride(1), weight.stride(0), weight.stride(1), out.stride(0))
         flags = dict(HAS_BIAS=bias is not None, IEEE=rows.dtype == torch.float32)
-        if interpreting():
-            b = INTERPRETER_BLOCKS
-            grid = (triton.cdiv(M, b["BM"]) * triton.cdiv(I, b["BN"]),)
-            _swiglu_gemm_kernel[grid](*args, **flags, EVEN_K=D % b["BK"] == 0, **b)
-        else:
-            grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(I, meta["BN"]),)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(I, meta["BN"]),)  # noqa: E731
+        key = (rows_key, I, D, str(rows.dtype), str(rows.device))
+        config = INTERPRETER_CONFIG if interpreting() else _chosen.get(key)
+        if config is None:  # this shape's first call: the autotuner times the candidates and runs the best
+            if rows.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"the swiglu GEMM's tiles for {key} are not tuned yet, and tuning cannot run "
+                                   "inside a CUDA-graph capture: run this shape once eagerly first")
             _tuned[grid](*args, **flags)
+            _chosen[key] = _tuned.best_config
+        else:
+            _swiglu_gemm_kernel[grid](*args, **flags, EVEN_K=D % config.kwargs["BK"] == 0, **config.all_kwargs())
     return out.reshape(*x.shape[:-1], I)
 
 
 def tuned_configs() -> dict:
-    """The autotuner's choice so far: {(M_KEY, I, D, ...): config} (what a benchmark reports)."""
-    return {key: str(cfg) for key, cfg in _tuned.cache.items()}
+    """The tiles chosen so far: {(rows rounded up, I, D, dtype, device): config} (what a benchmark reports)."""
+    return {key: str(config) for key, config in _chosen.items()}
