@@ -17,6 +17,8 @@
   fast-swiglu (W1, W1e, GPU) the same with kernels="auto+swiglu-gemm": the gate/up projection and
              SwiGLU's gate as one autotuned Triton GEMM (the gate in its epilogue) instead of cuBLAS
              and the gate kernel; the autotuner's choices are printed (tuned in the warm-up, untimed)
+  MLP        (GPU, with fast-swiglu) the MLP's gate/up GEMM alone, then the gate kernel, and the swiglu
+             GEMM, at 8192 tokens and 64 (ms per call): whether the epilogue beats cuBLAS plus the gate
   fast-buckets  (W5, CPU) the same with latency_buckets=(64, 128, 256): static shapes, padded eagerly
   fast-eager    (W5, GPU) the same with latency_buckets=(): the eager path the buckets replace
   fast-compiled (W1, W1e, with --compiled) every decoder layer through torch.compile (on a GPU
@@ -280,7 +282,8 @@ def run(args) -> str:
         if swiglu:
             from rematch_fast.kernels.swiglu_gemm import tuned_configs
 
-            for key, config in tuned_configs().items():  # (rows rounded up, I, D, dtypes...): the tiles chosen
+            mlp_kernels(name, fast, dtype, dev, flops_per_s, res)
+            for key, config in tuned_configs().items():  # (rows rounded up, I, D, dtype, device): the tiles chosen
                 print(f"# swiglu GEMM tiles {key}: {config}")
         del ref, fast, buckets, noshare, graphs, compiled, swiglu
         if dev.type == "cuda":
@@ -317,6 +320,28 @@ def w5(fast, ref, noshare, other, dtype, ceil, lm_params, dev, record):
         other[0]: lambda: other[1].embed(query),
     }, dev, iters=30, warmup=3)
     record("W5", 1, ms, "ms", weights_ms, ms)
+
+
+def mlp_kernels(name, fast, dtype, dev, flops_per_s, res, repeat: int = 20):
+    """The decoder MLP's first half alone, at a W1e batch's token count and a query's: the gate/up GEMM
+    (cuBLAS, the floor to beat), that GEMM then the gate kernel (what `fast` runs), and the swiglu GEMM
+    (what `fast-swiglu` runs). ms per call over `repeat` calls between synchronizations;
+    of_ceiling: the GEMM's FLOPs at the card's measured GEMM rate over that time."""
+    from rematch_fast.ops import CUSTOM_OPS, SWIGLU_GEMM_OPS
+
+    mlp = fast.backend.model.decoder.layers[0].mlp
+    w = mlp.gate_up_proj.weight
+    for tokens in (8192, 64):
+        x = torch.randn(tokens, w.shape[1], device=dev, dtype=dtype)
+        kernels = {"gate/up GEMM": lambda: torch.nn.functional.linear(x, w),
+                   "GEMM then gate": lambda: CUSTOM_OPS.silu_mul(torch.nn.functional.linear(x, w)),
+                   "swiglu GEMM": lambda: SWIGLU_GEMM_OPS.swiglu_gemm(x, w, None)}
+        ms = interleaved_median_ms({k: lambda f=f: [f() for _ in range(repeat)] for k, f in kernels.items()},
+                                   dev, iters=15, warmup=2)
+        flop_ms = 2 * tokens * w.shape[0] * w.shape[1] / flops_per_s * 1e3
+        for kernel, t in ms.items():
+            res.add(model=name, workload="MLP", provider=kernel, items=tokens, value=t / repeat, unit="ms",
+                    of_ceiling=flop_ms / (t / repeat), device=str(dev))
 
 
 if __name__ == "__main__":
