@@ -245,21 +245,22 @@ def test_many_queries_in_one_batch_on_cuda(models, tiny_paths, dtype, tol):
         torch.testing.assert_close(gap(result.p_yes.cpu()), gap(want), atol=tol, rtol=0)
 
 
-@pytest.mark.parametrize("buckets, graphs", [((), False), ((64, 128, 256), False), ((), True)])
-def test_submitting_a_batch_never_waits_for_the_device(tiny_paths, arch, buckets, graphs):
+@pytest.mark.parametrize("buckets, graphs, kernels", [((), False, "auto"), ((64, 128, 256), False, "auto"),
+                                                      ((), True, "auto"), ((), False, "auto+swiglu-gemm")])
+def test_submitting_a_batch_never_waits_for_the_device(tiny_paths, arch, buckets, graphs, kernels):
     """Building a batch's inputs and queueing its kernels makes no host-device synchronization
     (each would drain the batches queued before it, rematch_fast.transfer); its result's copy back
     waits for that batch alone. Texts of several lengths and images (packed, varlen, the vision
     tower), a single query through the latency buckets, the packed batch replayed as a graph
-    (each once its graph is captured)."""
+    (each once its graph is captured), the swiglu GEMM (once its tiles are tuned)."""
     from rematch_fast.transfer import HostCopy
 
     m = ReMatch.from_pretrained(tiny_paths[arch], backend="fast", device="cuda", dtype=torch.bfloat16,
-                                latency_buckets=buckets, packed_graphs=graphs)
+                                latency_buckets=buckets, packed_graphs=graphs, kernels=kernels)
     items = ["one short query"] if buckets else ITEMS
     tokens = m.head.tokens("document")
     seqs = [m.preprocessor.embed_sequence(m.prepare(x), "document", tokens) for x in items]
-    for _ in range(2):  # first uses: the template prefix, Triton compilation, a graph's capture
+    for _ in range(2):  # first uses: the template prefix, Triton compilation and tuning, a graph's capture
         m.backend.pooled(seqs)
     assert not graphs or len(m.backend.graphs.graphs) == 1
     torch.cuda.synchronize()
