@@ -14,9 +14,9 @@
              as CUDA graphs on a GPU (run eagerly on the CPU); each shape is captured at its second
              batch, and two untimed passes over all the texts (after one over the warm-up slice)
              capture them all (a corpus meets the same shapes again and again)
-  fast-swiglu (W1, W1e, GPU) the same with kernels="auto+swiglu-gemm": the gate/up projection and
-             SwiGLU's gate as one autotuned Triton GEMM (the gate in its epilogue) instead of cuBLAS
-             and the gate kernel; the autotuner's choices are printed (tuned in the warm-up, untimed)
+  fast-swiglu (W1, W1e, GPU, not with --compiled) the same with kernels="auto+swiglu-gemm": the gate/up
+             projection and SwiGLU's gate as one autotuned Triton GEMM (the gate in its epilogue) instead of
+             cuBLAS and the gate kernel; the autotuner's choices are printed (tuned in the warm-up, untimed)
   MLP        (GPU, with fast-swiglu) the MLP's gate/up GEMM alone, then the gate kernel, and the swiglu
              GEMM, at 8192 tokens and 64 (ms per call): whether the epilogue beats cuBLAS plus the gate
   fast-buckets  (W5, CPU) the same with latency_buckets=(64, 128, 256): static shapes, padded eagerly
@@ -203,9 +203,11 @@ def run(args) -> str:
             # the same engine with the embed template's prefix recomputed in every sequence (the gain of sharing it)
             noshare = ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, share_prefix=False)
             graphs = ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, packed_graphs=True)
-            # the gate in the gate/up GEMM's epilogue (on the CPU the same torch references as fast: not run)
+            # the gate in the gate/up GEMM's epilogue (on the CPU the same torch references as fast: not run;
+            # left out of the --compiled run, which compares torch.compile within its own time limit)
             swiglu = {"fast-swiglu": ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype,
-                                                             kernels="auto+swiglu-gemm")} if args.gpu else {}
+                                                             kernels="auto+swiglu-gemm")
+                      } if args.gpu and not args.compiled else {}
             mode = "max-autotune-no-cudagraphs" if dev.type == "cuda" else "default"
             # no latency buckets: a throughput comparison, and no CUDA-graph capture of compiled code
             compiled = {p: ReMatch.from_pretrained(ckpt, backend="fast", device=dev, dtype=dtype, compile=mode,
