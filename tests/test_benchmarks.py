@@ -30,6 +30,22 @@ def test_bench_embed_small(tmp_path):
     assert (tmp_path / "embed.md").read_text().strip() == table
 
 
+def test_bench_embed_mlp_rows(tiny_paths):
+    """The GPU-only MLP rows' code on the CPU (the three ways through the op sets' CPU paths): every
+    variant at both token counts, each timed per call."""
+    import torch
+    from harness import Results
+
+    from rematch_fast import ReMatch
+
+    res = Results(None, "embed")
+    fast = ReMatch.from_pretrained(tiny_paths["qwen2.5-vl"], backend="fast")
+    _script("bench_embed").mlp_kernels("tiny", fast, torch.float32, torch.device("cpu"), 1e11, res, repeat=2)
+    assert {(r["provider"], r["items"]) for r in res.rows} == {
+        (p, t) for p in ("gate/up GEMM", "GEMM then gate", "swiglu GEMM") for t in (8192, 64)}
+    assert all(r["workload"] == "MLP" and r["unit"] == "ms" and r["value"] > 0 for r in res.rows)
+
+
 def test_busy_fraction_counts_overlapping_kernels_once():
     import torch
     from harness import busy_fraction, union_length
