@@ -66,7 +66,9 @@ def test_static_shapes_give_the_same_embeddings(tiny_paths, plain, arch, share_p
         torch.testing.assert_close(got.unit, want.unit, atol=ATOL, rtol=0, msg=lambda s: f"seed {seed}: {s}")
         torch.testing.assert_close(got.norm, want.norm, atol=0, rtol=ATOL, msg=lambda s: f"seed {seed}: {s}")
     seen = m.backend.graphs.seen  # shape key -> batches
-    assert len(seen) >= 3 and max(seen.values()) >= 2
+    # several shapes, some met again (how many depends on the drawn lengths: 3 or more nearly always,
+    # 2 in a rare draw, as in a CI run of 2026-11-27)
+    assert len(seen) >= 2 and max(seen.values()) >= 2, f"seed {seed}: {seen}"
     assert all((prefix is not None) == share_prefix for *_, prefix in seen)
     assert not m.backend.graphs.graphs  # captured on CUDA only
 
