@@ -134,8 +134,6 @@ def test_swiglu_gemm_at_3b_shapes_on_cuda(M):
 def test_autotuning_tries_only_tiles_that_fit(monkeypatch, dtype, rows, smem):
     """The autotuner's candidates for a call: pipelined tiles within the GPU's shared memory, row tiles
     no taller than the rows (at least 32), and never none."""
-    from rematch_fast.kernels import swiglu_gemm
-
     monkeypatch.setattr(swiglu_gemm, "shared_memory_bytes", lambda device: smem)
     x = torch.empty(4, 8, dtype=dtype)
     kept = swiglu_gemm._worth_trying(swiglu_gemm._configs(), {"x_ptr": x, "M_KEY": rows})
