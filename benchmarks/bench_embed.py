@@ -87,6 +87,8 @@ GPU_SCALE = dict(docs=4096, images=64, side=448, hf_text_batch=256, hf_image_bat
 # CPU: a shared machine drifts; the tiny model's rounds are short, so it gets many
 CPU_SCALE = dict(docs=128, images=8, side=224, hf_text_batch=64, hf_image_batch=8, iters=3, warm_docs=16)
 CPU_TINY_ITERS = 15
+COLUMNS = ["model", "workload", "provider", "items", "value", "unit", "x_hf", "x_reference", "of_ceiling",
+           "processed_tokens_per_s", "busy"]
 
 
 def texts_of_lengths(model: ReMatch, lengths, seed: int) -> list[str]:
@@ -172,10 +174,9 @@ def main(argv=None) -> str:
     ap.add_argument("--workloads", nargs="+", choices=["W1", "W1e", "W2", "W5"], default=["W1", "W1e", "W2", "W5"],
                     help="which workloads to run (default: all)")
     ap.add_argument("--profile", action="store_true",
-                    help="also profile `fast`, `fast-graphs`, `fast-swiglu` (and with --compiled the compiled "
-                         "variants) on 512 "
-                         "W1e texts (<name>_profile_<model>[_variant].txt; the timelines of fast and fast-graphs: "
-                         "<name>_trace_<model>[_graphs].json.gz)")
+                    help="also profile `fast`, `fast-graphs`, `fast-swiglu` (with --compiled: `fast` and the "
+                         "compiled variants) on 512 W1e texts (<name>_profile_<model>[_variant].txt; the timelines "
+                         "of fast and fast-graphs: <name>_trace_<model>[_graphs].json.gz)")
     args = ap.parse_args(argv)
     # a compiled layer past the recompile limit would run eager and be timed as "compiled": fail instead
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=args.compiled):
@@ -266,8 +267,11 @@ def run(args) -> str:
                     extra[p]["busy"] = busy
             record(wl, len(texts), {p: useful / t * 1e3 for p, t in ms.items()}, "tokens/s",
                    flops_per_s / (2 * lm_params), ms, extra)
-            if args.profile and wl == "W1e":  # where the time goes (after the figures: a part cut short keeps them)
-                for p, m in {"fast": fast, "fast-graphs": graphs, **swiglu, **compiled}.items():
+            res.markdown(COLUMNS)  # the table so far, written: a part cut short in its profiles keeps it
+            if args.profile and wl == "W1e":  # where the time goes
+                # with --compiled: fast beside the compiled variants (part embed profiles the others)
+                profiled = {"fast": fast, **compiled} if compiled else {"fast": fast, "fast-graphs": graphs, **swiglu}
+                for p, m in profiled.items():
                     variant = "" if p == "fast" else "_" + p.removeprefix("fast-")
                     stem = f"{args.name}_profile_{name}{variant}"
                     timeline = args.out and p in ("fast", "fast-graphs")  # where the device waits, and for what
@@ -290,8 +294,7 @@ def run(args) -> str:
         del ref, fast, buckets, noshare, graphs, compiled, swiglu
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    table = res.markdown(["model", "workload", "provider", "items", "value", "unit", "x_hf", "x_reference", "of_ceiling",
-                          "processed_tokens_per_s", "busy"])
+    table = res.markdown(COLUMNS)
     print(table)
     return table
 

@@ -214,6 +214,7 @@ def test_bitsandbytes_cuda_kernels_equal_the_reference(preset):
     """As the fast backend does it: quantized on the host, moved, run by bitsandbytes' CUDA
     kernels, against the torch reference on the same device; K = 1176 and 3420 are the patch
     embedding's and Qwen2.5-VL's vision MLP's (not multiples of nf4's block)."""
+    pytest.importorskip("bitsandbytes", reason="the bnb-* presets need bitsandbytes")
     g = torch.Generator().manual_seed(13)
     for m, k, n in [(1, 2048, 11008), (37, 1176, 96), (300, 3420, 1280), (16, 11008, 2048)]:
         linear = nn.Linear(k, n, bias=False)
