@@ -10,7 +10,8 @@ The torch reference is rematch_fast.ops.swiglu_torch.
 
 On a GPU the tile sizes are autotuned per (token count rounded up to a power of two, I, D), at the
 first call of each (outside any CUDA-graph capture: the first batch of every shape runs eagerly).
-Opt-in (kernels="auto+swiglu-gemm") until a GPU benchmark shows it beats cuBLAS plus the gate kernel.
+Opt-in (kernels="auto+swiglu-gemm"): on an H200 it took 1.57 ms where cuBLAS plus the gate kernel took
+1.22 ms (8,192 tokens, the 3B model's MLP; bench_embed.py's MLP rows).
 """
 from __future__ import annotations
 

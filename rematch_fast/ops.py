@@ -18,9 +18,9 @@ by `select_ops(kernels, device)`, never per call:
                      other device. The decoder's gate/up projection stays a cuBLAS GEMM,
                      followed by the gate kernel
     kernels="auto+swiglu-gemm"  the same, with the gate in the gate/up GEMM's epilogue (one
-                     Triton GEMM, kernels/swiglu_gemm.py; models only). Opt-in until a GPU
-                     benchmark shows it beats cuBLAS plus the gate kernel (bench_embed.py's
-                     fast-swiglu row)
+                     Triton GEMM, kernels/swiglu_gemm.py; models only). Opt-in: on an H200
+                     it measured slower than cuBLAS plus the gate kernel (bench_embed.py's
+                     fast-swiglu and MLP rows)
 
 An `Ops` instance may also be passed where `kernels` is taken, e.g. `triton_ops()`,
 which calls the Triton kernels directly (the CPU tests run them in Triton's interpreter).
@@ -236,7 +236,7 @@ TORCH_OPS = Ops("torch", pool_learnable_torch, rms_norm_torch, silu_mul_torch, r
                 add_rms_norm_torch, qkv_rope_torch)
 CUSTOM_OPS = Ops("custom", *map(eager_on_cuda, (pool_learnable_op, rms_norm_op, silu_mul_op, rope_op, merge_state_op,
                                                 add_rms_norm_op, qkv_rope_op)))
-# the same with the gate in the gate/up GEMM's epilogue (kernels="auto+swiglu-gemm"; opt-in until measured)
+# the same with the gate in the gate/up GEMM's epilogue (kernels="auto+swiglu-gemm"; opt-in: measured slower)
 SWIGLU_GEMM_OPS = replace(CUSTOM_OPS, name="custom+swiglu-gemm", swiglu_gemm=eager_on_cuda(swiglu_gemm_op))
 
 

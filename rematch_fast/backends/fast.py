@@ -48,7 +48,8 @@ class FastBackend:
         (their kernels cannot be captured).
         kernels: "auto" (Triton kernels on CUDA, torch elsewhere), "torch" (torch references everywhere)
         or "auto+swiglu-gemm" ("auto" with SwiGLU's gate in the gate/up GEMM's epilogue on CUDA: one
-        autotuned Triton GEMM instead of cuBLAS and the gate kernel; opt-in until measured on a GPU).
+        autotuned Triton GEMM instead of cuBLAS and the gate kernel; opt-in: 0.92x the default on an
+        H200, its GEMM slower than cuBLAS's).
         share_prefix: compute the embed template's part before the item once per side and let every
         embedding batch continue it (False: every sequence from its first token, for comparison).
         quantize: the linear layers' weight format, a preset of rematch_fast.model.quant ("bf16",
@@ -62,8 +63,9 @@ class FastBackend:
         one against the other (bench_embed.py --compiled).
         packed_graphs: embedding batches that the latency buckets do not take run in static shapes,
         captured as CUDA graphs on CUDA at a shape's second batch and replayed after (see
-        packed_graphs.py): the host no longer launches every kernel of every batch. Off by default
-        until measured on a GPU (bench_embed.py's fast-graphs row)."""
+        packed_graphs.py): the host no longer launches every kernel of every batch. Off by default:
+        0.96x the default on an H200 whose host kept ahead (bench_embed.py's fast-graphs row); for
+        hosts too slow to keep the GPU busy."""
         if compile and packed_graphs:
             raise InputError("compile and packed_graphs cannot be combined yet: the graphs are captured from "
                              "the hand-fused layers; choose one")
