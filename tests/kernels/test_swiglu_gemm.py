@@ -10,7 +10,7 @@ import torch
 
 from rematch_fast import ops
 
-import triton  # noqa: E402,F401 - the test extra installs it: missing, these tests fail rather than skip
+import triton  # noqa: E402 - the test extra installs it: missing, these tests fail rather than skip
 from rematch_fast.kernels import swiglu_gemm  # noqa: E402
 from rematch_fast.kernels.swiglu_gemm import INTERPRETER_CONFIG, swiglu_gemm_triton, tuned_configs  # noqa: E402
 
@@ -30,10 +30,14 @@ def _inputs(M, D, I, dtype, seed, bias):
     return x, w.to(DEVICE, dtype), None if b is None else b.to(DEVICE, dtype)
 
 
+@pytest.mark.parametrize("one_dot", [False, True], ids=["two dots", "one dot"])
 @pytest.mark.parametrize("dtype, tol", DTYPES)
 @pytest.mark.parametrize("M, D, I, bias", [(1, 64, 32, False), (70, 40, 45, True), (37, 96, 100, False),
                                            (131, 64, 33, True), (5, 33, 17, False)])
-def test_swiglu_gemm_equals_the_gemm_then_the_gate(M, D, I, bias, dtype, tol):
+def test_swiglu_gemm_equals_the_gemm_then_the_gate(M, D, I, bias, dtype, tol, one_dot, monkeypatch):
+    """Both forms of the kernel's reduction (on a GPU the autotuner picks among both)."""
+    monkeypatch.setattr(swiglu_gemm, "INTERPRETER_CONFIG",
+                        triton.Config({**INTERPRETER_CONFIG.kwargs, "ONE_DOT": one_dot}))
     seed = SEED + M * D + I
     x, w, b = _inputs(M, D, I, dtype, seed, bias)
     got = swiglu_gemm_triton(x, w, b)
