@@ -5,8 +5,9 @@ The plain path runs the fused gate/up GEMM ([T, 2I] written to memory), then the
 the result with two accumulators, the gate's and the up projection's, over the same x tiles: rows
 n of the gate and I + n of the up part of the fused weight [2I, D] (the checkpoint layout, nothing
 reordered), and only [T, I] ever reaches memory. The accumulators are two dots per reduction step,
-or (ONE_DOT) halves of one dot over a weight tile of both parts' columns; the autotuner picks. Rounding follows the plain path: each projection
-is rounded to the input dtype (as the GEMM's output is), silu(gate) is rounded, then the product.
+or (ONE_DOT) halves of one dot over a weight tile of both parts' columns; the autotuner picks.
+Rounding follows the plain path: each projection is rounded to the input dtype (as the GEMM's output
+is), silu(gate) is rounded, then the product.
 The torch reference is rematch_fast.ops.swiglu_torch.
 
 On a GPU the tile sizes are autotuned per (token count rounded up to a power of two, I, D), at the
