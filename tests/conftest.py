@@ -9,8 +9,6 @@ if not torch.cuda.is_available():
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from rematch_fast import ReMatch  # noqa: E402
@@ -44,29 +42,10 @@ def model(models, arch):
 @pytest.fixture
 def interpreter_rounds_bf16(monkeypatch):
     """Triton's CPU interpreter narrows fp32 to bf16 by truncation; GPUs round to nearest even. For
-    bf16 error budgets on the CPU, its casts round as a GPU's do (checked here, so that a change in
-    Triton's internals fails loudly instead of testing the truncation)."""
-    from triton.runtime import interpreter
+    bf16 error budgets on the CPU, its casts round as a GPU's do (tests/triton_rounding.py)."""
+    from triton_rounding import round_bf16_like_a_gpu  # imports Triton: only the tests that ask for it
 
-    truncating = interpreter.InterpreterBuilder.cast_impl
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
-            return interpreter.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), dst_type.scalar)
-        return truncating(self, src, dst_type)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)
-    x = torch.randn(1000, generator=torch.Generator().manual_seed(3))
-    stored = torch.empty(1000, dtype=torch.bfloat16)
-    _store_kernel[(1,)](x, stored, 1000, BLOCK=1024)
-    assert torch.equal(stored, x.bfloat16()), "the interpreter's bf16 rounding patch no longer applies (conftest.py)"
-
-
-@triton.jit
-def _store_kernel(src, dst, n, BLOCK: tl.constexpr):  # fp32 stored into a bf16 tensor: the cast under test
-    offsets = tl.arange(0, BLOCK)
-    tl.store(dst + offsets, tl.load(src + offsets, mask=offsets < n), mask=offsets < n)
+    round_bf16_like_a_gpu(monkeypatch)
 
 
 def random_image(w, h, seed, mode="RGB"):
